@@ -1,0 +1,1 @@
+"""Hydra configuration groups, shipped with the package so `deepspec` works from any directory."""

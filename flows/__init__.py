@@ -1,0 +1,1 @@
+"""Prefect flows: they only sequence the stage tasks in `deepspec.tasks`."""

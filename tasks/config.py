@@ -1,0 +1,154 @@
+"""Typed schema of the whole DeepSpec configuration.
+
+The values live only in `conf/` YAML; these dataclasses give them types, so a misspelt key or a
+wrong type fails while composing, naming the key. `compose()` is the one way to build a config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from deepspec.models.errors import ConfigError
+
+
+@dataclass
+class TargetConfig:
+    name: str = "???"
+    path: str = "???"  # hub id or local directory
+    gguf_file: str | None = None  # a GGUF file inside `path`, dequantized on load
+    revision: str | None = None
+    dtype: str = "float32"
+    layer_ids: list[int] = field(default_factory=list)  # residual stream after these layers (0-based)
+    use_chat_template: bool = True  # False for base models: prompt and answer are concatenated
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    system_prompt: str | None = None
+    mask_token_id: int | None = None  # None: the tokenizer's pad, unk or eos token
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 512
+
+
+@dataclass
+class PromptsConfig:
+    source: str = "builtin"  # "builtin", an HF dataset id, or a local .jsonl file
+    split: str = "train"
+    max_samples: int | None = None
+    heldout_fraction: float = 0.0
+
+
+@dataclass
+class RegenConfig:
+    backend: str = "hf"
+    batch_size: int = 8
+    max_new_tokens: int | None = None  # None: the target preset's value
+    temperature: float | None = None  # None: the target preset's value
+    endpoints: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StorageConfig:
+    url: str = "???"  # any fsspec URL: a local path, file://, s3://bucket/prefix
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    samples_per_shard: int = 64
+    encoding: str = "bf16"
+    max_length: int = 4096
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "dflash"
+    block_size: int = 7
+    num_layers: int = 5
+    loss_decay: float = 4.0  # slot k is weighted exp(-k / loss_decay)
+    anchors_per_sequence: int = 64
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 6e-4
+    warmup_ratio: float = 0.04
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    global_batch: int = 512  # sequences per optimizer step, over all ranks
+    micro_batch: int = 1  # sequences per rank per forward
+    zero_stage: int = 1
+    precision: str = "bf16"  # bf16 on GPU; fp32 on CPU
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    threads_per_rank: int | None = None  # None: CPU cores divided by ranks
+    log_every_steps: int = 10
+    save_every_steps: int = 500
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    benchmarks: list[str] = field(default_factory=list)
+    data_dir: str | None = None  # a directory of <benchmark>.jsonl; None: the built-in set
+    max_samples: int = 20  # per benchmark
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # None: an SQLite store in the run directory
+    experiment: str = "deepspec"
+
+
+@dataclass
+class DeepSpecConfig:
+    run_dir: str = "runs/demo"
+    target: TargetConfig = field(default_factory=TargetConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    regen: RegenConfig = field(default_factory=RegenConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """Compose `conf/<config_name>.yaml` with Hydra overrides and check it against the schema."""
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="deepspec.conf", version_base="1.3"):
+            raw = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+        cfg = OmegaConf.merge(OmegaConf.structured(DeepSpecConfig), raw)
+        OmegaConf.resolve(cfg)
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"bad configuration: {err}") from err
+    finally:
+        GlobalHydra.instance().clear()
+    if missing:
+        raise ConfigError(f"configuration keys without a value: {', '.join(missing)}")
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def config_hash(*parts: Any) -> str:
+    """Stable short hash of config sections, used to tell whether a stage's outputs are still valid."""
+    plain = [OmegaConf.to_container(p, resolve=True) if isinstance(p, DictConfig) else p for p in parts]
+    blob = json.dumps(plain, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def run_path(cfg: DictConfig, *names: str) -> Path:
+    """A path inside the run directory."""
+    return Path(cfg.run_dir).joinpath(*names)

@@ -1,0 +1,71 @@
+"""MLflow tracking: every stage of a run logs to one MLflow run.
+
+The run id is kept in `<run_dir>/mlflow_run.json`, so a stage re-run alone joins the same run. The
+client is used explicitly with that id (not MLflow's thread-local active run), so Prefect threads and
+training subprocesses can all log to it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+RUN_FILE = "mlflow_run.json"
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    if cfg.tracking.uri:
+        return str(cfg.tracking.uri)
+    return f"sqlite:///{Path(cfg.run_dir).resolve() / 'mlflow.db'}"
+
+
+def run_id(cfg: DictConfig) -> str:
+    """The run's MLflow run id, created (with the resolved config logged) on first use."""
+    record = Path(cfg.run_dir) / RUN_FILE
+    uri = tracking_uri(cfg)
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        if saved.get("tracking_uri") == uri:
+            return saved["run_id"]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.experiment)
+    )
+    run = client.create_run(experiment_id, run_name=Path(cfg.run_dir).name)
+    flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    for key, value in flat.items():
+        client.log_param(run.info.run_id, key, str(value)[:6000])
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"tracking_uri": uri, "run_id": run.info.run_id}))
+    return run.info.run_id
+
+
+def log_metrics(cfg: DictConfig, metrics: dict[str, float], step: int | None = None) -> None:
+    client = MlflowClient(tracking_uri(cfg))
+    rid = run_id(cfg)
+    for key, value in metrics.items():
+        client.log_metric(rid, key, float(value), step=step or 0)
+
+
+def log_artifact(cfg: DictConfig, path: Path, artifact_path: str | None = None) -> None:
+    MlflowClient(tracking_uri(cfg)).log_artifact(run_id(cfg), str(path), artifact_path)
+
+
+def set_tags(cfg: DictConfig, tags: dict[str, str]) -> None:
+    client = MlflowClient(tracking_uri(cfg))
+    for key, value in tags.items():
+        client.set_tag(run_id(cfg), key, value)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return {k.rstrip("."): v for k, v in flat.items()}
