@@ -8,9 +8,11 @@ training subprocesses can all log to it.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
@@ -38,18 +40,18 @@ def run_id(cfg: DictConfig) -> str:
     )
     run = client.create_run(experiment_id, run_name=Path(cfg.run_dir).name)
     flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
-    for key, value in flat.items():
-        client.log_param(run.info.run_id, key, str(value)[:6000])
+    params = [Param(key, str(value)[:6000]) for key, value in flat.items()]
+    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run.info.run_id, params=params[start : start + 100])
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"tracking_uri": uri, "run_id": run.info.run_id}))
     return run.info.run_id
 
 
 def log_metrics(cfg: DictConfig, metrics: dict[str, float], step: int | None = None) -> None:
-    client = MlflowClient(tracking_uri(cfg))
-    rid = run_id(cfg)
-    for key, value in metrics.items():
-        client.log_metric(rid, key, float(value), step=step or 0)
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
+    MlflowClient(tracking_uri(cfg)).log_batch(run_id(cfg), metrics=batch)
 
 
 def log_artifact(cfg: DictConfig, path: Path, artifact_path: str | None = None) -> None:

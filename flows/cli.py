@@ -1,0 +1,83 @@
+"""`deepspec`: the one command users run.
+
+    deepspec pipeline                          # every stage on the embedded default target
+    deepspec pipeline --config-name demo       # the `make demo` preset
+    deepspec train target=qwen3_4b train=gpu_8x
+    deepspec config target=stories260k         # print the composed configuration
+
+Each stage subcommand runs that stage's Prefect flow; arguments after the subcommand are Hydra overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import textwrap
+
+STAGES = {
+    "prompts": "load, validate, deduplicate and split the instruction prompts",
+    "regenerate": "have the target answer every prompt (its own answers are the training data)",
+    "cache": "write the target's hidden states as sharded Arrow files to storage.url",
+    "train": "train the draft with DeepSpeed on the cache (torchrun, train.nproc_per_node ranks)",
+    "evaluate": "lossless speculative decoding on the benchmarks: accepted length and speedup",
+    "export": "write the draft in the layout vLLM and SGLang load",
+}
+
+EPILOG = textwrap.dedent(
+    """\
+    overrides are Hydra syntax, e.g.:
+      target=qwen3_4b algo=dflash regen=vllm storage=s3 storage.url=s3://bucket/run1
+      run_dir=runs/exp1 train.epochs=3 eval.data_dir=path/to/benchmarks tracking.uri=http://127.0.0.1:5000
+    config groups: target, algo, regen, storage, train, eval (see `deepspec config` and conf/ in the repo).
+    A stage whose outputs already exist and match the configuration is skipped, so re-running is cheap.
+    """
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deepspec",
+        description="Train and evaluate draft models for lossless speculative decoding.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = {"pipeline": "run every stage in order, then print a table of the figures", **STAGES}
+    commands["config"] = "print the composed configuration and exit"
+    for name, help_text in commands.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        p.add_argument("--config-name", default="config", help="top-level preset in conf/ (config, demo)")
+        p.add_argument("overrides", nargs="*", help="Hydra overrides, key=value")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from deepspec.models.errors import DeepSpecError
+    from deepspec.tasks.config import compose
+
+    try:
+        if args.command == "config":
+            from omegaconf import OmegaConf
+
+            print(OmegaConf.to_yaml(compose(args.overrides, args.config_name)))
+            return 0
+        compose(args.overrides, args.config_name)  # fail fast on a bad override, before Prefect starts
+        from deepspec.flows.pipeline import STAGE_FLOWS, pipeline
+
+        flow = pipeline if args.command == "pipeline" else STAGE_FLOWS[args.command]
+        flow(overrides=list(args.overrides), config_name=args.config_name)
+    except DeepSpecError as err:
+        print(f"deepspec {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

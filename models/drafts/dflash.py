@@ -1,0 +1,319 @@
+"""DFlash: a block-diffusion drafter (arXiv 2602.06036).
+
+The draft sees a block of `block_size` slots, the anchor token (the last token the target committed)
+followed by mask tokens, and predicts every slot's next token in one forward pass. The target's features
+of the context (the residual stream after chosen target layers, concatenated, projected by `fc` and
+normalised) are injected as extra keys and values in every draft layer: a slot attends to the whole
+block bidirectionally and to context positions strictly before its anchor.
+
+The draft shares the target's width and reuses its input embedding and LM head, frozen; only `fc`,
+`hidden_norm`, the decoder layers and the final `norm` are trained and saved. Weight names follow the
+released DFlash checkpoints (`fc`, `hidden_norm`, `layers.N.self_attn.q_proj`, ..., `norm`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from deepspec.models.errors import ConfigError
+
+ARCHITECTURE = "DFlashDraftModel"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class DFlashConfig:
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    num_hidden_layers: int
+    block_size: int
+    target_layer_ids: list[int]
+    mask_token_id: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    qk_norm: bool = False  # Qwen3-style RMSNorm on queries and keys
+    embed_scale: float = 1.0  # Gemma scales embeddings by sqrt(hidden_size)
+    target_model_type: str = "llama"
+    target_num_hidden_layers: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_target(
+        cls, target_config, *, num_layers: int, block_size: int, layer_ids: list[int], mask_token_id: int
+    ) -> DFlashConfig:
+        """Draft geometry from the target's config: same width, heads and MLP as one target layer."""
+        text = getattr(target_config, "text_config", None) or target_config
+        heads = text.num_attention_heads
+        rope = getattr(text, "rope_parameters", None) or {}
+        model_type = text.model_type
+        return cls(
+            hidden_size=text.hidden_size,
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+            intermediate_size=text.intermediate_size,
+            vocab_size=text.vocab_size,
+            num_hidden_layers=num_layers,
+            block_size=block_size,
+            target_layer_ids=list(layer_ids),
+            mask_token_id=mask_token_id,
+            rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", getattr(text, "rope_theta", 10000.0))),
+            qk_norm=model_type.startswith(("qwen3", "gemma3", "gemma4")),
+            embed_scale=math.sqrt(text.hidden_size) if model_type.startswith("gemma") else 1.0,
+            target_model_type=model_type,
+            target_num_hidden_layers=text.num_hidden_layers,
+        )
+
+    @property
+    def num_target_features(self) -> int:
+        return len(self.target_layer_ids)
+
+    def to_hf_dict(self) -> dict:
+        """The `config.json` that DFlash loaders read (architecture, block size, dflash_config)."""
+        body = asdict(self)
+        body.pop("extra")
+        return {
+            "architectures": [ARCHITECTURE],
+            "model_type": self.target_model_type,
+            **body,
+            "dflash_config": {"mask_token_id": self.mask_token_id, "target_layer_ids": self.target_layer_ids},
+        }
+
+    @classmethod
+    def from_hf_dict(cls, data: dict) -> DFlashConfig:
+        if ARCHITECTURE not in data.get("architectures", []):
+            raise ConfigError(f"config.json architectures={data.get('architectures')}: expected {ARCHITECTURE}")
+        names = set(cls.__dataclass_fields__) - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotary(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of rotate-half RoPE for integer positions: each [n, head_dim]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [heads, n, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class DFlashAttention(nn.Module):
+    def __init__(self, cfg: DFlashConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(d, h * hd, bias=False)
+        self.k_proj = nn.Linear(d, kv * hd, bias=False)
+        self.v_proj = nn.Linear(d, kv * hd, bias=False)
+        self.o_proj = nn.Linear(h * hd, d, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+
+    def _heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
+        return x.view(x.shape[0], n_heads, self.cfg.head_dim).transpose(0, 1)  # [heads, n, hd]
+
+    def forward(
+        self,
+        block: torch.Tensor,  # [n_q, d] normalised block hidden states
+        context: torch.Tensor,  # [n_c, d] projected target features
+        block_rope: tuple[torch.Tensor, torch.Tensor],
+        context_rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,  # [n_q, n_c + n_q] bool, True = may attend; None = attend to all
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        q = self._heads(self.q_proj(block), cfg.num_attention_heads)
+        kv_input = torch.cat([context, block], dim=0)
+        k = self._heads(self.k_proj(kv_input), cfg.num_key_value_heads)
+        v = self._heads(self.v_proj(kv_input), cfg.num_key_value_heads)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q, *block_rope)
+        k = apply_rotary(k, torch.cat([context_rope[0], block_rope[0]]), torch.cat([context_rope[1], block_rope[1]]))
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, enable_gqa=True
+        )
+        return self.o_proj(out[0].transpose(0, 1).reshape(block.shape[0], -1))
+
+
+class DFlashMLP(nn.Module):
+    def __init__(self, cfg: DFlashConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DFlashLayer(nn.Module):
+    def __init__(self, cfg: DFlashConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = DFlashAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = DFlashMLP(cfg)
+
+    def forward(self, x, context, block_rope, context_rope, mask):
+        x = x + self.self_attn(self.input_layernorm(x), context, block_rope, context_rope, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class PackedBlocks:
+    """Many anchor blocks from many sequences, flattened for one attention call per layer.
+
+    Context rows are the target features of every position of every sequence; block rows are
+    `block_size` slots per anchor. `mask[i, j]` says whether block row i may attend to key j, where keys
+    are the context rows followed by the block rows.
+    """
+
+    context_features: torch.Tensor  # [n_c, L*d]
+    context_positions: torch.Tensor  # [n_c]
+    block_ids: torch.Tensor  # [n_anchors * B]
+    block_positions: torch.Tensor  # [n_anchors * B]
+    mask: torch.Tensor  # [n_anchors * B, n_c + n_anchors * B] bool
+
+
+def pack_blocks(
+    sequences: list[tuple[torch.Tensor, torch.Tensor]],
+    anchors: list[torch.Tensor],
+    block_size: int,
+    mask_token_id: int,
+) -> PackedBlocks:
+    """sequences: (input_ids [T], features [T, L*d]) each; anchors: anchor positions per sequence."""
+    feats, ctx_pos, ctx_seq, blk_ids, blk_pos, blk_seq, blk_anchor, blk_block = [], [], [], [], [], [], [], []
+    block_index = 0
+    slots = torch.arange(block_size)
+    for s, ((ids, features), anchor_pos) in enumerate(zip(sequences, anchors, strict=True)):
+        n = ids.shape[0]
+        feats.append(features)
+        ctx_pos.append(torch.arange(n))
+        ctx_seq.append(torch.full((n,), s))
+        for p in anchor_pos.tolist():
+            tokens = torch.full((block_size,), mask_token_id, dtype=torch.long)
+            tokens[0] = ids[p]
+            blk_ids.append(tokens)
+            blk_pos.append(p + slots)
+            blk_seq.append(torch.full((block_size,), s))
+            blk_anchor.append(torch.full((block_size,), p))
+            blk_block.append(torch.full((block_size,), block_index))
+            block_index += 1
+    ctx_pos_t, ctx_seq_t = torch.cat(ctx_pos), torch.cat(ctx_seq)
+    blk_seq_t, blk_anchor_t, blk_block_t = torch.cat(blk_seq), torch.cat(blk_anchor), torch.cat(blk_block)
+    sees_context = (blk_seq_t[:, None] == ctx_seq_t[None, :]) & (ctx_pos_t[None, :] < blk_anchor_t[:, None])
+    sees_block = blk_block_t[:, None] == blk_block_t[None, :]
+    return PackedBlocks(
+        context_features=torch.cat(feats),
+        context_positions=ctx_pos_t,
+        block_ids=torch.cat(blk_ids),
+        block_positions=torch.cat(blk_pos),
+        mask=torch.cat([sees_context, sees_block], dim=1),
+    )
+
+
+class DFlashDraft(nn.Module):
+    def __init__(self, cfg: DFlashConfig, embed_weight: torch.Tensor, head_weight: torch.Tensor):
+        super().__init__()
+        self.cfg = cfg
+        self.block_size = cfg.block_size
+        self.fc = nn.Linear(cfg.num_target_features * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DFlashLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # The target's embedding and LM head: frozen, shared, never saved with the draft.
+        self.embed_tokens = nn.Embedding.from_pretrained(embed_weight, freeze=True)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head.weight = nn.Parameter(head_weight, requires_grad=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear) and module.weight.requires_grad:
+            nn.init.normal_(module.weight, std=0.02)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("embed_tokens.", "lm_head."))}
+
+    def hidden(self, packed: PackedBlocks) -> torch.Tensor:
+        """Final normalised hidden states of every block slot: [n_anchors * B, d]."""
+        cfg = self.cfg
+        dtype = self.fc.weight.dtype
+        context = self.hidden_norm(self.fc(packed.context_features.to(dtype)))
+        x = self.embed_tokens(packed.block_ids).to(dtype) * cfg.embed_scale
+        block_rope = rotary(packed.block_positions, cfg.head_dim, cfg.rope_theta)
+        context_rope = rotary(packed.context_positions, cfg.head_dim, cfg.rope_theta)
+        for layer in self.layers:
+            x = layer(x, context, block_rope, context_rope, packed.mask)
+        return self.norm(x)
+
+    def forward(self, packed: PackedBlocks) -> torch.Tensor:
+        return self.hidden(packed)
+
+    @torch.no_grad()
+    def draft_logits(self, context_features: torch.Tensor, anchor_token: int) -> torch.Tensor:
+        """Logits [B, vocab] for the tokens after the anchor, which sits right after the context."""
+        p = context_features.shape[0]
+        device = self.fc.weight.device
+        ids = torch.full((self.block_size,), self.cfg.mask_token_id, dtype=torch.long, device=device)
+        ids[0] = anchor_token
+        packed = PackedBlocks(
+            context_features=context_features.to(device),
+            context_positions=torch.arange(p, device=device),
+            block_ids=ids,
+            block_positions=p + torch.arange(self.block_size, device=device),
+            mask=None,  # one block sees all of its context and itself
+        )
+        return self.lm_head(self.hidden(packed)).float()
+
+
+def save_draft(model: DFlashDraft, out_dir: Path) -> None:
+    """Write `config.json` and `model.safetensors` (trainable weights only), each atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
+    tmp = out_dir / f".{WEIGHTS_FILE}.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out_dir / WEIGHTS_FILE)
+    tmp_cfg = out_dir / ".config.json.tmp"
+    tmp_cfg.write_text(json.dumps(model.cfg.to_hf_dict(), indent=2))
+    tmp_cfg.replace(out_dir / "config.json")
+
+
+def load_draft(draft_dir: Path, embed_weight: torch.Tensor, head_weight: torch.Tensor) -> DFlashDraft:
+    cfg = DFlashConfig.from_hf_dict(json.loads((Path(draft_dir) / "config.json").read_text()))
+    model = DFlashDraft(cfg, embed_weight, head_weight)
+    missing, unexpected = model.load_state_dict(load_file(str(Path(draft_dir) / WEIGHTS_FILE)), strict=False)
+    missing = [k for k in missing if not k.startswith(("embed_tokens.", "lm_head."))]
+    if missing or unexpected:
+        raise ConfigError(f"{draft_dir}/{WEIGHTS_FILE}: missing weights {missing}, unexpected {unexpected}")
+    return model.eval()

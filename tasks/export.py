@@ -1,0 +1,87 @@
+"""Export stage: the trained draft in the layout serving engines load.
+
+DFlash drafts are written as `DFlashDraftModel`: `config.json` carries `block_size` and
+`dflash_config` (`mask_token_id`, `target_layer_ids`, 0-based: engines read hidden state `id + 1`),
+and `model.safetensors` holds only the draft's own weights (the engine shares the target's embedding and
+LM head). The export is validated before it is marked done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from omegaconf import DictConfig
+from prefect import task
+from safetensors import safe_open
+
+from deepspec.models.drafts.dflash import ARCHITECTURE, WEIGHTS_FILE
+from deepspec.models.errors import DeepSpecError
+from deepspec.tasks import stage_io, tracking
+from deepspec.tasks.config import run_path
+from deepspec.tasks.train import draft_dir, train_hash, weights_sha256
+
+log = logging.getLogger(__name__)
+
+REQUIRED_CONFIG = ("architectures", "block_size", "hidden_size", "num_hidden_layers", "vocab_size")
+REQUIRED_DFLASH = ("mask_token_id", "target_layer_ids")
+
+
+def export_dir(cfg: DictConfig) -> Path:
+    return run_path(cfg, "export", cfg.algo.name)
+
+
+def validate_dflash_export(path: Path) -> list[str]:
+    """Problems that would stop an engine from loading the draft at `path`; empty when it is loadable."""
+    problems: list[str] = []
+    config_file, weights_file = path / "config.json", path / WEIGHTS_FILE
+    if not config_file.is_file() or not weights_file.is_file():
+        return [f"{path} needs config.json and {WEIGHTS_FILE}"]
+    config = json.loads(config_file.read_text())
+    problems += [f"config.json: missing field '{k}'" for k in REQUIRED_CONFIG if k not in config]
+    dflash = config.get("dflash_config", {})
+    problems += [f"config.json: missing field 'dflash_config.{k}'" for k in REQUIRED_DFLASH if k not in dflash]
+    if config.get("architectures") != [ARCHITECTURE]:
+        problems.append(f"config.json: architectures={config.get('architectures')}, expected [{ARCHITECTURE!r}]")
+    with safe_open(str(weights_file), framework="pt") as f:
+        keys = set(f.keys())
+    needed = {"fc.weight", "hidden_norm.weight", "norm.weight"}
+    for i in range(config.get("num_hidden_layers", 0)):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            needed.add(f"layers.{i}.self_attn.{name}.weight")
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            needed.add(f"layers.{i}.mlp.{name}.weight")
+        needed |= {f"layers.{i}.input_layernorm.weight", f"layers.{i}.post_attention_layernorm.weight"}
+    problems += [f"{WEIGHTS_FILE}: missing tensor '{k}'" for k in sorted(needed - keys)]
+    problems += [f"{WEIGHTS_FILE}: holds the target's '{k}'" for k in keys if k.startswith(("embed_tokens", "lm_head"))]
+    return problems
+
+
+def export(cfg: DictConfig) -> dict:
+    source = draft_dir(cfg)
+    if not (source / WEIGHTS_FILE).is_file():
+        raise DeepSpecError(f"export: no trained draft at {source}; run `deepspec train` first")
+    out = export_dir(cfg)
+    fingerprint = weights_sha256(source / WEIGHTS_FILE)
+    done = stage_io.read_done(out, train_hash(cfg))
+    if done and done.get("weights_sha256") == fingerprint and not validate_dflash_export(out):
+        log.info("export: %s is up to date; skipping", out)
+        return {**done, "skipped": True}
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", WEIGHTS_FILE):
+        shutil.copyfile(source / name, out / f".{name}.tmp")
+        (out / f".{name}.tmp").replace(out / name)
+    problems = validate_dflash_export(out)
+    if problems:
+        raise DeepSpecError(f"export to {out} is not loadable:\n  " + "\n  ".join(problems))
+    record = {"path": str(out), "architecture": ARCHITECTURE, "weights_sha256": fingerprint}
+    stage_io.mark_done(out, train_hash(cfg), **record)
+    tracking.set_tags(cfg, {"export.path": str(out.resolve())})
+    return record
+
+
+@task(name="export")
+def export_task(cfg: DictConfig) -> dict:
+    return export(cfg)
