@@ -1,0 +1,191 @@
+"""Lossless speculative decoding with chain drafting, and the plain autoregressive reference.
+
+One round: the draft proposes a block d_1..d_B after the anchor token x (the last token the target has
+not run yet); the target runs [x, d_1..d_B] in one forward and rejection sampling keeps a prefix of the
+drafts plus one token of its own, so the output has exactly the target's distribution (Leviathan et al.
+2023, "Fast Inference from Transformers via Speculative Decoding"; Chen et al. 2023). At temperature 0
+both sides are one-hot and the rule reduces to "accept while the draft equals the target's argmax".
+
+The acceptance rule is one small function, `accept_or_resample`, so that a test can swap in a broken one
+and see the losslessness test fail. Sampling runs on CPU in float32 with the caller's generator, so a
+seed gives the same tokens on any device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from transformers import PreTrainedModel
+
+from deepspec.models.errors import ConfigError
+from deepspec.models.target import TargetRunner
+
+
+class Drafter(Protocol):
+    """What speculative decoding needs from a draft model."""
+
+    block_size: int
+
+    def draft_logits(self, context_features: torch.Tensor, anchor_token: int) -> torch.Tensor:
+        """[block_size, vocab] logits; row k is the distribution of the token at position p + k + 1.
+
+        `context_features` are the target features of positions 0..p-1; the anchor sits at position p.
+        """
+        ...
+
+
+@dataclass
+class SpecResult:
+    tokens: list[int]  # new tokens only, eos included when generation stopped on it
+    accepted: list[int] = field(default_factory=list)  # drafts accepted in each verify step
+    block_size: int = 0
+
+
+def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sampling distributions for rows of logits, on CPU: one-hot argmax at temperature 0."""
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1).cpu(), logits.shape[-1]).float()
+    return torch.softmax(logits.float().cpu() / temperature, dim=-1)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One token from a distribution; a one-hot one costs no random number."""
+    if probs.max() >= 1.0:
+        return int(probs.argmax())
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def accept_or_resample(
+    p: torch.Tensor, q: torch.Tensor, token: int, generator: torch.Generator | None
+) -> tuple[bool, int | None]:
+    """Rejection step for one drafted token: (True, None) to keep it, else (False, replacement).
+
+    The token was drawn from q; it is kept with probability min(1, p(token) / q(token)), and on a
+    rejection the replacement comes from norm(max(0, p - q)), which makes the result exactly p.
+    """
+    ratio = float(p[token] / q[token])
+    if ratio >= 1.0 or (ratio > 0.0 and float(torch.rand((), generator=generator)) < ratio):
+        return True, None
+    residual = (p - q).clamp_min(0.0)
+    total = float(residual.sum())
+    if total <= 0.0:  # p == q up to rounding: a rejection had probability ~0, p is the right law
+        return False, _draw(p, generator)
+    return False, _draw(residual / total, generator)
+
+
+def _stop_index(tokens: Sequence[int], eos_token_ids: set[int]) -> int | None:
+    for i, token in enumerate(tokens):
+        if token in eos_token_ids:
+            return i
+    return None
+
+
+@torch.no_grad()
+def speculative_generate(
+    model: PreTrainedModel,
+    layer_ids: list[int],
+    drafter: Drafter,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    eos_token_ids: set[int],
+    generator: torch.Generator | None = None,
+) -> SpecResult:
+    """Generate up to `max_new_tokens` tokens after `prompt_ids`, distributed exactly as the target's.
+
+    Stops after an eos token (kept) or at `max_new_tokens` (the last block is truncated).
+    """
+    block_size = int(drafter.block_size)
+    result = SpecResult(tokens=[], block_size=block_size)
+    if max_new_tokens <= 0:
+        return result
+    runner = TargetRunner(model, layer_ids)
+    prefill = runner.extend(torch.tensor(list(prompt_ids), dtype=torch.long))
+    context = prefill.features
+    anchor = _draw(_probs(prefill.logits[-1], temperature), generator)
+    result.tokens.append(anchor)
+    vocab = prefill.logits.shape[-1]
+
+    while len(result.tokens) < max_new_tokens and anchor not in eos_token_ids:
+        draft_logits = drafter.draft_logits(context, anchor)
+        if draft_logits.shape[-1] != vocab:
+            raise ConfigError(
+                f"draft vocabulary {draft_logits.shape[-1]} differs from the target's {vocab}: "
+                "the draft was built for another target"
+            )
+        assert draft_logits.shape[0] == block_size, (tuple(draft_logits.shape), block_size)
+        q = _probs(draft_logits, temperature)
+        drafts = [_draw(q[k], generator) for k in range(block_size)]
+
+        start = runner.length
+        step = runner.extend(torch.tensor([anchor, *drafts], dtype=torch.long))
+        p = _probs(step.logits, temperature)  # row i is the target's law for the token after input i
+        n_accepted, nxt = 0, None
+        for i, token in enumerate(drafts):
+            ok, replacement = accept_or_resample(p[i], q[i], token, generator)
+            if not ok:
+                nxt = replacement
+                break
+            n_accepted += 1
+        if nxt is None:  # every draft kept: a bonus token from the last row
+            nxt = _draw(p[block_size], generator)
+        result.accepted.append(n_accepted)
+
+        runner.rollback(start + 1 + n_accepted)  # the anchor and the kept drafts stay in the cache
+        context = torch.cat([context, step.features[: n_accepted + 1]], dim=0)
+        new = [*drafts[:n_accepted], nxt]
+        stop = _stop_index(new, eos_token_ids)
+        result.tokens.extend(new if stop is None else new[: stop + 1])
+        anchor = nxt
+        if stop is not None:
+            break
+
+    del result.tokens[max_new_tokens:]
+    return result
+
+
+@torch.no_grad()
+def target_generate(
+    model: PreTrainedModel,
+    layer_ids: list[int],
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    eos_token_ids: set[int],
+    generator: torch.Generator | None = None,
+) -> list[int]:
+    """Plain autoregressive decoding on the same `TargetRunner` path, one token per forward."""
+    tokens: list[int] = []
+    if max_new_tokens <= 0:
+        return tokens
+    runner = TargetRunner(model, layer_ids)
+    step = runner.extend(torch.tensor(list(prompt_ids), dtype=torch.long))
+    while True:
+        token = _draw(_probs(step.logits[-1], temperature), generator)
+        tokens.append(token)
+        if len(tokens) >= max_new_tokens or token in eos_token_ids:
+            return tokens
+        step = runner.extend(torch.tensor([token], dtype=torch.long))
+
+
+def acceptance_stats(results: Sequence[SpecResult]) -> dict:
+    """tau (mean tokens per verify step, the target's own token included), per-position acceptance.
+
+    `acceptance[k-1]` is the fraction of verify steps that kept at least k drafts, k = 1..B.
+    tau is None when no verify step ran (every generation stopped on its first token).
+    """
+    accepted = [a for r in results for a in r.accepted]
+    block_size = max((r.block_size for r in results), default=0)
+    steps = len(accepted)
+    return {
+        "tau": (sum(accepted) + steps) / steps if steps else None,
+        "acceptance": [sum(a >= k for a in accepted) / steps if steps else 0.0 for k in range(1, block_size + 1)],
+        "steps": steps,
+        "tokens": sum(len(r.tokens) for r in results),
+        "samples": len(results),
+    }
