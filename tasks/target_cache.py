@@ -39,7 +39,6 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from deepspec.models.errors import CacheMismatchError, ConfigError, DataError
-from deepspec.models.target import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +129,15 @@ class CacheManifest:
 
 def validate_manifest(manifest: CacheManifest, expected: dict[str, Any]) -> None:
     """Raise CacheMismatchError listing every field of `expected` the manifest disagrees with."""
-    where = manifest.url or "the cache"
+    record = asdict(manifest)
+    check_fields(record, expected, manifest.url or "the cache")
+
+
+def check_fields(record: dict[str, Any], expected: dict[str, Any], where: str) -> None:
+    """Raise CacheMismatchError naming each field whose value in `record` differs from `expected`."""
     problems = []
     for key, want in expected.items():
-        have = getattr(manifest, key, None)
+        have = record.get(key)
         if _plain(have) != _plain(want):
             problems.append(f"{key} {_plain(have)!r}; this config asks for {_plain(want)!r}")
     if problems:
@@ -152,6 +156,8 @@ def target_id(target_cfg) -> str:
 
 def expected_manifest_fields(cfg, tokenizer) -> dict[str, Any]:
     """The manifest fields a config requires of a cache, for `validate_manifest` (build and training)."""
+    from deepspec.models.target import fingerprint  # imports transformers, which readers never need
+
     if cfg.storage.encoding not in ENCODINGS:
         raise ConfigError(f"storage.encoding={cfg.storage.encoding!r} is not one of {list(ENCODINGS)}")
     return {
@@ -274,9 +280,9 @@ def decode_features(buf, num_tokens: int, dtype: torch.dtype = torch.float32) ->
 class ShardWriter:
     """Streams samples into one shard and commits it: temporary name, rename, then `.committed` marker.
 
-        with ShardWriter(fs, root, "shard-00000.arrow") as w:
-            w.add("id-1", input_ids, loss_mask, features)   # features [T, D]
-        info = w.info                                        # set by the commit on a clean exit
+    with ShardWriter(fs, root, "shard-00000.arrow") as w:
+        w.add("id-1", input_ids, loss_mask, features)   # features [T, D]
+    info = w.info                                        # set by the commit on a clean exit
     """
 
     def __init__(self, fs, root: str, name: str):
@@ -311,7 +317,8 @@ class ShardWriter:
             "deepspec.feature_dim": str(feature_dim),
             "deepspec.loss_mask": "packbits-little",
         }
-        self._writer = pa.ipc.new_file(self._sink, SCHEMA.with_metadata(metadata))
+        self._schema = SCHEMA.with_metadata(metadata)
+        self._writer = pa.ipc.new_file(self._sink, self._schema)
 
     def add(self, sample_id: str, input_ids, loss_mask, features: torch.Tensor) -> None:
         ids = _as_int_list(input_ids).astype(np.int32, copy=False).reshape(-1)
@@ -333,7 +340,7 @@ class ShardWriter:
                 pa.array([len(ids)], pa.int32()),
                 pa.array([encode_features(features)], pa.large_binary()),
             ],
-            schema=self._writer.schema,
+            schema=self._schema,
         )
         self._writer.write_batch(batch)
         self.samples += 1
@@ -481,7 +488,9 @@ def iter_samples(
     verify: bool = False,
     features_dtype: torch.dtype = torch.float32,
 ) -> Iterator[dict[str, Any]]:
-    """Samples in cache order: {sample_id, input_ids int64 [T], loss_mask bool [T], features [T, D], num_tokens}.
+    """Samples in cache order: dicts {sample_id, input_ids, loss_mask, features, num_tokens}.
+
+    input_ids is int64 [T], loss_mask bool [T], features [T, D] of `features_dtype` (float32 is exact).
 
     Without `shard_names` the manifest's shards are read (the cache must be complete); with them, any
     committed shards. `verify` hashes each shard first and raises DataError naming a corrupt one.
