@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
@@ -48,8 +47,9 @@ def weighted_block_cross_entropy(
 
 
 def expected_accepted_length(slot_accuracy: torch.Tensor) -> float:
-    """Greedy accepted length implied by per-slot accuracies, bonus token included: 1 + sum of prefix products."""
+    """Rough greedy accepted length from per-slot accuracies (bonus included): 1 + sum of prefix products.
+
+    It treats slots as independent, so it is a training-time signal; `evaluate` measures the real one.
+    """
     acc = slot_accuracy.clamp(0, 1)
     return 1.0 + float(torch.cumprod(acc, 0).sum()) if acc.numel() else 1.0
-
-

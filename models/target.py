@@ -136,9 +136,12 @@ def fingerprint(tokenizer) -> dict[str, str]:
 
 @torch.no_grad()
 def capture_features(
-    model: PreTrainedModel, input_ids: torch.Tensor, layer_ids: list[int], attention_mask: torch.Tensor | None = None
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    layer_ids: list[int],
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Residual stream after each layer in `layer_ids`, concatenated: [batch, seq, len(layer_ids) * hidden]."""
+    """Residual stream after each layer in `layer_ids`, concatenated: [batch, seq, n_layers * hidden]."""
     out = model.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
     return torch.cat([out.hidden_states[i + 1] for i in layer_ids], dim=-1)
 

@@ -42,9 +42,13 @@ def validate_dflash_export(path: Path) -> list[str]:
     config = json.loads(config_file.read_text())
     problems += [f"config.json: missing field '{k}'" for k in REQUIRED_CONFIG if k not in config]
     dflash = config.get("dflash_config", {})
-    problems += [f"config.json: missing field 'dflash_config.{k}'" for k in REQUIRED_DFLASH if k not in dflash]
+    problems += [
+        f"config.json: missing field 'dflash_config.{k}'" for k in REQUIRED_DFLASH if k not in dflash
+    ]
     if config.get("architectures") != [ARCHITECTURE]:
-        problems.append(f"config.json: architectures={config.get('architectures')}, expected [{ARCHITECTURE!r}]")
+        problems.append(
+            f"config.json: architectures={config.get('architectures')}, expected [{ARCHITECTURE!r}]"
+        )
     with safe_open(str(weights_file), framework="pt") as f:
         keys = set(f.keys())
     needed = {"fc.weight", "hidden_norm.weight", "norm.weight"}
@@ -55,7 +59,9 @@ def validate_dflash_export(path: Path) -> list[str]:
             needed.add(f"layers.{i}.mlp.{name}.weight")
         needed |= {f"layers.{i}.input_layernorm.weight", f"layers.{i}.post_attention_layernorm.weight"}
     problems += [f"{WEIGHTS_FILE}: missing tensor '{k}'" for k in sorted(needed - keys)]
-    problems += [f"{WEIGHTS_FILE}: holds the target's '{k}'" for k in keys if k.startswith(("embed_tokens", "lm_head"))]
+    problems += [
+        f"{WEIGHTS_FILE}: holds the target's '{k}'" for k in keys if k.startswith(("embed_tokens", "lm_head"))
+    ]
     return problems
 
 

@@ -5,7 +5,7 @@
 checkpoint every `train.save_every_steps`. Rank 0 writes the draft (`config.json`, `model.safetensors`)
 and the completion marker last. The same entry point serves 1 CPU process, 8 GPUs, or many nodes:
 
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:29500 -m deepspec.tasks.train run/train/config.yaml
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:29500 -m deepspec.tasks.train LAUNCH.yaml
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from deepspec.models.losses import (
 from deepspec.models.target import load_embedding_and_head, load_tokenizer
 from deepspec.tasks import stage_io, tracking
 from deepspec.tasks.config import config_hash, run_path
-from deepspec.tasks.target_cache import CacheDataset, expected_manifest_fields, read_manifest, validate_manifest
+from deepspec.tasks.target_cache import CacheDataset, expected_manifest_fields, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,21 @@ def weights_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def cache_fingerprint(cfg: DictConfig) -> str:
+    """Identity of the cached data the draft learns from: the checksums of its committed shards."""
+    manifest = read_manifest(cfg.storage.url, dict(cfg.storage.storage_options))
+    checksums = "".join(shard["sha256"] for shard in manifest.shards)
+    return hashlib.sha256(checksums.encode()).hexdigest()[:16]
+
+
 def check_done(cfg: DictConfig) -> dict | None:
-    """The training record if a draft for this config exists and its weights are the ones recorded."""
+    """The training record if a draft for this config and cache exists with the weights recorded."""
     record = stage_io.read_done(stage_dir(cfg), train_hash(cfg))
     weights = draft_dir(cfg) / "model.safetensors"
     if record is None or not weights.is_file():
+        return None
+    if record.get("cache_fingerprint") != cache_fingerprint(cfg):
+        log.info("the target cache changed since %s was trained; retraining", weights)
         return None
     if weights_sha256(weights) != record.get("weights_sha256"):
         log.warning("%s does not match its training record; retraining", weights)
@@ -139,11 +149,13 @@ def train_rank(cfg: DictConfig) -> None:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
 
     tokenizer = load_tokenizer(cfg.target.path, cfg.target.gguf_file, cfg.target.revision)
-    manifest = read_manifest(cfg.storage.url, dict(cfg.storage.storage_options))
-    validate_manifest(manifest, expected_manifest_fields(cfg, tokenizer))
-    dataset = CacheDataset(cfg.storage.url, dict(cfg.storage.storage_options))
+    dataset = CacheDataset(
+        cfg.storage.url, dict(cfg.storage.storage_options), expected=expected_manifest_fields(cfg, tokenizer)
+    )
 
-    embed, head = load_embedding_and_head(cfg.target.path, cfg.target.gguf_file, cfg.target.revision, "float32")
+    embed, head = load_embedding_and_head(
+        cfg.target.path, cfg.target.gguf_file, cfg.target.revision, "float32"
+    )
     from transformers import AutoConfig
 
     from deepspec.models.target import resolve_source
@@ -240,6 +252,7 @@ def train_rank(cfg: DictConfig) -> None:
             stage_dir(cfg),
             train_hash(cfg),
             weights_sha256=weights_sha256(out / "model.safetensors"),
+            cache_fingerprint=cache_fingerprint(cfg),
             optimizer_steps=total_steps,
             final_metrics=metrics,
         )

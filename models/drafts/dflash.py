@@ -95,7 +95,9 @@ class DFlashConfig:
     @classmethod
     def from_hf_dict(cls, data: dict) -> DFlashConfig:
         if ARCHITECTURE not in data.get("architectures", []):
-            raise ConfigError(f"config.json architectures={data.get('architectures')}: expected {ARCHITECTURE}")
+            raise ConfigError(
+                f"config.json architectures={data.get('architectures')}: expected {ARCHITECTURE}"
+            )
         names = set(cls.__dataclass_fields__) - {"extra"}
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -159,7 +161,9 @@ class DFlashAttention(nn.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q, *block_rope)
-        k = apply_rotary(k, torch.cat([context_rope[0], block_rope[0]]), torch.cat([context_rope[1], block_rope[1]]))
+        k = apply_rotary(
+            k, torch.cat([context_rope[0], block_rope[0]]), torch.cat([context_rope[1], block_rope[1]])
+        )
         out = F.scaled_dot_product_attention(
             q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, enable_gqa=True
         )

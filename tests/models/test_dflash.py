@@ -1,0 +1,137 @@
+"""DFlash draft: masks, train/inference agreement, frozen target weights, save/load."""
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, Qwen3Config
+
+from deepspec.models.drafts.dflash import DFlashConfig, DFlashDraft, load_draft, pack_blocks, save_draft
+from deepspec.models.errors import ConfigError
+
+torch.set_num_threads(1)
+
+
+def tiny_draft(target_config, layers=2, block=4, layer_ids=(0, 1)) -> DFlashDraft:
+    torch.manual_seed(0)
+    cfg = DFlashConfig.from_target(
+        target_config, num_layers=layers, block_size=block, layer_ids=list(layer_ids), mask_token_id=3
+    )
+    embed = torch.randn(cfg.vocab_size, cfg.hidden_size)
+    head = torch.randn(cfg.vocab_size, cfg.hidden_size) * 0.1
+    return DFlashDraft(cfg, embed, head)
+
+
+LLAMA = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                    num_hidden_layers=3, vocab_size=50)  # fmt: skip
+QWEN3 = Qwen3Config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, num_hidden_layers=3, vocab_size=50)  # fmt: skip
+
+
+def random_sequences(n_features: int, hidden: int, lengths=(12, 9)):
+    gen = torch.Generator().manual_seed(1)
+    return [
+        (torch.randint(0, 50, (t,), generator=gen), torch.randn(t, n_features * hidden, generator=gen))
+        for t in lengths
+    ]
+
+
+def test_mask_matches_brute_force_definition():
+    seqs = random_sequences(2, 32)
+    anchors = [torch.tensor([2, 6, 10]), torch.tensor([0, 4])]
+    packed = pack_blocks(seqs, anchors, block_size=3, mask_token_id=3)
+    rows = [(s, p, k) for s, a in enumerate(anchors) for p in a.tolist() for k in range(3)]
+    keys_ctx = [(s, j) for s, (ids, _) in enumerate(seqs) for j in range(ids.shape[0])]
+    for i, (s, p, _) in enumerate(rows):
+        for j, (s2, pos) in enumerate(keys_ctx):
+            assert packed.mask[i, j].item() == (s == s2 and pos < p), (i, j)
+        for j, (s2, p2, _) in enumerate(rows):
+            assert packed.mask[i, len(keys_ctx) + j].item() == (s == s2 and p == p2), (i, j)
+    assert packed.block_ids.tolist()[:3] == [seqs[0][0][2].item(), 3, 3]
+    assert packed.block_positions.tolist()[:3] == [2, 3, 4]
+
+
+@pytest.mark.parametrize("target_config", [LLAMA, QWEN3], ids=["llama", "qwen3"])
+def test_training_path_matches_inference_path(target_config):
+    draft = tiny_draft(target_config).eval()
+    seqs = random_sequences(2, 32)
+    anchors = [torch.tensor([1, 5, 11]), torch.tensor([3, 8])]
+    logits = draft.lm_head(draft(pack_blocks(seqs, anchors, 4, 3)))
+    row = 0
+    for (ids, feats), anchor_positions in zip(seqs, anchors, strict=True):
+        for p in anchor_positions.tolist():
+            expected = draft.draft_logits(feats[:p], int(ids[p]))
+            torch.testing.assert_close(logits[row : row + 4], expected, atol=1e-5, rtol=1e-5)
+            row += 4
+
+
+def test_qwen3_geometry_has_qk_norm_and_head_dim():
+    draft = tiny_draft(QWEN3)
+    assert draft.cfg.qk_norm and draft.cfg.head_dim == 16
+    assert draft.layers[0].self_attn.q_proj.weight.shape == (4 * 16, 32)
+    assert not tiny_draft(LLAMA).cfg.qk_norm
+
+
+def test_only_draft_weights_get_gradients():
+    draft = tiny_draft(LLAMA)
+    seqs = random_sequences(2, 32)
+    hidden = draft(pack_blocks(seqs, [torch.tensor([2, 7]), torch.tensor([4])], 4, 3))
+    draft.lm_head(hidden).logsumexp(-1).sum().backward()
+    assert draft.embed_tokens.weight.grad is None and draft.lm_head.weight.grad is None
+    trainable = {n for n, p in draft.named_parameters() if p.requires_grad}
+    assert trainable and all(not n.startswith(("embed_tokens", "lm_head")) for n in trainable)
+    assert all(p.grad is not None for n, p in draft.named_parameters() if n in trainable)
+
+
+def test_context_after_the_anchor_does_not_change_its_block():
+    draft = tiny_draft(LLAMA).eval()
+    ids, feats = random_sequences(2, 32, lengths=(12,))[0]
+    changed = feats.clone()
+    changed[6:] += 5.0  # positions at and after anchor 6 must be invisible to its block
+    a = draft.lm_head(draft(pack_blocks([(ids, feats)], [torch.tensor([6])], 4, 3)))
+    b = draft.lm_head(draft(pack_blocks([(ids, changed)], [torch.tensor([6])], 4, 3)))
+    torch.testing.assert_close(a, b)
+    changed[5] += 5.0
+    c = draft.lm_head(draft(pack_blocks([(ids, changed)], [torch.tensor([6])], 4, 3)))
+    assert not torch.allclose(a, c)
+
+
+def test_save_load_round_trip_excludes_target_weights(tmp_path):
+    draft = tiny_draft(QWEN3).eval()
+    save_draft(draft, tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert "fc.weight" in keys and "layers.1.self_attn.k_norm.weight" in keys
+    assert not any(k.startswith(("embed_tokens", "lm_head")) for k in keys)
+    loaded = load_draft(tmp_path, draft.embed_tokens.weight.clone(), draft.lm_head.weight.clone())
+    feats = torch.randn(5, 64)
+    torch.testing.assert_close(loaded.draft_logits(feats, 7), draft.draft_logits(feats, 7))
+
+
+def test_load_rejects_other_architectures(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    with pytest.raises(ConfigError, match="DFlashDraftModel"):
+        load_draft(tmp_path, torch.zeros(1, 1), torch.zeros(1, 1))
+
+
+def test_gemma_embeddings_are_scaled():
+    from transformers import Gemma3TextConfig
+
+    cfg = DFlashConfig.from_target(
+        Gemma3TextConfig(
+            hidden_size=64,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            num_hidden_layers=2,
+            vocab_size=40,
+        ),  # fmt: skip
+        num_layers=1,
+        block_size=2,
+        layer_ids=[0],
+        mask_token_id=0,  # fmt: skip
+    )
+    assert cfg.embed_scale == pytest.approx(math.sqrt(64)) and cfg.qk_norm
