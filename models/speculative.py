@@ -105,13 +105,16 @@ def speculative_generate(
         return result
     runner = TargetRunner(model, layer_ids)
     prefill = runner.extend(torch.tensor(list(prompt_ids), dtype=torch.long))
-    context = prefill.features
+    # target features of every committed position, in a buffer sized for the longest possible output
+    n_ctx = prefill.features.shape[0]
+    context = prefill.features.new_empty((n_ctx + max_new_tokens + block_size + 1, prefill.features.shape[1]))
+    context[:n_ctx] = prefill.features
     anchor = _draw(_probs(prefill.logits[-1], temperature), generator)
     result.tokens.append(anchor)
     vocab = prefill.logits.shape[-1]
 
     while len(result.tokens) < max_new_tokens and anchor not in eos_token_ids:
-        draft_logits = drafter.draft_logits(context, anchor)
+        draft_logits = drafter.draft_logits(context[:n_ctx], anchor)
         if draft_logits.shape[-1] != vocab:
             raise ConfigError(
                 f"draft vocabulary {draft_logits.shape[-1]} differs from the target's {vocab}: "
@@ -136,7 +139,8 @@ def speculative_generate(
         result.accepted.append(n_accepted)
 
         runner.rollback(start + 1 + n_accepted)  # the anchor and the kept drafts stay in the cache
-        context = torch.cat([context, step.features[: n_accepted + 1]], dim=0)
+        context[n_ctx : n_ctx + n_accepted + 1] = step.features[: n_accepted + 1]
+        n_ctx += n_accepted + 1
         new = [*drafts[:n_accepted], nxt]
         stop = _stop_index(new, eos_token_ids)
         result.tokens.extend(new if stop is None else new[: stop + 1])
@@ -184,7 +188,9 @@ def acceptance_stats(results: Sequence[SpecResult]) -> dict:
     steps = len(accepted)
     return {
         "tau": (sum(accepted) + steps) / steps if steps else None,
-        "acceptance": [sum(a >= k for a in accepted) / steps if steps else 0.0 for k in range(1, block_size + 1)],
+        "acceptance": [
+            sum(a >= k for a in accepted) / steps if steps else 0.0 for k in range(1, block_size + 1)
+        ],
         "steps": steps,
         "tokens": sum(len(r.tokens) for r in results),
         "samples": len(results),

@@ -52,6 +52,10 @@ def resolve_source(path: str, gguf_file: str | None) -> str:
         log.info("dequantizing %s once into %s", gguf_path, out)
         tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.float32)
+        # The weights are already dequantized; drop the GGUF marker so the result saves as plain float.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         tmp = out.with_name(out.name + ".tmp")
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 from transformers import AutoConfig
 
@@ -289,6 +290,6 @@ def _log_metrics(cfg: DictConfig, manifest: CacheManifest) -> None:
     )
 
 
-@task(name="cache")
+@task(name="cache", cache_policy=NO_CACHE)  # stages validate their own outputs
 def cache_task(cfg: DictConfig) -> dict[str, Any]:
     return build_cache(cfg)

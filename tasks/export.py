@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from safetensors import safe_open
 
 from deepspec.models.drafts.dflash import ARCHITECTURE, WEIGHTS_FILE
@@ -88,6 +89,6 @@ def export(cfg: DictConfig) -> dict:
     return record
 
 
-@task(name="export")
+@task(name="export", cache_policy=NO_CACHE)  # stages validate their own outputs
 def export_task(cfg: DictConfig) -> dict:
     return export(cfg)

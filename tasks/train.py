@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
 from deepspec.models.drafts.dflash import DFlashConfig, DFlashDraft, pack_blocks, save_draft
@@ -299,7 +300,7 @@ def train(cfg: DictConfig) -> dict:
     return record
 
 
-@task(name="train")
+@task(name="train", cache_policy=NO_CACHE)  # stages validate their own outputs
 def train_task(cfg: DictConfig) -> dict:
     return train(cfg)
 

@@ -1,0 +1,319 @@
+"""Stage `evaluate`: lossless speculative decoding on the benchmarks, acceptance and measured speedup.
+
+    deepspec evaluate                                              # the built-in prompts (a smoke test)
+    deepspec evaluate eval.data_dir=../shared/assets/eval eval.max_samples=20 eval.temperature=0.0
+
+Each benchmark is `<eval.data_dir>/<name>.jsonl`, one `{"turns": [str, ...]}` a line; only the first turn
+is answered. With `eval.data_dir` unset, a small built-in set (`tasks/data/builtin_eval.jsonl`, 2-3
+prompts a benchmark) is used instead, with a warning and `builtin_eval: true` in the results: its
+figures say the pipeline works, not how good the draft is.
+
+For every prompt the draft and target run `speculative_generate` at `eval.temperature`, and the target
+alone runs `target_generate` on the same prompt; both are timed. Per benchmark and overall, the results
+give tau (mean tokens per target forward in speculative decoding, the target's own token included),
+the per-position acceptance rate, and the speedup: speculative tokens per second over plain tokens per
+second (the wall-clock ratio when both produce the same tokens, as at temperature 0). At temperature 0
+`greedy_match` is the fraction of prompts whose speculative output equals the plain one, which
+losslessness makes 1 up to floating-point ties.
+
+Output: `<run_dir>/eval/results.json`, then `_DONE.json` with the hash of the target, algo and eval
+config and of the draft weights file; a re-run with both unchanged skips the stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from tqdm import tqdm
+
+from deepspec.models.chat import end_of_turn_ids, render_prompt
+from deepspec.models.errors import DataError, DeepSpecError
+from deepspec.models.speculative import (
+    Drafter,
+    SpecResult,
+    acceptance_stats,
+    speculative_generate,
+    target_generate,
+)
+from deepspec.models.target import input_embeddings, load_target, output_head
+from deepspec.tasks import tracking
+from deepspec.tasks.config import config_hash, run_path
+from deepspec.tasks.stage_io import atomic_write_text, mark_done, read_done
+
+log = logging.getLogger(__name__)
+
+BUILTIN = Path(__file__).parent / "data" / "builtin_eval.jsonl"
+RESULTS_FILE = "results.json"
+MAX_LISTED_ERRORS = 20
+
+
+def load_benchmark(name: str, data_dir: str | Path | None) -> list[list[str]]:
+    """The turns of every prompt of one benchmark: `<data_dir>/<name>.jsonl`, or the built-in set.
+
+    Every line is checked; all bad lines are reported at once, each naming file, line and field.
+    """
+    builtin = data_dir is None
+    path = BUILTIN if builtin else Path(data_dir) / f"{name}.jsonl"
+    if not path.is_file():
+        found = sorted(p.stem for p in path.parent.glob("*.jsonl")) if path.parent.is_dir() else []
+        raise DataError(
+            f"eval.data_dir: benchmark {name!r} needs {path}, which does not exist "
+            f"(benchmarks found there: {', '.join(found) or 'none'})"
+        )
+    prompts: list[list[str]] = []
+    errors: list[str] = []
+    names: set[str] = set()
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                errors.append(f"{path}:{line_no}: not valid JSON ({err.msg})")
+                continue
+            if not isinstance(row, dict):
+                errors.append(f"{path}:{line_no}: expected an object with a 'turns' field")
+                continue
+            if builtin:
+                names.add(str(row.get("benchmark")))
+                if row.get("benchmark") != name:
+                    continue
+            turns = row.get("turns")
+            if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+                errors.append(
+                    f"{path}:{line_no}: field 'turns': expected a non-empty list of strings, "
+                    f"got {json.dumps(turns)[:80] if turns is not None else 'nothing'}"
+                )
+                continue
+            prompts.append(turns)
+    if errors:
+        more = f"\n... and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
+        raise DataError(
+            f"{len(errors)} bad line(s) in {path}:\n" + "\n".join(errors[:MAX_LISTED_ERRORS]) + more
+        )
+    if not prompts:
+        choices = f" (built-in benchmarks: {', '.join(sorted(names))})" if builtin else ""
+        raise DataError(f"{path}: no prompts for benchmark {name!r}{choices}")
+    return prompts
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def stop_token_ids(cfg: DictConfig, tokenizer) -> set[int]:
+    """eos, `<|im_end|>` when the vocabulary has it, and the token the chat template ends a turn with."""
+    ids = set(
+        end_of_turn_ids(
+            tokenizer,
+            use_chat_template=cfg.target.use_chat_template,
+            chat_template_kwargs=dict(cfg.target.chat_template_kwargs),
+        )
+    )
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    im_end = tokenizer.get_vocab().get("<|im_end|>")
+    if im_end is not None:
+        ids.add(int(im_end))
+    return ids
+
+
+def _summary(results: list[SpecResult], plain: list[list[int]], spec_s: float, plain_s: float, greedy: bool):
+    stats = acceptance_stats(results)
+    plain_tokens = sum(len(t) for t in plain)
+    spec_rate = stats["tokens"] / spec_s if spec_s > 0 else 0.0
+    plain_rate = plain_tokens / plain_s if plain_s > 0 else 0.0
+    matches = sum(r.tokens == t for r, t in zip(results, plain, strict=True))
+    return {
+        "samples": stats["samples"],
+        "new_tokens": stats["tokens"],
+        "target_new_tokens": plain_tokens,
+        "verify_steps": stats["steps"],
+        "tau": stats["tau"],
+        "acceptance": stats["acceptance"],
+        "spec_time_s": spec_s,
+        "target_time_s": plain_s,
+        "spec_tokens_per_s": spec_rate,
+        "target_tokens_per_s": plain_rate,
+        "speedup": spec_rate / plain_rate if plain_rate > 0 else None,
+        "greedy_match": matches / len(results) if greedy and results else None,
+    }
+
+
+def _valid_results(path: Path, benchmarks: list[str]) -> dict | None:
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if sorted(results.get("benchmarks", {})) != sorted(benchmarks) or "overall" not in results:
+        return None
+    return results
+
+
+def _trained_draft(cfg: DictConfig) -> tuple[Path, Path]:
+    """The draft directory and weights file the train stage of this run wrote."""
+    from deepspec.models.drafts.dflash import WEIGHTS_FILE
+    from deepspec.tasks.train import draft_dir
+
+    directory = draft_dir(cfg)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise DeepSpecError(f"evaluate: no trained draft at {weights}; run `deepspec train` first")
+    return directory, weights
+
+
+def evaluate(
+    cfg: DictConfig,
+    draft_loader: Callable[[], Drafter] | None = None,
+    draft_file: str | Path | None = None,
+) -> dict[str, Any]:
+    """Run the benchmarks with speculative and plain decoding; write and return the results.
+
+    `draft_loader()` returns the draft to evaluate and `draft_file` is its weights file (hashed, so a new
+    draft is evaluated again). Without them, the DFlash draft that the train stage of this run wrote.
+    """
+    default_draft = draft_loader is None
+    if default_draft:
+        draft_path, draft_file = _trained_draft(cfg)
+    elif draft_file is None:
+        raise DeepSpecError("evaluate: a draft_loader needs the draft_file it loads, to tell drafts apart")
+    draft_sha = file_sha256(draft_file)
+    stage = run_path(cfg, "eval")
+    results_path = stage / RESULTS_FILE
+    benchmarks = list(cfg.eval.benchmarks)
+    done_hash = config_hash(cfg.target, cfg.algo, cfg.eval, {"draft_sha256": draft_sha})
+    if read_done(stage, done_hash) is not None:
+        results = _valid_results(results_path, benchmarks)
+        if results is not None:
+            log.info("evaluate: %s is up to date; skipping", results_path)
+            return results
+        log.warning("evaluate: %s is missing or incomplete; evaluating again", results_path)
+
+    builtin = cfg.eval.data_dir is None
+    if builtin:
+        log.warning(
+            "eval.data_dir is not set: using the small built-in prompt set %s (2-3 prompts a benchmark); "
+            "its figures only show that evaluation works. Set eval.data_dir to a folder of "
+            "<benchmark>.jsonl files for real numbers.",
+            BUILTIN,
+        )
+    prompts = {name: load_benchmark(name, cfg.eval.data_dir)[: cfg.eval.max_samples] for name in benchmarks}
+
+    model, tokenizer = load_target(
+        cfg.target.path, cfg.target.gguf_file, cfg.target.revision, cfg.target.dtype
+    )
+    if torch.cuda.is_available():
+        model.to("cuda")
+    if default_draft:
+        from deepspec.models.drafts.dflash import load_draft
+
+        embed, head = input_embeddings(model).weight, output_head(model).weight
+        drafter = load_draft(draft_path, embed, head).to(model.device)
+    else:
+        drafter = draft_loader()
+    layer_ids = list(cfg.target.layer_ids)
+    eos = stop_token_ids(cfg, tokenizer)
+    temperature = float(cfg.eval.temperature)
+    greedy = temperature == 0
+    decode = {"max_new_tokens": cfg.eval.max_new_tokens, "temperature": temperature, "eos_token_ids": eos}
+
+    def ids_of(turns: list[str]) -> list[int]:
+        return render_prompt(
+            tokenizer,
+            [{"role": "user", "content": turns[0]}],
+            use_chat_template=cfg.target.use_chat_template,
+            chat_template_kwargs=dict(cfg.target.chat_template_kwargs),
+            system_prompt=cfg.target.system_prompt,
+        )
+
+    # one untimed run of each, so lazy initialisation does not count against the first benchmark
+    warm = ids_of(next(iter(prompts.values()))[0])
+    speculative_generate(model, layer_ids, drafter, warm, **{**decode, "max_new_tokens": 2})
+    target_generate(model, layer_ids, warm, **{**decode, "max_new_tokens": 2})
+
+    per_bench: dict[str, dict] = {}
+    pooled: dict[str, list] = {"spec": [], "plain": [], "spec_s": [], "plain_s": []}
+    index = 0
+    for name, rows in prompts.items():
+        spec, plain, spec_s, plain_s = [], [], 0.0, 0.0
+        for turns in tqdm(rows, desc=f"eval {name}", unit="prompt"):
+            ids = ids_of(turns)
+            seed = cfg.eval.seed * 1_000_003 + index
+            index += 1
+            start = time.perf_counter()
+            spec.append(
+                speculative_generate(
+                    model, layer_ids, drafter, ids, **decode, generator=torch.Generator().manual_seed(seed)
+                )
+            )
+            spec_s += time.perf_counter() - start
+            start = time.perf_counter()
+            plain.append(
+                target_generate(
+                    model, layer_ids, ids, **decode, generator=torch.Generator().manual_seed(seed)
+                )
+            )
+            plain_s += time.perf_counter() - start
+        per_bench[name] = _summary(spec, plain, spec_s, plain_s, greedy)
+        pooled["spec"] += spec
+        pooled["plain"] += plain
+        pooled["spec_s"].append(spec_s)
+        pooled["plain_s"].append(plain_s)
+        log.info(
+            "eval %s: tau %s, speedup %s over %d prompts",
+            name,
+            _fmt(per_bench[name]["tau"]),
+            _fmt(per_bench[name]["speedup"]),
+            len(rows),
+        )
+    overall = _summary(pooled["spec"], pooled["plain"], sum(pooled["spec_s"]), sum(pooled["plain_s"]), greedy)
+
+    results = {
+        "builtin_eval": builtin,
+        "data_dir": cfg.eval.data_dir,
+        "target": cfg.target.name,
+        "algo": cfg.algo.name,
+        "block_size": int(drafter.block_size),
+        "temperature": temperature,
+        "max_new_tokens": cfg.eval.max_new_tokens,
+        "seed": cfg.eval.seed,
+        "draft_file": str(draft_file),
+        "draft_sha256": draft_sha,
+        "benchmarks": per_bench,
+        "overall": overall,
+    }
+    atomic_write_text(results_path, json.dumps(results, indent=2))
+    metrics: dict[str, float] = {}
+    for name, summary in [*per_bench.items(), ("overall", overall)]:
+        for key in ("tau", "speedup", "greedy_match"):
+            if summary[key] is not None:
+                metrics[f"eval/{name}/{key}"] = summary[key]
+        for k, rate in enumerate(summary["acceptance"], start=1):
+            metrics[f"eval/{name}/accept_{k}"] = rate
+    tracking.log_metrics(cfg, metrics)
+    mark_done(stage, done_hash, results=RESULTS_FILE, draft_sha256=draft_sha, benchmarks=benchmarks)
+    return results
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)  # stages validate their own outputs
+def evaluate_task(cfg: DictConfig) -> dict[str, Any]:
+    return evaluate(cfg)

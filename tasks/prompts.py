@@ -1,0 +1,302 @@
+"""Stage `prompts`: gather the training prompts a target will answer.
+
+    deepspec prompts prompts.source=builtin                     # the 48 built-in prompts
+    deepspec prompts prompts.source=data/my_prompts.jsonl prompts.heldout_fraction=0.05
+    deepspec prompts prompts.source=HuggingFaceH4/ultrachat_200k prompts.split=train_sft \
+        prompts.max_samples=20000
+
+A source is "builtin", a local JSONL file, or a Hugging Face dataset id (or a local dataset folder)
+read with `datasets.load_dataset`. Every row is checked; a bad row fails naming the file, line and
+field, and all bad rows are listed at once. Rows hold `conversations` or `messages`, a list of turns
+with `role` or `from` and `content` or `value`; ShareGPT roles (human, gpt, ...) are renamed to
+user / assistant.
+
+Output, in `<run_dir>/prompts/`: `prompts.jsonl` and `heldout.jsonl`, one row a line,
+`{"id", "source", "category", "conversations"}`, keeping the system and user turns: the assistant's
+answers are dropped, since the regenerate stage writes the target's own. Rows with the same turns are
+kept once; `max_samples` keeps the first N distinct rows in source order; a row is held out when a
+salted hash of its turns falls under `heldout_fraction`, so the split does not depend on row order
+or on `max_samples`. `_DONE.json` is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+from prefect import task
+
+from deepspec.models.errors import ConfigError, DataError
+from deepspec.tasks import tracking
+from deepspec.tasks.config import config_hash, run_path
+from deepspec.tasks.stage_io import atomic_write_text, clear_done, mark_done, read_done
+
+log = logging.getLogger(__name__)
+
+BUILTIN = Path(__file__).parent / "data" / "builtin_prompts.jsonl"
+ROLE_NAMES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+DATA_FILE_BUILDERS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}  # read by `datasets`
+HELDOUT_SALT = "deepspec-heldout-v1"
+MAX_LISTED_ERRORS = 20
+
+
+def load_conversations(source: str, split: str = "train") -> list[dict]:
+    """Rows `{"id", "source", "category", "conversations": [{"role", "content"}, ...]}`, all checked.
+
+    `source` is "builtin", a local `.jsonl` file, or a dataset for `datasets.load_dataset` (a hub id or
+    a local dataset folder); `split` applies to the last only.
+    """
+    if source == "builtin":
+        return _from_jsonl(BUILTIN, default_source="builtin")
+    path = Path(source)
+    if path.suffix == ".jsonl":
+        if not path.is_file():
+            raise DataError(f"prompts.source={source!r}: no such file")
+        return _from_jsonl(path, default_source=path.stem)
+    if path.is_file():
+        builder = DATA_FILE_BUILDERS.get(path.suffix)
+        if builder is None:
+            raise DataError(
+                f"prompts.source={source!r}: unsupported file type {path.suffix!r}; expected .jsonl, "
+                f"{', '.join(DATA_FILE_BUILDERS)}, a dataset folder or a hub dataset id"
+            )
+        return _from_dataset(source, "train", builder=builder, default_source=path.stem)
+    return _from_dataset(source, split)
+
+
+def prepare_prompts(cfg: DictConfig) -> dict[str, Any]:
+    """Write `<run_dir>/prompts/{prompts,heldout}.jsonl`; returns the counts (and `skipped`)."""
+    fraction, limit = float(cfg.prompts.heldout_fraction), cfg.prompts.max_samples
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"prompts.heldout_fraction={fraction}: expected a value in [0, 1)")
+    if limit is not None and int(limit) < 1:
+        raise ConfigError(f"prompts.max_samples={limit}: expected a positive count or null")
+    stage_dir = run_path(cfg, "prompts")
+    train_path, heldout_path = stage_dir / "prompts.jsonl", stage_dir / "heldout.jsonl"
+    digest = config_hash(cfg.prompts)
+    done = read_done(stage_dir, digest)
+    if (
+        done
+        and _count_lines(train_path) == done.get("rows")
+        and _count_lines(heldout_path) == done.get("heldout")
+    ):
+        log.info("prompts: %s already holds %d rows; skipping", train_path, done["rows"])
+        return {**{k: v for k, v in done.items() if k != "config_hash"}, "skipped": True}
+
+    rows = load_conversations(str(cfg.prompts.source), str(cfg.prompts.split))
+    seen: set[str] = set()
+    kept: list[dict] = []
+    duplicates = 0
+    for row in rows:
+        turns = [t for t in row["conversations"] if t["role"] != "assistant"]
+        key = json.dumps([[t["role"], t["content"]] for t in turns], ensure_ascii=False)
+        if key in seen:
+            duplicates += 1
+            continue
+        seen.add(key)
+        kept.append({**row, "conversations": turns, "_key": key})
+        if limit is not None and len(kept) >= int(limit):
+            break
+    _unique_ids(kept)
+    train, heldout = [], []
+    for row in kept:
+        (heldout if _unit_hash(row.pop("_key")) < fraction else train).append(row)
+
+    clear_done(stage_dir)
+    atomic_write_text(train_path, _jsonl(train))
+    atomic_write_text(heldout_path, _jsonl(heldout))
+    info = {
+        "rows": len(train),
+        "heldout": len(heldout),
+        "duplicates": duplicates,
+        "source": str(cfg.prompts.source),
+    }
+    mark_done(stage_dir, digest, **info)
+    log.info(
+        "prompts: %d rows, %d held out, %d duplicates dropped -> %s",
+        len(train),
+        len(heldout),
+        duplicates,
+        train_path,
+    )
+    tracking.log_metrics(
+        cfg, {"prompts/rows": len(train), "prompts/heldout": len(heldout), "prompts/duplicates": duplicates}
+    )
+    return {**info, "skipped": False}
+
+
+def _from_jsonl(path: Path, default_source: str) -> list[dict]:
+    rows, errors = [], []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {number}"
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as err:
+                errors.append(f"{where}: not valid JSON ({err.msg} at column {err.colno})")
+                continue
+            _collect(
+                rows,
+                errors,
+                raw,
+                where,
+                default_id=f"{default_source}-{number:06d}",
+                default_source=default_source,
+            )
+    _raise_if_any(errors, path)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def _from_dataset(
+    source: str, split: str, builder: str | None = None, default_source: str | None = None
+) -> list[dict]:
+    import datasets
+
+    try:
+        if builder is None:
+            dataset = datasets.load_dataset(source, split=split)
+        else:
+            dataset = datasets.load_dataset(builder, data_files=source, split=split)
+    except Exception as err:  # the hub client raises many kinds; all mean the same to the user here
+        hint = (
+            "If the Hugging Face hub is unreachable from this machine, pass a local JSONL file instead: "
+            "prompts.source=/path/to/prompts.jsonl"
+            if builder is None
+            else "Check that the file holds one conversation a row."
+        )
+        raise DataError(
+            f"prompts.source={source!r} (split {split!r}): cannot load the dataset "
+            f"({type(err).__name__}: {err}). {hint}"
+        ) from err
+    rows: list[dict] = []
+    errors: list[str] = []
+    label = default_source or source
+    for index, raw in enumerate(dataset):
+        where = f"{source}[{split}] row {index}"
+        _collect(rows, errors, raw, where, default_id=f"{label}-{index:06d}", default_source=label)
+    _raise_if_any(errors, source)
+    if not rows:
+        raise DataError(f"prompts.source={source!r} (split {split!r}): no rows")
+    return rows
+
+
+def _collect(rows: list, errors: list, raw: Any, where: str, default_id: str, default_source: str) -> None:
+    try:
+        rows.append(_row(raw, where, default_id, default_source))
+    except DataError as err:
+        errors.append(str(err))
+
+
+def _row(raw: Any, where: str, default_id: str, default_source: str) -> dict:
+    """One checked, normalized row; a DataError names `where` and the field."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    name = "conversations" if raw.get("conversations") is not None else "messages"
+    turns = raw.get(name)
+    if not isinstance(turns, list) or not turns:
+        got = "nothing" if turns is None else repr(turns)[:60]
+        raise DataError(
+            f"{where}: field 'conversations' (or 'messages'): expected a non-empty list of turns, got {got}"
+        )
+    conversations = []
+    for n, turn in enumerate(turns):
+        field = f"{name}[{n}]"
+        if not isinstance(turn, dict):
+            raise DataError(
+                f"{where}: field '{field}': expected an object with role and content, got {turn!r}"[:300]
+            )
+        # Arrow-backed datasets give every turn all keys seen in the column, unused ones as None.
+        role_key = "role" if turn.get("role") is not None else "from"
+        role = turn.get(role_key)
+        if not isinstance(role, str) or role.lower() not in ROLE_NAMES:
+            raise DataError(
+                f"{where}: field '{field}.{role_key}': expected one of user/assistant/system, got {role!r} "
+                f"(also accepted: {', '.join(k for k, v in ROLE_NAMES.items() if k != v)})"
+            )
+        content_key = "content" if turn.get("content") is not None else "value"
+        content = turn.get(content_key)
+        if not isinstance(content, str):
+            raise DataError(
+                f"{where}: field '{field}.{content_key}': expected a string, got {type(content).__name__}"
+            )
+        conversations.append({"role": ROLE_NAMES[role.lower()], "content": content})
+    if not any(t["role"] == "user" for t in conversations):
+        raise DataError(f"{where}: field '{name}': the conversation has no user turn")
+    row = {
+        "id": _or(raw.get("id"), default_id),
+        "source": _or(raw.get("source"), default_source),
+        "category": _or(raw.get("category"), "unknown"),
+    }
+    for key in ("id", "source", "category"):
+        value = row[key]
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise DataError(f"{where}: field '{key}': expected a string, got {type(value).__name__}")
+        row[key] = str(value)
+    row["conversations"] = conversations
+    return row
+
+
+def _or(value: Any, default: str) -> Any:
+    return default if value is None else value
+
+
+def _raise_if_any(errors: list[str], origin: Path | str) -> None:
+    if not errors:
+        return
+    listed = errors[:MAX_LISTED_ERRORS]
+    more = len(errors) - len(listed)
+    tail = f"\n... and {more} more" if more else ""
+    head = errors[0] if len(errors) == 1 else f"{len(errors)} bad rows in {origin}:\n" + "\n".join(listed)
+    raise DataError(head + tail)
+
+
+def _unique_ids(rows: list[dict]) -> None:
+    """Later rows that repeat an id get `#2`, `#3`, ... so ids key the rows downstream."""
+    counts: dict[str, int] = {}
+    renamed = 0
+    for row in rows:
+        n = counts[row["id"]] = counts.get(row["id"], 0) + 1
+        if n > 1:
+            row["id"] = f"{row['id']}#{n}"
+            renamed += 1
+    if renamed:
+        log.warning("prompts: %d rows repeat an earlier id; suffixed them with #2, #3, ...", renamed)
+
+
+def _unit_hash(key: str) -> float:
+    """A number in [0, 1) fixed by the row's turns, for a split that does not depend on row order."""
+    digest = hashlib.sha256(f"{HELDOUT_SALT}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def _count_lines(path: Path) -> int | None:
+    if not path.is_file():
+        return None
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+@task(name="prompts")
+def prompts_task(cfg: DictConfig) -> dict[str, Any]:
+    return prepare_prompts(cfg)

@@ -1,0 +1,328 @@
+"""Speculative decoding is lossless: greedy output equals the target's, sampled output has its law.
+
+Everything runs the real pretrained stories260k model (vocabulary 512) from `../shared/assets`. The
+drafters are real models too: the same story model drafting its own greedy chain (high acceptance) and a
+randomly initialised small Llama with the same vocabulary (low acceptance). They keep the token
+history themselves and ignore the target features.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from deepspec.models import speculative
+from deepspec.models.speculative import (
+    SpecResult,
+    accept_or_resample,
+    acceptance_stats,
+    speculative_generate,
+    target_generate,
+)
+from deepspec.models.target import load_target
+
+LAYER_IDS = [0, 2, 4]
+STORY_PROMPTS = [
+    "Once upon a time, there was a little dog",
+    "Tom and his mom went to the",
+    "Lily wanted to",
+]
+EOS = {2}
+
+
+@pytest.fixture(scope="session")
+def spec_assets() -> Path:
+    env = os.environ.get("DEEPSPEC_ASSETS")
+    path = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "assets"
+    if not (path / "models" / "stories260k" / "config.json").is_file():
+        pytest.skip(f"offline test assets not found at {path} (set DEEPSPEC_ASSETS to ../shared/assets)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def stories(spec_assets):
+    torch.set_num_threads(1)  # a 260K-parameter model is overhead-bound; one thread is the fastest
+    model, tokenizer = load_target(str(spec_assets / "models" / "stories260k"))
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def random_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        initializer_range=0.2,  # logits of a few units: a spiky proposal unrelated to the target
+    )
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+class ChainDrafter:
+    """Drafts a block with a causal LM run over the token history, following its own greedy chain.
+
+    The history is rebuilt from the context length: a verify step that kept `a` drafts grows the
+    context by the old anchor plus `a` tokens, assumed to be this drafter's greedy guesses. That is
+    exact at temperature 0; when sampling it may be wrong, which only makes the proposals worse:
+    rejection sampling is lossless for any proposal.
+    """
+
+    def __init__(self, model, prompt_ids, block_size, *, logit_scale=1.0, memo=None):
+        self.model = model
+        self.history = list(prompt_ids)
+        self.block_size = block_size
+        self.logit_scale = logit_scale
+        self.memo = {} if memo is None else memo  # (history, anchor) -> logits, shared across samples
+        self.last: tuple[int, list[int]] | None = None
+
+    @torch.no_grad()
+    def draft_logits(self, context_features, anchor_token):
+        p = context_features.shape[0]
+        if self.last is not None:
+            anchor, guesses = self.last
+            kept = p - len(self.history) - 1
+            self.history += [anchor, *guesses[:kept]]
+        assert len(self.history) == p
+        key = (tuple(self.history), anchor_token)
+        if key not in self.memo:
+            seq, rows = [*self.history, anchor_token], []
+            for _ in range(self.block_size):
+                logits = self.model(input_ids=torch.tensor([seq])).logits[0, -1].float()
+                rows.append(logits * self.logit_scale)
+                seq.append(int(logits.argmax()))
+            self.memo[key] = torch.stack(rows)
+        rows = self.memo[key]
+        self.last = (anchor_token, rows.argmax(-1).tolist())
+        return rows
+
+
+def _ids(tokenizer, text):
+    return tokenizer(text).input_ids
+
+
+# ---------------------------------------------------------------- greedy: token-for-token equality
+
+GREEDY_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def greedy_references(stories):
+    model, tokenizer = stories
+    return {
+        text: target_generate(
+            model,
+            LAYER_IDS,
+            _ids(tokenizer, text),
+            max_new_tokens=GREEDY_TOKENS,
+            temperature=0.0,
+            eos_token_ids=EOS,
+        )
+        for text in STORY_PROMPTS
+    }
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 7])
+@pytest.mark.parametrize("drafter_name", ["self", "random"])
+def test_greedy_output_equals_target(stories, random_llama, greedy_references, drafter_name, block_size):
+    model, tokenizer = stories
+    draft_model = model if drafter_name == "self" else random_llama
+    results = []
+    for text in STORY_PROMPTS:
+        prompt = _ids(tokenizer, text)
+        drafter = ChainDrafter(draft_model, prompt, block_size)
+        result = speculative_generate(
+            model,
+            LAYER_IDS,
+            drafter,
+            prompt,
+            max_new_tokens=GREEDY_TOKENS,
+            temperature=0.0,
+            eos_token_ids=EOS,
+        )
+        assert result.tokens == greedy_references[text], text
+        assert result.block_size == block_size
+        assert all(0 <= a <= block_size for a in result.accepted)
+        results.append(result)
+    stats = acceptance_stats(results)
+    if drafter_name == "self":  # the draft is the target: every draft is accepted
+        assert stats["acceptance"] == [1.0] * block_size
+    else:
+        assert stats["acceptance"][0] < 0.5
+
+
+def test_eos_is_kept_and_stops(stories):
+    model, tokenizer = stories
+    prompt = _ids(tokenizer, STORY_PROMPTS[0])
+    reference = target_generate(
+        model, LAYER_IDS, prompt, max_new_tokens=12, temperature=0.0, eos_token_ids=EOS
+    )
+    stop = reference[4]  # pretend the fifth greedy token ends generation
+    drafter = ChainDrafter(model, prompt, 7)
+    result = speculative_generate(
+        model, LAYER_IDS, drafter, prompt, max_new_tokens=12, temperature=0.0, eos_token_ids={stop}
+    )
+    expected = reference[: reference.index(stop) + 1]
+    assert result.tokens == expected
+    assert (
+        target_generate(model, LAYER_IDS, prompt, max_new_tokens=12, temperature=0.0, eos_token_ids={stop})
+        == expected
+    )
+
+
+# ---------------------------------------------------------------- sampling: the target's law
+
+CHI_PROMPT = "One day, a"
+CHI_TOKENS = 3  # test the joint law of the first three new tokens
+MIN_EXPECTED = 5.0
+
+
+@torch.no_grad()
+def _exact_law(model, prompt, n_samples):
+    """Exact target probabilities of every 3-token continuation expected at least 5 times in n samples."""
+    frontier = [((), 1.0)]
+    for _ in range(CHI_TOKENS):
+        nxt = []
+        for prefix, prob in frontier:
+            logits = model(input_ids=torch.tensor([[*prompt, *prefix]])).logits[0, -1]
+            probs = torch.softmax(logits.double(), -1)
+            for token in torch.nonzero(probs * prob * n_samples >= MIN_EXPECTED).flatten().tolist():
+                nxt.append(((*prefix, token), prob * float(probs[token])))
+        frontier = nxt
+    return dict(frontier)
+
+
+def _chi_square_pvalue(model, prompt, drafter_factory, n_samples, seed):
+    law = _exact_law(model, prompt, n_samples)
+    generator = torch.Generator().manual_seed(seed)
+    memo: dict = {}
+    counts = dict.fromkeys(law, 0)
+    other = 0
+    for _ in range(n_samples):
+        result = speculative_generate(
+            model,
+            LAYER_IDS,
+            drafter_factory(prompt, memo),
+            prompt,
+            max_new_tokens=CHI_TOKENS,
+            temperature=1.0,
+            eos_token_ids=set(),
+            generator=generator,
+        )
+        key = tuple(result.tokens)
+        if key in counts:
+            counts[key] += 1
+        else:
+            other += 1
+    # bins: each likely continuation, plus the rest; make "rest" large enough by merging the smallest
+    bins = sorted(law, key=law.get)
+    rest_prob = 1.0 - sum(law.values())
+    while bins and rest_prob * n_samples < MIN_EXPECTED:
+        key = bins.pop(0)
+        rest_prob += law[key]
+        other += counts[key]
+    observed = [counts[k] for k in bins] + [other]
+    expected = [law[k] * n_samples for k in bins] + [rest_prob * n_samples]
+    assert len(bins) >= 5, "too few categories for a meaningful test"
+    return chisquare(observed, expected).pvalue
+
+
+@pytest.fixture(scope="module")
+def chi_setup(stories):
+    model, tokenizer = stories
+    return model, _ids(tokenizer, CHI_PROMPT)
+
+
+def _flattened_self_drafter(model):
+    """The story model with flattened logits: a proposal close to the target's law but not equal to it,
+    so that acceptances, rejections and resampling all happen often."""
+
+    def factory(prompt, memo):
+        return ChainDrafter(model, prompt, 2, logit_scale=0.5, memo=memo)
+
+    return factory
+
+
+def test_sampling_matches_target_law(chi_setup):
+    model, prompt = chi_setup
+    pvalue = _chi_square_pvalue(model, prompt, _flattened_self_drafter(model), n_samples=800, seed=0)
+    assert pvalue > 0.01
+
+
+def test_broken_acceptance_rule_is_caught(chi_setup, monkeypatch):
+    """The same test fails when every draft is accepted: the output then follows the draft's law."""
+    model, prompt = chi_setup
+    calls = []
+
+    def always_accept(p, q, token, generator):
+        calls.append(token)
+        return True, None
+
+    monkeypatch.setattr(speculative, "accept_or_resample", always_accept)
+    pvalue = _chi_square_pvalue(model, prompt, _flattened_self_drafter(model), n_samples=300, seed=0)
+    assert calls, "the broken rule was not used"
+    assert pvalue < 0.01
+
+
+# ---------------------------------------------------------------- the rule and the statistics
+
+
+def test_accept_or_resample_greedy_is_deterministic():
+    p = torch.nn.functional.one_hot(torch.tensor(3), 8).float()
+    assert accept_or_resample(p, p.clone(), 3, None) == (True, None)
+    q = torch.nn.functional.one_hot(torch.tensor(5), 8).float()
+    assert accept_or_resample(p, q, 5, None) == (False, 3)
+
+
+def test_accept_or_resample_single_token_law():
+    """One draft from q, then the rule: the kept-or-replaced token is distributed as p."""
+    generator = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    n = 6000
+    drafts = torch.multinomial(q, n, replacement=True, generator=generator).tolist()
+    counts = [0] * 4
+    for d in drafts:
+        ok, replacement = accept_or_resample(p, q, d, generator)
+        counts[d if ok else replacement] += 1
+    assert counts[3] == 0
+    assert chisquare(counts[:3], [n * 0.5, n * 0.3, n * 0.2]).pvalue > 0.01
+
+
+def test_acceptance_stats_by_hand():
+    results = [
+        SpecResult(tokens=[5, 6, 7, 8, 9], accepted=[3, 0], block_size=4),
+        SpecResult(tokens=[1, 2, 3, 4, 5, 6, 7], accepted=[4, 1], block_size=4),
+        SpecResult(tokens=[2], accepted=[], block_size=4),
+    ]
+    stats = acceptance_stats(results)
+    assert stats["steps"] == 4
+    assert stats["tokens"] == 13
+    assert stats["samples"] == 3
+    assert stats["tau"] == pytest.approx((4 + 1 + 5 + 2) / 4)
+    assert stats["acceptance"] == pytest.approx([3 / 4, 2 / 4, 2 / 4, 1 / 4])
+    assert acceptance_stats([SpecResult(tokens=[2], block_size=4)])["tau"] is None
+
+
+def test_truncates_at_max_new_tokens(stories):
+    model, tokenizer = stories
+    prompt = _ids(tokenizer, STORY_PROMPTS[1])
+    for n in (1, 2, 5):
+        result = speculative_generate(
+            model,
+            LAYER_IDS,
+            ChainDrafter(model, prompt, 7),
+            prompt,
+            max_new_tokens=n,
+            temperature=0.0,
+            eos_token_ids=EOS,
+        )
+        assert len(result.tokens) == n

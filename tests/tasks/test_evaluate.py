@@ -1,0 +1,160 @@
+"""The evaluate stage: benchmark files checked line by line, the built-in set, results and re-run skip.
+
+End to end it runs the real stories260k target with a real drafter: the same story model drafting its
+greedy chain from the anchor token alone (it ignores the context), which is enough to get acceptances.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from deepspec.models.drafts.dflash import DFlashConfig, DFlashDraft, save_draft
+from deepspec.models.errors import DataError, DeepSpecError
+from deepspec.models.target import load_target
+from deepspec.tasks import tracking
+from deepspec.tasks.config import compose
+from deepspec.tasks.evaluate import RESULTS_FILE, evaluate, load_benchmark
+from deepspec.tasks.train import draft_dir
+
+
+class AnchorChainDrafter:
+    """Drafts the greedy chain of a causal LM started from `[bos, anchor]`: no history, no features."""
+
+    def __init__(self, model, block_size: int, bos: int):
+        self.model, self.block_size, self.bos = model, block_size, bos
+
+    @torch.no_grad()
+    def draft_logits(self, context_features, anchor_token):
+        seq, rows = [self.bos, anchor_token], []
+        for _ in range(self.block_size):
+            logits = self.model(input_ids=torch.tensor([seq])).logits[0, -1].float()
+            rows.append(logits)
+            seq.append(int(logits.argmax()))
+        return torch.stack(rows)
+
+
+def test_load_benchmark_names_file_line_and_field(tmp_path):
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text(
+        '{"turns": ["fine"]}\n{not json\n{"prompt": "no turns"}\n{"turns": ["a", 3]}\n\n{"turns": []}\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(DataError) as err:
+        load_benchmark("gsm8k", tmp_path)
+    message = str(err.value)
+    assert "4 bad line(s)" in message
+    assert f"{path}:2: not valid JSON" in message
+    for line in (3, 4, 6):
+        assert f"{path}:{line}: field 'turns'" in message
+    assert f"{path}:1:" not in message
+
+    path.write_text('{"turns": ["one"]}\n{"turns": ["two", "three"]}\n', encoding="utf-8")
+    assert load_benchmark("gsm8k", tmp_path) == [["one"], ["two", "three"]]
+
+
+def test_missing_benchmark_file_lists_what_is_there(tmp_path):
+    (tmp_path / "alpaca.jsonl").write_text('{"turns": ["hi"]}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"mbpp\.jsonl.*does not exist.*alpaca"):
+        load_benchmark("mbpp", tmp_path)
+
+
+def test_builtin_set_covers_every_default_benchmark():
+    cfg = compose()
+    assert len(cfg.eval.benchmarks) == 9
+    for name in cfg.eval.benchmarks:
+        prompts = load_benchmark(name, None)
+        assert 2 <= len(prompts) <= 3, name
+        assert all(turns and all(t.strip() for t in turns) for turns in prompts)
+    assert len(load_benchmark("mt-bench", None)[0]) == 2
+    with pytest.raises(DataError, match="built-in benchmarks: aime25, alpaca"):
+        load_benchmark("no-such-bench", None)
+
+
+def test_evaluate_end_to_end_and_skip(assets_dir, tracking_uri, tmp_path, caplog):
+    stories = assets_dir / "models" / "stories260k"
+    if not (stories / "config.json").is_file():
+        pytest.skip(f"stories260k not found in {assets_dir}")
+    torch.set_num_threads(1)
+    cfg = compose(
+        [
+            "target=stories260k",
+            f"target.path={stories}",
+            f"run_dir={tmp_path}",
+            "eval.max_samples=1",
+            "eval.max_new_tokens=8",
+            f"tracking.uri={tracking_uri}",
+        ]
+    )
+    loads = []
+
+    def draft_loader():
+        model, tokenizer = load_target(str(stories))
+        loads.append(1)
+        return AnchorChainDrafter(model, 3, tokenizer.bos_token_id)
+
+    weights = stories / "model.safetensors"
+    with caplog.at_level("WARNING", logger="deepspec.tasks.evaluate"):
+        results = evaluate(cfg, draft_loader, weights)
+    assert loads == [1]
+    assert "built-in prompt set" in caplog.text
+
+    on_disk = json.loads((tmp_path / "eval" / RESULTS_FILE).read_text())
+    assert on_disk == results
+    assert results["builtin_eval"] is True
+    assert results["block_size"] == 3
+    assert set(results["benchmarks"]) == set(cfg.eval.benchmarks)
+    for summary in [*results["benchmarks"].values(), results["overall"]]:
+        assert 1 <= summary["new_tokens"] <= 8 * summary["samples"]
+        assert summary["tau"] is None or 1.0 <= summary["tau"] <= 4.0
+        assert len(summary["acceptance"]) == 3
+        assert summary["speedup"] > 0
+        assert summary["greedy_match"] == 1.0  # temperature 0: the same tokens as the target alone
+    assert results["overall"]["samples"] == 9
+    assert results["overall"]["tau"] > 1.0  # the story model guesses some tokens right
+    assert (tmp_path / "eval" / "_DONE.json").is_file()
+
+    metrics = MlflowClient(tracking_uri).get_run(tracking.run_id(cfg)).data.metrics
+    assert metrics["eval/overall/tau"] == pytest.approx(results["overall"]["tau"])
+    assert "eval/mt-bench/accept_1" in metrics
+
+    again = evaluate(cfg, draft_loader, weights)  # unchanged config and draft: skipped
+    assert again == results
+    assert loads == [1]
+
+
+def test_evaluate_defaults_to_the_trained_dflash_draft(assets_dir, tracking_uri, tmp_path):
+    """What the pipeline calls, `evaluate(cfg)`: the DFlash draft in `<run_dir>/train/draft`."""
+    stories = assets_dir / "models" / "stories260k"
+    if not (stories / "config.json").is_file():
+        pytest.skip(f"stories260k not found in {assets_dir}")
+    torch.set_num_threads(1)
+    cfg = compose(
+        [
+            "target=stories260k",
+            f"target.path={stories}",
+            f"run_dir={tmp_path}",
+            "eval.benchmarks=[gsm8k]",
+            "eval.max_samples=1",
+            "eval.max_new_tokens=6",
+            f"tracking.uri={tracking_uri}",
+        ]
+    )
+    with pytest.raises(DeepSpecError, match=r"no trained draft at .*train.*run `deepspec train` first"):
+        evaluate(cfg)
+
+    target, _ = load_target(str(stories))
+    geometry = DFlashConfig.from_target(
+        target.config, num_layers=1, block_size=4, layer_ids=list(cfg.target.layer_ids), mask_token_id=0
+    )
+    torch.manual_seed(0)
+    draft = DFlashDraft(geometry, target.get_input_embeddings().weight, target.get_output_embeddings().weight)
+    save_draft(draft, draft_dir(cfg))
+
+    results = evaluate(cfg)
+    assert results["block_size"] == 4
+    assert results["draft_file"].endswith("model.safetensors")
+    assert results["overall"]["greedy_match"] == 1.0  # an untrained draft changes nothing but speed
