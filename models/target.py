@@ -176,7 +176,7 @@ class TargetRunner:
         out = self.model(
             input_ids=ids,
             position_ids=positions,
-            past_key_values=self.cache,  # transformers 5.x still accepts this name
+            past_key_values=self.cache,  # renamed `cache` in late 5.x; accepted until 5.40 (pinned)
             use_cache=True,
             output_hidden_states=True,
         )
