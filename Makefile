@@ -34,12 +34,12 @@ $(DEMO_GGUF): | install
 demo: install assets
 	$(VENV)/bin/deepspec pipeline --config-name demo
 
-test: install
+test: install lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check flows tasks models tests bench
-	$(VENV)/bin/ruff format --check flows tasks models tests bench
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf runs .cache/downloads

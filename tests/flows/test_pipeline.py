@@ -10,6 +10,7 @@ import pytest
 
 from deepspec.flows.pipeline import cache_flow, export_flow, pipeline, train_flow
 from deepspec.models.errors import CacheMismatchError
+from deepspec.tasks.config import compose
 from deepspec.tasks.export import validate_dflash_export
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -52,17 +53,17 @@ def test_greedy_speculative_output_equals_target_output(run):
     assert results["temperature"] == 0.0 and results["builtin_eval"] is True
     assert results["overall"]["greedy_match"] == 1.0
     assert 1.0 <= results["overall"]["tau"] <= results["block_size"] + 1
-    assert set(results["benchmarks"]) == {
-        "gsm8k", "math500", "aime25", "humaneval", "mbpp", "livecodebench", "mt-bench", "alpaca", "arena-hard-v2",
-    }  # fmt: skip
+    assert set(results["benchmarks"]) == set(compose().eval.benchmarks)
 
 
 def test_all_stages_log_to_one_mlflow_run(run):
     from mlflow.tracking import MlflowClient
 
     record = json.loads((run["dir"] / "mlflow_run.json").read_text())
-    metrics = MlflowClient(record["tracking_uri"]).get_run(record["run_id"]).data.metrics
-    for key in ("prompts/rows", "regen/output_tokens", "cache/bytes_per_token", "train/loss", "eval/overall/tau"):
+    run_data = MlflowClient(record["tracking_uri"]).get_run(record["run_id"]).data
+    metrics = run_data.metrics
+    stage_keys = ["prompts/rows", "regen/output_tokens", "cache/bytes_per_token", "train/loss"]
+    for key in [*stage_keys, "eval/overall/tau"]:
         assert key in metrics, key
 
 
