@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Without PREFECT_API_URL, Prefect starts a temporary server whose first start migrates a fresh
+    # database: slower than Prefect's 20 s default on a small machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
     from deepspec.models.errors import DeepSpecError
     from deepspec.tasks.config import compose
