@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Without PREFECT_API_URL, Prefect starts a temporary server whose first start migrates a fresh
     # database: slower than Prefect's 20 s default on a small machine.
