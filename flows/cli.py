@@ -4,6 +4,7 @@
     deepspec pipeline --config-name demo       # the `make demo` preset
     deepspec train target=qwen3_4b train=gpu_8x
     deepspec config target=stories260k         # print the composed configuration
+    deepspec estimate-cache target=qwen3_4b --tokens 1e9   # cache bytes per token and size, per encoding
 
 Each stage subcommand runs that stage's Prefect flow; arguments after the subcommand are Hydra overrides.
 """
@@ -46,12 +47,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = {"pipeline": "run every stage in order, then print a table of the figures", **STAGES}
     commands["config"] = "print the composed configuration and exit"
+    commands["estimate-cache"] = "print the cache's bytes per token and total size for each encoding"
     for name, help_text in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         p.add_argument("--config-name", default="config", help="top-level preset in conf/ (config, demo)")
         p.add_argument("overrides", nargs="*", help="Hydra overrides, key=value")
+        if name == "estimate-cache":
+            p.add_argument("--tokens", type=_count, default=None,
+                           help="tokens in the data set (e.g. 1.2e9); default: counted from "
+                                "<run_dir>/regen/answers.jsonl")  # fmt: skip
     return parser
+
+
+def _count(text: str) -> int:
+    """A token count: 1200000, 1_200_000 or 1.2e6."""
+    try:
+        value = float(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of tokens: {text!r}") from None
+    if value < 0 or not value.is_integer():
+        raise argparse.ArgumentTypeError(f"not a whole, non-negative number of tokens: {text!r}")
+    return int(value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     # Without PREFECT_API_URL, Prefect starts a temporary server whose first start migrates a fresh
     # database: slower than Prefect's 20 s default on a small machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls home
 
     from deepspec.models.errors import DeepSpecError
     from deepspec.tasks.config import compose
@@ -71,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             from omegaconf import OmegaConf
 
             print(OmegaConf.to_yaml(compose(args.overrides, args.config_name)))
+            return 0
+        if args.command == "estimate-cache":
+            from deepspec.tasks.cache_estimate import estimate_cache
+
+            print(estimate_cache(compose(args.overrides, args.config_name), args.tokens))
             return 0
         compose(args.overrides, args.config_name)  # fail fast on a bad override, before Prefect starts
         from deepspec.flows.pipeline import STAGE_FLOWS, pipeline

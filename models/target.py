@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from transformers.cache_utils import DynamicCache
 from deepspec.models.errors import ConfigError
 
 log = logging.getLogger(__name__)
+# We pass `past_key_values` on purpose (pyproject pins transformers below 5.40, which drops it).
+warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
