@@ -4,15 +4,24 @@
 
 Reads `<run_dir>/regen/answers.jsonl`, renders each conversation to token ids and a loss mask, and
 writes shards of `samples_per_shard` rows (row i goes to shard i // samples_per_shard) to
-`storage.url` in the format of `target_cache.py`. The build is resumable: committed shards are kept,
-so a killed build loses only the shards it was writing, and `manifest.json` is written last. Before
-any shard, `build.json` records what the cache is for, so a resumed build never mixes shards of two
-configurations. A complete cache that matches the config is skipped without loading the target; a
-cache made for another target, tokenizer, layer set, rendering or answers file raises
-CacheMismatchError instead of being overwritten.
+`storage.url` in the format of `target_cache.py`. The build is three steps, each a plain function with
+a thin Prefect task beside it, so the flow can run one task per shard on any task runner:
 
-Within a shard, samples are run in batches sorted by length (right padding, attention mask) and
-stored in that order, so memory holds one batch of features, never a whole shard.
+    plan_cache(cfg)          what is there and what is missing; writes `build.json` before any shard
+    build_shard(cfg, k)      renders shard k, runs the target over it, commits it (any process, any machine)
+    finalize_cache(cfg, p)   assembles `manifest.json` from the committed shards, last
+
+`build_cache(cfg)` runs them in sequence in this process. The build is resumable: committed shards are
+kept, so a killed build loses only the shards it was writing. `build.json` records what the cache is for,
+so a resumed build never mixes shards of two configurations, and every shard task checks it before
+writing. A complete cache that matches the config is skipped without loading the target; a cache made
+for another target, tokenizer, layer set, rendering or answers file raises CacheMismatchError instead of
+being overwritten.
+
+Each process running shard tasks loads the target once and keeps it (`target_replica`) for the shards
+that follow; `finalize_cache` and `build_cache` drop it. Within a shard, samples are run in batches
+sorted by length (right padding, attention mask) and stored in that order, so memory holds one batch of
+features, never a whole shard.
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +42,7 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from deepspec.models.chat import render_conversation
-from deepspec.models.errors import CacheMismatchError, ConfigError, DataError
+from deepspec.models.errors import CacheMismatchError, ConfigError, DataError, DeepSpecError
 from deepspec.models.target import (
     capture_features,
     check_layer_ids,
@@ -40,6 +51,7 @@ from deepspec.models.target import (
     resolve_source,
 )
 from deepspec.tasks import tracking
+from deepspec.tasks.cache_loader import cache_needed
 from deepspec.tasks.config import run_path
 from deepspec.tasks.target_cache import (
     BUILD_FILE,
@@ -58,12 +70,24 @@ from deepspec.tasks.target_cache import (
     write_manifest,
 )
 
-__all__ = ["build_cache", "cache_task", "expected_manifest_fields"]
+__all__ = [
+    "CachePlan",
+    "build_cache",
+    "build_shard",
+    "build_shard_task",
+    "cache_task_runner",
+    "expected_manifest_fields",
+    "finalize_cache",
+    "finalize_cache_task",
+    "plan_cache",
+    "plan_cache_task",
+]
 
 log = logging.getLogger(__name__)
 
 # Padded tokens per target forward. Sorting by length keeps padding small; this bounds activation memory.
 TOKENS_PER_BATCH = 16384
+TASK_RUNNERS = ("thread", "dask")  # storage.task_runner: where the shard tasks run
 
 
 def answers_path(cfg: DictConfig) -> Path:
@@ -103,6 +127,51 @@ def read_answers(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# Per-process state kept between shard tasks: the parsed answers file and one target replica. Shard
+# tasks of one process may run in threads at once, so both are filled under a lock.
+_answers_lock = threading.Lock()
+_answers: dict[str, Any] = {}
+_replica_lock = threading.Lock()
+_replica: dict[str, Any] = {}
+
+
+def load_answers(cfg: DictConfig) -> tuple[list[dict[str, Any]], str]:
+    """The answers file's rows and sha256, parsed once per process while the file stays unchanged."""
+    path = answers_path(cfg)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: run the regenerate stage first")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    with _answers_lock:
+        if _answers.get("key") != key:
+            _answers.clear()
+            _answers.update(key=key, rows=read_answers(path), sha256=_sha256_file(path))
+        return _answers["rows"], _answers["sha256"]
+
+
+def target_replica(cfg: DictConfig):
+    """This process's target model and tokenizer: loaded by its first shard task, kept for the next."""
+    t = cfg.target
+    key = (str(t.path), t.gguf_file, t.revision, str(t.dtype))
+    with _replica_lock:
+        if _replica.get("key") != key:
+            _replica.clear()  # one target per process: drop another before loading this one
+            model, tokenizer = load_target(t.path, t.gguf_file, t.revision, t.dtype)
+            if torch.cuda.is_available():
+                model.to("cuda")
+            _replica.update(key=key, model=model, tokenizer=tokenizer)
+        return _replica["model"], _replica["tokenizer"]
+
+
+def release_target_replica() -> None:
+    """Free this process's target replica (the build is over; training needs the memory)."""
+    with _replica_lock:
+        held = bool(_replica)
+        _replica.clear()
+    if held and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def build_fields(cfg: DictConfig, tokenizer, source_sha256: str) -> dict[str, Any]:
     """Everything a committed shard depends on: the target identity plus rendering, layout and input."""
     return {
@@ -118,17 +187,25 @@ def build_fields(cfg: DictConfig, tokenizer, source_sha256: str) -> dict[str, An
     }
 
 
-def _check_build_record(fs, root: str, url: str, expected: dict[str, Any]) -> None:
-    """Committed shards without a manifest: they must come from a build with the same `build.json`."""
+def _read_build_record(fs, root: str) -> dict[str, Any] | None:
     try:
         with fs.open(f"{root}/{BUILD_FILE}", "rb") as f:
-            record = json.loads(f.read().decode("utf-8"))
+            return json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
-        raise CacheMismatchError(
-            f"cache at {url} holds committed shards but no {BUILD_FILE} saying how they were made; "
-            "delete it or point storage.url elsewhere"
-        ) from None
-    check_fields(record, expected, url)
+        return None
+
+
+def _samples_per_shard(cfg: DictConfig) -> int:
+    per_shard = int(cfg.storage.samples_per_shard)
+    if per_shard < 1:
+        raise ConfigError(f"storage.samples_per_shard={per_shard}: need at least 1")
+    return per_shard
+
+
+def _storage(cfg: DictConfig):
+    url = str(cfg.storage.url)
+    fs, root = open_fs(url, OmegaConf.to_container(cfg.storage.storage_options, resolve=True))
+    return url, fs, root
 
 
 def _render(cfg: DictConfig, tokenizer, row: dict[str, Any]):
@@ -155,10 +232,12 @@ def _batches(lengths: list[int], tokens_per_batch: int) -> list[list[int]]:
     return batches
 
 
-def _write_shard(fs, root, name, samples, model, layer_ids, pad_id, tokens_per_batch) -> dict[str, Any]:
-    """Run the target over one shard's samples and commit the shard."""
+def _write_shard(
+    fs, root, name, samples, model, layer_ids, pad_id, tokens_per_batch, encoding
+) -> dict[str, Any]:
+    """Run the target over one shard's samples and commit the shard, its features in `encoding`."""
     device = next(model.parameters()).device
-    with ShardWriter(fs, root, name) as writer:
+    with ShardWriter(fs, root, name, encoding=encoding) as writer:
         for batch in _batches([len(s["input_ids"]) for s in samples], tokens_per_batch):
             width = len(samples[batch[0]]["input_ids"])
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -176,74 +255,87 @@ def _write_shard(fs, root, name, samples, model, layer_ids, pad_id, tokens_per_b
     return writer.info
 
 
-def build_cache(cfg: DictConfig, *, tokens_per_batch: int = TOKENS_PER_BATCH) -> dict[str, Any]:
-    """Build (or finish, or validate and skip) the target cache at `cfg.storage.url`."""
-    per_shard = int(cfg.storage.samples_per_shard)
-    if per_shard < 1:
-        raise ConfigError(f"storage.samples_per_shard={per_shard}: need at least 1")
-    url = str(cfg.storage.url)
-    storage_options = OmegaConf.to_container(cfg.storage.storage_options, resolve=True)
-    fs, root = open_fs(url, storage_options)
-    source = answers_path(cfg)
-    rows = read_answers(source)
+# ----------------------------------------------------------------------------------------------------
+# The three steps of a build
+
+
+@dataclass
+class CachePlan:
+    """What a build has to do at `url`: the shards it is made of and which of them are missing."""
+
+    url: str
+    shards: list[str]  # every shard's name, in order
+    missing: list[int] = field(default_factory=list)  # indices of the shards to build
+    skipped: bool = False  # a complete manifest matches the config: nothing to build
+    build: dict[str, Any] = field(default_factory=dict)  # the fields of build.json, repeated in the manifest
+
+
+def plan_cache(cfg: DictConfig) -> CachePlan:
+    """Validate what `storage.url` holds against the config and list the shards still to build.
+
+    Reads the answers and the tokenizer, never the model. Before any shard exists it writes
+    `build.json`; it removes an incomplete manifest and the temporary files of killed writers (one build
+    per cache at a time), so shard tasks only ever add shards.
+    """
+    if not cache_needed(cfg):  # storage.mode=online: training runs the target itself
+        return CachePlan(url=str(cfg.storage.url), shards=[], skipped=True)
+    per_shard = _samples_per_shard(cfg)
+    url, fs, root = _storage(cfg)
+    rows, source_sha256 = load_answers(cfg)
     tokenizer = load_tokenizer(cfg.target.path, cfg.target.gguf_file, cfg.target.revision)
-    expected = build_fields(cfg, tokenizer, _sha256_file(source))
+    expected = build_fields(cfg, tokenizer, source_sha256)
     names = [shard_name(k) for k in range((len(rows) + per_shard - 1) // per_shard)]
 
     manifest = load_manifest(fs, root, url)
     committed = committed_shards(fs, root)
     if manifest is not None:
         validate_manifest(manifest, expected)
-    elif committed:
-        _check_build_record(fs, root, url, expected)
+    elif committed:  # shards without a manifest must come from a build with the same build.json
+        record = _read_build_record(fs, root)
+        if record is None:
+            raise CacheMismatchError(
+                f"cache at {url} holds committed shards but no {BUILD_FILE} saying how they were made; "
+                "delete it or point storage.url elsewhere"
+            )
+        check_fields(record, expected, url)
     else:  # nothing kept from an earlier build: this build decides what the cache is for
         write_json_atomic(fs, f"{root}/{BUILD_FILE}", expected)
     missing = [k for k, name in enumerate(names) if name not in committed]
     if manifest is not None and not missing and [s["name"] for s in manifest.shards] == names:
         log.info("target cache at %s is complete and matches the config; skipping", url)
-        _log_metrics(cfg, manifest)
-        return _summary(manifest, skipped=True, built=0)
+        return CachePlan(url=url, shards=names, skipped=True, build=expected)
 
     if manifest is not None:  # incomplete after all: it must not claim completeness while we rebuild
         write_json_atomic(fs, f"{root}/{BUILD_FILE}", expected)
         fs.rm(f"{root}/{MANIFEST_FILE}")
     remove_stale_temp_files(fs, root)
-    _build_missing(cfg, fs, root, rows, names, missing, tokenizer, tokens_per_batch)
-
-    committed = committed_shards(fs, root)
-    absent = [n for n in names if n not in committed]
-    if absent:
-        raise DataError(f"cache at {url}: shards {absent} vanished while building; run the cache stage again")
-    shards = [committed[n] for n in names]
-    manifest = CacheManifest(
-        **expected,  # the build fields are manifest fields
-        hidden_size=_hidden_size(cfg),
-        shards=shards,
-        num_samples=sum(s["samples"] for s in shards),
-        num_tokens=sum(s["tokens"] for s in shards),
-        num_bytes=sum(s["bytes"] for s in shards),
-        url=url,
-    )
-    write_manifest(fs, root, manifest)
-    log.info("target cache at %s: %d samples, %d tokens", url, manifest.num_samples, manifest.num_tokens)
-    _log_metrics(cfg, manifest)
-    return _summary(manifest, skipped=False, built=len(missing))
+    log.info("target cache at %s: %d of %d shards to build", url, len(missing), len(names))
+    return CachePlan(url=url, shards=names, missing=missing, build=expected)
 
 
-def _build_missing(cfg, fs, root, rows, names, missing, tokenizer, tokens_per_batch) -> None:
-    """Render the missing shards' conversations, run the target over them and commit each shard."""
-    if not missing:
-        return
-    model, _ = load_target(cfg.target.path, cfg.target.gguf_file, cfg.target.revision, cfg.target.dtype)
-    if torch.cuda.is_available():
-        model.to("cuda")
+def build_shard(cfg: DictConfig, index: int, *, tokens_per_batch: int = TOKENS_PER_BATCH) -> dict[str, Any]:
+    """Render shard `index`, run the target over it and commit it; returns its marker info.
+
+    Runs in any process that reads the answers file and reaches `storage.url`, after `plan_cache`.
+    The process keeps its target replica for its next shard. A rebuilt shard has the same bytes.
+    """
+    per_shard = _samples_per_shard(cfg)
+    url, fs, root = _storage(cfg)
+    rows, source_sha256 = load_answers(cfg)
+    count = (len(rows) + per_shard - 1) // per_shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index} does not exist: {answers_path(cfg)} makes {count} shards")
+    name = shard_name(index)
+    model, tokenizer = target_replica(cfg)
     layer_ids = check_layer_ids(list(cfg.target.layer_ids), model.config.num_hidden_layers)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    per_shard = int(cfg.storage.samples_per_shard)
-    dropped = 0
-    for k in tqdm(missing, desc="cache shards", unit="shard"):
-        samples = []
-        for row in rows[k * per_shard : (k + 1) * per_shard]:
+    try:
+        record = _read_build_record(fs, root)
+        if record is None:
+            raise DataError(f"cache at {url} has no {BUILD_FILE}: plan the build first (run the cache stage)")
+        check_fields(record, build_fields(cfg, tokenizer, source_sha256), url)
+        samples, dropped = [], 0
+        for row in rows[index * per_shard : (index + 1) * per_shard]:
             try:
                 rendered = _render(cfg, tokenizer, row)
             except DataError as err:
@@ -254,9 +346,69 @@ def _build_missing(cfg, fs, root, rows, names, missing, tokenizer, tokens_per_ba
             samples.append(
                 {"sample_id": row["id"], "input_ids": rendered.input_ids, "loss_mask": rendered.loss_mask}
             )
-        _write_shard(fs, root, names[k], samples, model, layer_ids, pad_id, tokens_per_batch)
+        encoding = str(cfg.storage.encoding)
+        info = _write_shard(fs, root, name, samples, model, layer_ids, pad_id, tokens_per_batch, encoding)
+    except DeepSpecError:
+        raise
+    except Exception as err:  # storage unreachable or failing, out of memory, ...: say what is kept
+        raise DataError(
+            f"cache shard {url}/{name} was not committed ({type(err).__name__}: {err}); the shards "
+            "committed so far are kept: run the cache stage again to build the rest"
+        ) from err
     if dropped:
-        log.warning("dropped %d conversations with no supervised tokens after rendering", dropped)
+        log.warning("%s: dropped %d conversations with no supervised tokens after rendering", name, dropped)
+    log.info("committed %s/%s: %d samples, %d tokens", url, name, info["samples"], info["tokens"])
+    return info
+
+
+def finalize_cache(cfg: DictConfig, plan: CachePlan) -> dict[str, Any]:
+    """Write `manifest.json` from the committed shards (last: the cache is complete), log the figures.
+
+    Also frees this process's target replica. Returns {skipped, url, samples, tokens, bytes, shards,
+    shards_built}.
+    """
+    release_target_replica()
+    if not cache_needed(cfg):
+        log.info("storage.mode=online: no cache to build; training computes the target's features")
+        return {"skipped": True, "mode": "online", "url": None, "samples": 0, "tokens": 0, "bytes": 0}
+    url, fs, root = _storage(cfg)
+    if plan.skipped:
+        manifest = load_manifest(fs, root, url)
+        if manifest is None:
+            raise DataError(
+                f"cache at {url}: {MANIFEST_FILE} vanished after planning; run the cache stage again"
+            )
+        _log_metrics(cfg, manifest)
+        return _summary(manifest, skipped=True, built=0)
+    committed = committed_shards(fs, root)
+    absent = [n for n in plan.shards if n not in committed]
+    if absent:
+        raise DataError(f"cache at {url}: shards {absent} are not committed; run the cache stage again")
+    shards = [committed[n] for n in plan.shards]
+    manifest = CacheManifest(
+        **plan.build,  # the build fields are manifest fields
+        hidden_size=_hidden_size(cfg),
+        shards=shards,
+        num_samples=sum(s["samples"] for s in shards),
+        num_tokens=sum(s["tokens"] for s in shards),
+        num_bytes=sum(s["bytes"] for s in shards),
+        url=url,
+    )
+    write_manifest(fs, root, manifest)
+    log.info("target cache at %s: %d samples, %d tokens", url, manifest.num_samples, manifest.num_tokens)
+    _log_metrics(cfg, manifest)
+    return _summary(manifest, skipped=False, built=len(plan.missing))
+
+
+def build_cache(cfg: DictConfig, *, tokens_per_batch: int = TOKENS_PER_BATCH) -> dict[str, Any]:
+    """Build (or finish, or validate and skip) the target cache at `cfg.storage.url`, in this process."""
+    plan = plan_cache(cfg)
+    try:
+        for k in tqdm(plan.missing, desc="cache shards", unit="shard", disable=not plan.missing):
+            build_shard(cfg, k, tokens_per_batch=tokens_per_batch)
+    finally:
+        release_target_replica()
+    return finalize_cache(cfg, plan)
 
 
 def _hidden_size(cfg: DictConfig) -> int:
@@ -290,6 +442,58 @@ def _log_metrics(cfg: DictConfig, manifest: CacheManifest) -> None:
     )
 
 
-@task(name="cache", cache_policy=NO_CACHE)  # stages validate their own outputs
-def cache_task(cfg: DictConfig) -> dict[str, Any]:
-    return build_cache(cfg)
+def cache_task_runner(cfg: DictConfig):
+    """The Prefect task runner for shard tasks, from `storage.task_runner`, `build_workers`, `dask_address`.
+
+    thread: `build_workers` threads in this process, sharing its one target replica. dask: the Dask
+    cluster at `dask_address` (each worker process keeps its own replica), or without an address a local
+    cluster of `build_workers` single-threaded worker processes.
+    """
+    kind, workers, address = (
+        str(cfg.storage.task_runner),
+        int(cfg.storage.build_workers),
+        cfg.storage.dask_address,
+    )
+    if workers < 1:
+        raise ConfigError(f"storage.build_workers={workers}: need at least 1")
+    if kind == "thread":
+        if address:
+            raise ConfigError(f"storage.dask_address={address!r} needs storage.task_runner=dask")
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if kind == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as err:
+            raise ConfigError(
+                "storage.task_runner=dask needs the prefect-dask package: pip install deepspec[dask]"
+            ) from err
+        if address:
+            return DaskTaskRunner(address=str(address))
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1})
+    raise ConfigError(f"storage.task_runner={kind!r} is not one of {list(TASK_RUNNERS)}")
+
+
+# Thin Prefect tasks. No result caching: every step validates what storage holds itself.
+
+
+@task(name="plan_cache", cache_policy=NO_CACHE)
+def plan_cache_task(cfg: DictConfig) -> CachePlan:
+    return plan_cache(cfg)
+
+
+@task(
+    name="build_shard",
+    task_run_name="build_shard-{index}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
+)
+def build_shard_task(cfg: DictConfig, index: int) -> dict[str, Any]:
+    return build_shard(cfg, index)
+
+
+@task(name="finalize_cache", cache_policy=NO_CACHE)
+def finalize_cache_task(cfg: DictConfig, plan: CachePlan) -> dict[str, Any]:
+    return finalize_cache(cfg, plan)

@@ -30,6 +30,8 @@ class TargetConfig:
     revision: str | None = None
     dtype: str = "float32"
     layer_ids: list[int] = field(default_factory=list)  # residual stream after these layers (0-based)
+    hidden_size: int | None = None  # None: read from the checkpoint's config (estimate-cache)
+    num_hidden_layers: int | None = None
     use_chat_template: bool = True  # False for base models: prompt and answer are concatenated
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     system_prompt: str | None = None
@@ -64,6 +66,11 @@ class StorageConfig:
     samples_per_shard: int = 64
     encoding: str = "bf16"
     max_length: int = 4096
+    build_workers: int = 1  # shard tasks at once: threads sharing one target replica, or local Dask workers
+    task_runner: str = "thread"  # "thread" (this process) or "dask" (pip install deepspec[dask])
+    dask_address: str | None = None  # tcp://HOST:8786 of a Dask scheduler; None: a local cluster
+    mode: str = "cached"  # "cached": train from the cache at `url`; "online": run the target in training
+    verify: bool = False  # check every shard's sha256 when training opens it
 
 
 @dataclass

@@ -9,8 +9,11 @@ A cache lives at any fsspec URL (a local path, file://, memory://, s3://bucket/p
 
 Columns per sample: `sample_id` (string), `input_ids` (list<int32>), `loss_mask` (binary: the 0/1 mask
 packed 8 per byte, little bit order), `num_tokens` (int32) and `features` (large_binary: the
-[num_tokens, len(layer_ids) * hidden] matrix as raw little-endian bfloat16). One record batch per
-sample lets a reader fetch one sample without reading the rest of the shard.
+[num_tokens, len(layer_ids) * hidden] matrix in the cache's encoding, `storage.encoding`: bf16, fp8,
+int8, int6, int4 or int4_outliers, see `cache_encoding.py`). The manifest and each shard's schema
+metadata record the encoding and feature width; readers decode by them, so a cache reads the same
+whatever the encoding. One record batch per sample lets a reader fetch one sample without reading
+the rest of the shard.
 
 A shard is written under a temporary name, renamed, then given its `.committed` marker. On object
 stores a rename is a copy, so only the marker says a shard is whole; every backend follows the same
@@ -38,12 +41,12 @@ import pyarrow as pa
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from deepspec.models.errors import CacheMismatchError, ConfigError, DataError
+from deepspec.models.errors import CacheMismatchError, DataError
+from deepspec.tasks.cache_encoding import ENCODINGS, Encoding, get_encoding
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-ENCODINGS = ("bf16",)
 MANIFEST_FILE = "manifest.json"
 BUILD_FILE = "build.json"
 MARKER_SUFFIX = ".committed"
@@ -105,6 +108,7 @@ class CacheManifest:
     def to_json(self) -> str:
         record = asdict(self)
         record.pop("url")
+        record["feature_dim"] = self.feature_dim  # derived; recorded for readers of the JSON
         return json.dumps(record, indent=2, sort_keys=True)
 
     @classmethod
@@ -124,7 +128,13 @@ class CacheManifest:
         missing = sorted(required - record.keys())
         if missing:
             raise DataError(f"{url}/{MANIFEST_FILE}: missing fields {missing}")
-        return cls(**{k: v for k, v in record.items() if k in known}, url=url)
+        manifest = cls(**{k: v for k, v in record.items() if k in known}, url=url)
+        if record.get("feature_dim", manifest.feature_dim) != manifest.feature_dim:
+            raise DataError(
+                f"{url}/{MANIFEST_FILE}: feature_dim {record['feature_dim']} is not len(layer_ids) x "
+                f"hidden_size = {manifest.feature_dim}"
+            )
+        return manifest
 
 
 def validate_manifest(manifest: CacheManifest, expected: dict[str, Any]) -> None:
@@ -158,8 +168,7 @@ def expected_manifest_fields(cfg, tokenizer) -> dict[str, Any]:
     """The manifest fields a config requires of a cache, for `validate_manifest` (build and training)."""
     from deepspec.models.target import fingerprint  # imports transformers, which readers never need
 
-    if cfg.storage.encoding not in ENCODINGS:
-        raise ConfigError(f"storage.encoding={cfg.storage.encoding!r} is not one of {list(ENCODINGS)}")
+    get_encoding(cfg.storage.encoding)  # ConfigError listing the choices
     return {
         "format_version": FORMAT_VERSION,
         "target_id": target_id(cfg.target),
@@ -259,34 +268,41 @@ def _as_int_list(values) -> np.ndarray:
     return np.asarray(values)
 
 
-def encode_features(features: torch.Tensor) -> bytes:
-    """[T, D] floats as raw little-endian bfloat16 bytes."""
-    bits = features.detach().to(device="cpu", dtype=torch.bfloat16).contiguous().view(torch.int16).numpy()
-    return bits.astype("<i2", copy=False).tobytes()
+def encode_features(features: torch.Tensor, encoding: str = "bf16") -> bytes:
+    """[T, D] floats as the bytes of `encoding` (see `cache_encoding.py`)."""
+    return get_encoding(encoding).encode(features)
 
 
-def decode_features(buf, num_tokens: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Raw little-endian bfloat16 bytes as a [T, D] tensor of `dtype` (float32 is exact)."""
-    bits = np.frombuffer(buf, dtype="<u2")
-    if dtype == torch.bfloat16:
-        out = torch.from_numpy(bits.astype(np.int16)).view(torch.bfloat16)
-    else:  # a bfloat16 is the top half of a float32
-        out = torch.from_numpy((bits.astype(np.uint32) << 16).view(np.float32))
-        if dtype != torch.float32:
-            out = out.to(dtype)
-    return out.reshape(num_tokens, -1) if num_tokens else out.reshape(0, 0)
+def decode_features(
+    buf,
+    num_tokens: int,
+    dtype: torch.dtype = torch.float32,
+    *,
+    encoding: str = "bf16",
+    feature_dim: int | None = None,
+) -> torch.Tensor:
+    """The bytes of `encoding` as a [T, D] tensor of `dtype`; bf16 alone can infer D from the size."""
+    if feature_dim is None:
+        if encoding != "bf16":
+            raise ValueError(f"decoding {encoding} features needs their feature_dim")
+        feature_dim = len(buf) // (2 * num_tokens) if num_tokens else 0
+    return get_encoding(encoding).decode(buf, num_tokens, feature_dim, dtype)
 
 
 class ShardWriter:
     """Streams samples into one shard and commits it: temporary name, rename, then `.committed` marker.
 
-    with ShardWriter(fs, root, "shard-00000.arrow") as w:
-        w.add("id-1", input_ids, loss_mask, features)   # features [T, D]
+    with ShardWriter(fs, root, "shard-00000.arrow", encoding="int4") as w:
+        w.add("id-1", input_ids, loss_mask, features)   # features [T, D], on any device
     info = w.info                                        # set by the commit on a clean exit
+
+    `encoding` is one of `cache_encoding.ENCODINGS` (ConfigError otherwise); the build passes
+    `storage.encoding`, which the manifest records.
     """
 
-    def __init__(self, fs, root: str, name: str):
+    def __init__(self, fs, root: str, name: str, *, encoding: str = "bf16"):
         self.fs, self.root, self.name = fs, root, name
+        self.encoding: Encoding = get_encoding(encoding)
         self.path = _join(root, name)
         self.tmp_path = _join(root, f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}")
         self.samples = 0
@@ -313,7 +329,7 @@ class ShardWriter:
         self._sink = _HashingSink(self._file)
         metadata = {
             "deepspec.format_version": str(FORMAT_VERSION),
-            "deepspec.encoding": "bf16",
+            "deepspec.encoding": self.encoding.name,
             "deepspec.feature_dim": str(feature_dim),
             "deepspec.loss_mask": "packbits-little",
         }
@@ -338,7 +354,7 @@ class ShardWriter:
                 pa.array([ids], pa.list_(pa.int32())),
                 pa.array([np.packbits(mask, bitorder="little").tobytes()], pa.binary()),
                 pa.array([len(ids)], pa.int32()),
-                pa.array([encode_features(features)], pa.large_binary()),
+                pa.array([self.encoding.encode(features)], pa.large_binary()),
             ],
             schema=self._schema,
         )
@@ -372,9 +388,11 @@ class ShardWriter:
             log.warning("could not remove %s: %s", self.tmp_path, err)
 
 
-def write_shard(fs, root: str, name: str, samples: Iterable[dict[str, Any]]) -> dict[str, Any]:
+def write_shard(
+    fs, root: str, name: str, samples: Iterable[dict[str, Any]], *, encoding: str = "bf16"
+) -> dict[str, Any]:
     """Write and commit a shard of dicts {sample_id, input_ids, loss_mask, features}; its marker info."""
-    with ShardWriter(fs, root, name) as writer:
+    with ShardWriter(fs, root, name, encoding=encoding) as writer:
         for s in samples:
             writer.add(s["sample_id"], s["input_ids"], s["loss_mask"], s["features"])
     return writer.info
@@ -437,7 +455,12 @@ def verify_shard(fs, root: str, info: dict[str, Any], url: str) -> None:
 
 
 class _OpenShard:
-    def __init__(self, fs, root: str, name: str, url: str):
+    """One shard file, decoded by the encoding and feature width its schema metadata records.
+
+    `encoding`, from the manifest when there is one, must agree with the shard's own record.
+    """
+
+    def __init__(self, fs, root: str, name: str, url: str, encoding: str | None = None):
         path = _join(root, name)
         self.name = name
         try:
@@ -451,6 +474,21 @@ class _OpenShard:
         except pa.ArrowException as err:
             raise DataError(f"cache shard {url}/{name} is not a readable Arrow file ({err})") from err
         self.url = url
+        try:
+            meta = {k.decode(): v.decode() for k, v in (self.reader.schema.metadata or {}).items()}
+            own, self.feature_dim = meta["deepspec.encoding"], int(meta["deepspec.feature_dim"])
+        except (KeyError, ValueError) as err:
+            self.close()
+            raise DataError(f"cache shard {url}/{name}: no DeepSpec encoding in its schema metadata") from err
+        problem = None
+        if encoding is not None and own != encoding:
+            problem = f"was written with encoding {own!r}, but the manifest says {encoding!r}"
+        elif own not in ENCODINGS:
+            problem = f"uses encoding {own!r}, which this DeepSpec cannot read (it reads {list(ENCODINGS)})"
+        if problem:
+            self.close()
+            raise DataError(f"cache shard {url}/{name} {problem}; rebuild the cache")
+        self.encoding = ENCODINGS[own]
 
     def __len__(self) -> int:
         return self.reader.num_record_batches
@@ -458,7 +496,7 @@ class _OpenShard:
     def sample(self, i: int, features_dtype: torch.dtype) -> dict[str, Any]:
         try:
             batch = self.reader.get_batch(i)
-            return _decode(batch, features_dtype)
+            return _decode(batch, features_dtype, self.encoding, self.feature_dim)
         except (pa.ArrowException, ValueError) as err:
             raise DataError(f"cache shard {self.url}/{self.name}: sample {i} is unreadable ({err})") from err
 
@@ -466,12 +504,16 @@ class _OpenShard:
         self._source.close()
 
 
-def _decode(batch: pa.RecordBatch, features_dtype: torch.dtype) -> dict[str, Any]:
+def _decode(
+    batch: pa.RecordBatch, features_dtype: torch.dtype, encoding: Encoding, feature_dim: int
+) -> dict[str, Any]:
     num_tokens = batch.column("num_tokens")[0].as_py()
     ids = batch.column("input_ids")[0].values.to_numpy(zero_copy_only=False)
     packed = np.frombuffer(batch.column("loss_mask")[0].as_buffer(), dtype=np.uint8)
     mask = np.unpackbits(packed, count=num_tokens, bitorder="little").astype(bool)
-    features = decode_features(batch.column("features")[0].as_buffer(), num_tokens, features_dtype)
+    features = encoding.decode(
+        batch.column("features")[0].as_buffer(), num_tokens, feature_dim, features_dtype
+    )
     return {
         "sample_id": batch.column("sample_id")[0].as_py(),
         "input_ids": torch.from_numpy(ids.astype(np.int64)),
@@ -490,24 +532,27 @@ def iter_samples(
 ) -> Iterator[dict[str, Any]]:
     """Samples in cache order: dicts {sample_id, input_ids, loss_mask, features, num_tokens}.
 
-    input_ids is int64 [T], loss_mask bool [T], features [T, D] of `features_dtype` (float32 is exact).
+    input_ids is int64 [T], loss_mask bool [T], features [T, D] of `features_dtype`, decoded from the
+    cache's encoding (float32 holds any of them exactly).
 
     Without `shard_names` the manifest's shards are read (the cache must be complete); with them, any
     committed shards. `verify` hashes each shard first and raises DataError naming a corrupt one.
     """
     fs, root = open_fs(url, storage_options)
     if shard_names is None:
-        records = {s["name"]: s for s in read_manifest(url, storage_options).shards}
+        manifest = read_manifest(url, storage_options)
+        records = {s["name"]: s for s in manifest.shards}
         shard_names = list(records)
     else:
         manifest = load_manifest(fs, root, url)
         records = {s["name"]: s for s in manifest.shards} if manifest else committed_shards(fs, root)
+    encoding = manifest.encoding if manifest else None  # else each shard's own record
     for name in shard_names:
         if verify:
             if name not in records:
                 raise DataError(f"cache shard {url}/{name} is not committed; run the cache stage again")
             verify_shard(fs, root, records[name], url)
-        shard = _OpenShard(fs, root, name, url)
+        shard = _OpenShard(fs, root, name, url, encoding)
         try:
             for i in range(len(shard)):
                 yield shard.sample(i, features_dtype)
@@ -566,7 +611,7 @@ class CacheDataset:
         if self._fs is None:
             self._fs = open_fs(self.url, self.storage_options)
         fs, root = self._fs
-        shard = _OpenShard(fs, root, self.manifest.shards[k]["name"], self.url)
+        shard = _OpenShard(fs, root, self.manifest.shards[k]["name"], self.url, self.manifest.encoding)
         self._open[k] = shard
         while len(self._open) > self.max_open_shards:
             self._open.popitem(last=False)[1].close()

@@ -1,9 +1,12 @@
 """Train stage: a DFlash draft on the target cache, through a DeepSpeed engine.
 
 `train_task` (the Prefect wrapper) launches `torchrun -m deepspec.tasks.train <config>`; every rank runs
-`train_rank`, which reads its share of the cache, steps the DeepSpeed engine and saves a resumable
-checkpoint every `train.save_every_steps`. Rank 0 writes the draft (`config.json`, `model.safetensors`)
-and the completion marker last. The same entry point serves 1 CPU process, 8 GPUs, or many nodes:
+`train_rank`, which streams its share of the samples (`cache_loader.py`: the target cache, or the target
+itself with `storage.mode=online`), steps the DeepSpeed engine and saves a resumable checkpoint every
+`train.save_every_steps`, the stream's position included, so a resumed run sees exactly the samples
+and anchors the interrupted one would have seen next. Rank 0 writes the draft (`config.json`,
+`model.safetensors`) and the completion marker last. The same entry point serves 1 CPU process,
+8 GPUs, or many nodes:
 
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:29500 -m deepspec.tasks.train LAUNCH.yaml
 """
@@ -11,9 +14,11 @@ and the completion marker last. The same entry point serves 1 CPU process, 8 GPU
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 from datetime import timedelta
@@ -35,8 +40,9 @@ from deepspec.models.losses import (
 )
 from deepspec.models.target import load_embedding_and_head, load_tokenizer
 from deepspec.tasks import stage_io, tracking
+from deepspec.tasks.cache_loader import answers_file, open_stream, storage_mode
 from deepspec.tasks.config import config_hash, run_path
-from deepspec.tasks.target_cache import CacheDataset, expected_manifest_fields, read_manifest
+from deepspec.tasks.target_cache import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +66,17 @@ def weights_sha256(path: Path) -> str:
 
 
 def cache_fingerprint(cfg: DictConfig) -> str:
-    """Identity of the cached data the draft learns from: the checksums of its committed shards."""
+    """Identity of the data the draft learns from: the checksums of the cache's committed shards, or in
+    online mode the answers file the target runs over."""
+    if storage_mode(cfg) == "online":
+        path = answers_file(cfg)
+        if not path.is_file():
+            raise DeepSpecError(f"{path} does not exist: run the regenerate stage first")
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        return "answers-" + digest.hexdigest()[:16]
     manifest = read_manifest(cfg.storage.url, dict(cfg.storage.storage_options))
     checksums = "".join(shard["sha256"] for shard in manifest.shards)
     return hashlib.sha256(checksums.encode()).hexdigest()[:16]
@@ -73,7 +89,7 @@ def check_done(cfg: DictConfig) -> dict | None:
     if record is None or not weights.is_file():
         return None
     if record.get("cache_fingerprint") != cache_fingerprint(cfg):
-        log.info("the target cache changed since %s was trained; retraining", weights)
+        log.info("the training data changed since %s was trained; retraining", weights)
         return None
     if weights_sha256(weights) != record.get("weights_sha256"):
         log.warning("%s does not match its training record; retraining", weights)
@@ -90,9 +106,32 @@ def mask_token_id(cfg: DictConfig, tokenizer) -> int:
     raise ConfigError("target.mask_token_id: the tokenizer has no pad/unk/eos token; set it explicitly")
 
 
+def anchor_generator(cfg: DictConfig, micro_step: int, rank: int, world: int) -> torch.Generator:
+    """The generator of one micro-step's anchors: a function of the step, so a resumed run draws the same."""
+    return torch.Generator().manual_seed((int(cfg.train.seed) << 40) + micro_step * world + rank)
+
+
+def loader_state_at(micro_step: int, micro_steps_per_epoch: int, micro_batch: int) -> dict[str, int]:
+    """The stream position after `micro_step` micro-steps (for checkpoints saved without one)."""
+    epoch, index = divmod(micro_step, micro_steps_per_epoch)
+    return {"epoch": epoch, "consumed": index * micro_batch}
+
+
+def micro_batch_size(micro_step: int, samples_per_epoch: int, micro_batch: int) -> int:
+    """Samples a rank takes at `micro_step`: `micro_batch`, except for an epoch's short last micro-batch."""
+    index_in_epoch = micro_step % math.ceil(samples_per_epoch / micro_batch)
+    return min(micro_batch, samples_per_epoch - index_in_epoch * micro_batch)
+
+
 def sample_anchors(loss_mask: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """Anchor positions among tokens whose next token is supervised (so slot 0 always has a label)."""
+    """Anchor positions among tokens whose next token is supervised (so slot 0 always has a label).
+
+    A sample with none still gets anchor 0 (its labels are all ignored), so every rank runs the same
+    forward/backward/step sequence and DeepSpeed's collectives stay matched.
+    """
     candidates = torch.nonzero(loss_mask[1:].bool()).flatten()
+    if candidates.numel() == 0:
+        return torch.zeros(1, dtype=torch.long)
     if candidates.numel() > count:
         candidates = candidates[torch.randperm(candidates.numel(), generator=generator)[:count]]
     return candidates.sort().values
@@ -150,8 +189,14 @@ def train_rank(cfg: DictConfig) -> None:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
 
     tokenizer = load_tokenizer(cfg.target.path, cfg.target.gguf_file, cfg.target.revision)
-    dataset = CacheDataset(
-        cfg.storage.url, dict(cfg.storage.storage_options), expected=expected_manifest_fields(cfg, tokenizer)
+    stream = open_stream(
+        cfg,
+        rank=rank,
+        world_size=world,
+        tokenizer=tokenizer,
+        epochs=cfg.train.epochs,
+        device=device,
+        verify=bool(cfg.storage.verify),
     )
 
     embed, head = load_embedding_and_head(
@@ -173,7 +218,9 @@ def train_rank(cfg: DictConfig) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     ds_config = deepspeed_config(cfg, world)
-    micro_steps_per_epoch = math.ceil(len(dataset) / (cfg.train.micro_batch * world))
+    micro_batch = int(cfg.train.micro_batch)
+    per_epoch = stream.samples_per_epoch  # this rank's, the same on every rank
+    micro_steps_per_epoch = math.ceil(per_epoch / micro_batch)
     accumulation = ds_config["gradient_accumulation_steps"]
     total_steps = max(1, cfg.train.epochs * micro_steps_per_epoch // accumulation)
     optimizer_lambda = lr_lambda(total_steps, cfg.train.warmup_ratio)
@@ -189,10 +236,21 @@ def train_rank(cfg: DictConfig) -> None:
     if (ckpt_dir / "latest").is_file():
         _, client_state = engine.load_checkpoint(str(ckpt_dir))
         start_micro = int(client_state["micro_step"])
-        log.info("resumed from %s at micro-step %d", ckpt_dir, start_micro)
+        loader_state = client_state.get("loader") or loader_state_at(
+            start_micro, micro_steps_per_epoch, micro_batch
+        )
+        stream.load_state_dict(loader_state)
+        position = loader_state_at(start_micro, micro_steps_per_epoch, micro_batch)
+        if {k: stream.state_dict()[k] for k in position} != position:
+            raise ConfigError(
+                f"checkpoint {ckpt_dir}: its sample stream is at {loader_state}, but micro-step "
+                f"{start_micro} with train.micro_batch={micro_batch} is at {position}; it was saved with "
+                "another train configuration: delete the checkpoints to start over"
+            )
+        log.info("resumed from %s at micro-step %d, sample stream at %s", ckpt_dir, start_micro, loader_state)
+    samples_left = iter(stream)
 
     weights = slot_weights(draft_cfg.block_size, cfg.algo.loss_decay, device=device)
-    generator = torch.Generator().manual_seed(cfg.train.seed + rank)
     total_micro = cfg.train.epochs * micro_steps_per_epoch
     bar = tqdm(total=total_micro, initial=start_micro, desc="train", disable=rank != 0, unit="micro-step")
     hits = torch.zeros(draft_cfg.block_size)
@@ -200,15 +258,10 @@ def train_rank(cfg: DictConfig) -> None:
     loss_sum, loss_n = 0.0, 0
     metrics: dict[str, float] = {}
     for micro in range(start_micro, total_micro):
-        epoch, index_in_epoch = divmod(micro, micro_steps_per_epoch)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.train.seed + epoch))
-        first = (index_in_epoch * world + rank) * cfg.train.micro_batch
-        picked = [order[(first + j) % len(dataset)].item() for j in range(cfg.train.micro_batch)]
-        samples = [dataset[i] for i in picked]
+        samples = [next(samples_left) for _ in range(micro_batch_size(micro, per_epoch, micro_batch))]
+        generator = anchor_generator(cfg, micro, rank, world)
         anchors = [sample_anchors(s["loss_mask"], cfg.algo.anchors_per_sequence, generator) for s in samples]
-        kept = [(s, a) for s, a in zip(samples, anchors, strict=True) if a.numel()]
-        if not kept:
-            continue
+        kept = list(zip(samples, anchors, strict=True))
         packed = pack_blocks(
             [(s["input_ids"], s["features"]) for s, _ in kept],
             [a for _, a in kept],
@@ -242,8 +295,10 @@ def train_rank(cfg: DictConfig) -> None:
             hits.zero_(), counts.zero_()
             loss_sum, loss_n = 0.0, 0
         if boundary and step % cfg.train.save_every_steps == 0:
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"micro_step": micro + 1})
+            client_state = {"micro_step": micro + 1, "loader": stream.state_dict()}
+            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state=client_state)
     bar.close()
+    stream.close()
 
     if rank == 0:
         out = draft_dir(cfg)
@@ -274,6 +329,7 @@ def train(cfg: DictConfig) -> dict:
     out = stage_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     stage_io.clear_done(out)
+    _discard_foreign_checkpoints(cfg)
     config_file = out / "launch.yaml"
     OmegaConf.save(cfg, config_file)
     tracking.run_id(cfg)  # create the MLflow run before ranks race to
@@ -298,6 +354,18 @@ def train(cfg: DictConfig) -> dict:
     if record is None:
         raise DeepSpecError(f"training exited cleanly but left no valid draft in {draft_dir(cfg)}")
     return record
+
+
+def _discard_foreign_checkpoints(cfg: DictConfig) -> None:
+    """Checkpoints resume only the configuration and data they were saved with; others are removed."""
+    ckpt_dir = stage_dir(cfg) / "checkpoints"
+    owner = ckpt_dir / "owner.json"
+    identity = {"train_hash": train_hash(cfg), "data": cache_fingerprint(cfg)}
+    if ckpt_dir.exists() and (not owner.is_file() or json.loads(owner.read_text()) != identity):
+        log.warning("discarding %s: saved for another configuration or other data", ckpt_dir)
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    stage_io.atomic_write_text(owner, json.dumps(identity))
 
 
 @task(name="train", cache_policy=NO_CACHE)  # stages validate their own outputs

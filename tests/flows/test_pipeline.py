@@ -112,3 +112,31 @@ def test_two_deepspeed_ranks_train_from_the_same_cache(run, tmp_path):
     record = train_flow(overrides=overrides)
     assert record["optimizer_steps"] >= 1
     assert (tmp_path / "train" / "draft" / "model.safetensors").is_file()
+
+
+def test_cache_stage_ran_one_task_per_shard(run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    def named(name: str) -> FlowFilter:
+        return FlowFilter(name=FlowFilterName(any_=[name]))
+
+    with get_client(sync_client=True) as client:
+        first = client.read_flow_runs(
+            flow_filter=named("deepspec-pipeline"), sort=FlowRunSort.START_TIME_ASC
+        )[0]
+        children = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[first.id]))
+        (build,) = client.read_flow_runs(flow_run_filter=children, flow_filter=named("deepspec-cache-build"))
+        in_build = TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[build.id]))
+        runs = {r.name: r.state.type.value for r in client.read_task_runs(task_run_filter=in_build)}
+    shard_runs = {name: state for name, state in runs.items() if name.startswith("build_shard")}
+    assert shard_runs == {f"build_shard-{k}": "COMPLETED" for k in range(3)}  # 12 samples, 4 per shard
+    assert sum(name.startswith(("plan_cache", "finalize_cache")) for name in runs) == 2

@@ -1,0 +1,116 @@
+"""The cache stage as Prefect tasks on a real Prefect server: one `build_shard` task run per missing shard,
+on threads or on a Dask cluster, and the task runner chosen by the storage config."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from deepspec.flows.pipeline import cache_flow
+from deepspec.models.errors import ConfigError
+from deepspec.tasks.cache import cache_task_runner
+from deepspec.tasks.config import compose
+from deepspec.tasks.target_cache import read_manifest, shard_name
+
+STORIES = [
+    ("Once upon a time, there was a little dog", " named Max. Max loved to play with his toys."),
+    ("Lily went to the park", " and saw a big red ball. She was very happy."),
+    ("The cat sat on the mat", " and looked at the bird."),
+    ("Tom had a small boat", " that he took to the lake every day."),
+    ("A bird sang in the tree", " and the sun was warm."),
+]
+
+
+def overrides(assets_dir: Path, run_dir: Path, tracking_uri: str, *extra: str) -> list[str]:
+    (run_dir / "regen").mkdir(parents=True, exist_ok=True)
+    rows = [
+        {
+            "id": f"story-{i}",
+            "conversations": [{"role": "user", "content": p}, {"role": "assistant", "content": a}],
+        }
+        for i, (p, a) in enumerate(STORIES)
+    ]
+    (run_dir / "regen" / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [
+        "target=stories260k",
+        f"target.path={assets_dir / 'models' / 'stories260k'}",
+        f"run_dir={run_dir}",
+        "storage.samples_per_shard=2",  # five stories: three shards
+        f"tracking.uri={tracking_uri}",
+        *extra,
+    ]
+
+
+def build_shard_runs(parent_flow_run_id) -> dict[str, str]:
+    """{task run name: final state} of the build_shard runs in the cache subflow of a flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+    )
+
+    with get_client(sync_client=True) as client:
+        parent = FlowRunFilterParentFlowRunId(any_=[parent_flow_run_id])
+        subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=parent))
+        assert [client.read_flow(r.flow_id).name for r in subflows] == ["deepspec-cache-build"]
+        runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[subflows[0].id]))
+        )
+    return {r.name: r.state.type.value for r in runs if r.name.startswith("build_shard")}
+
+
+@pytest.mark.integration
+def test_each_missing_shard_is_one_task_run(assets_dir, prefect_server, tracking_uri, tmp_path):
+    args = overrides(assets_dir, tmp_path, tracking_uri, "storage.build_workers=2")
+    state = cache_flow(overrides=args, return_state=True)
+    assert state.result()["shards_built"] == 3
+    runs = build_shard_runs(state.state_details.flow_run_id)
+    assert runs == {f"build_shard-{k}": "COMPLETED" for k in range(3)}
+
+    root = tmp_path / "cache"  # lose one shard: the next run has one shard task
+    for name in (shard_name(1), shard_name(1) + ".committed", "manifest.json"):
+        (root / name).unlink()
+    state = cache_flow(overrides=args, return_state=True)
+    assert state.result()["shards_built"] == 1
+    assert build_shard_runs(state.state_details.flow_run_id) == {"build_shard-1": "COMPLETED"}
+    assert read_manifest(str(root)).num_samples == len(STORIES)
+
+
+@pytest.mark.integration
+def test_shard_tasks_run_on_a_dask_cluster(assets_dir, prefect_server, tracking_uri, tmp_path):
+    pytest.importorskip("prefect_dask", reason="storage.task_runner=dask needs pip install deepspec[dask]")
+    from distributed import LocalCluster
+
+    # An in-process cluster stands in for `dask scheduler` + `dask worker` on other machines.
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        args = overrides(
+            assets_dir,
+            tmp_path,
+            tracking_uri,
+            "storage.task_runner=dask",
+            f"storage.dask_address={cluster.scheduler_address}",
+        )
+        state = cache_flow(overrides=args, return_state=True)
+    assert state.result()["shards_built"] == 3
+    assert build_shard_runs(state.state_details.flow_run_id) == {
+        f"build_shard-{k}": "COMPLETED" for k in range(3)
+    }
+
+
+def test_task_runner_follows_the_storage_config(monkeypatch):
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    runner = cache_task_runner(compose(["storage.build_workers=3"]))
+    assert isinstance(runner, ThreadPoolTaskRunner) and runner._max_workers == 3
+    with pytest.raises(ConfigError, match="storage.task_runner='ray' is not one of"):
+        cache_task_runner(compose(["storage.task_runner=ray"]))
+    with pytest.raises(ConfigError, match="needs storage.task_runner=dask"):
+        cache_task_runner(compose(["storage.dask_address=tcp://10.0.0.1:8786"]))
+    monkeypatch.setitem(sys.modules, "prefect_dask", None)  # as if the [dask] extra were not installed
+    with pytest.raises(ConfigError, match=r"pip install deepspec\[dask\]"):
+        cache_task_runner(compose(["storage.task_runner=dask"]))

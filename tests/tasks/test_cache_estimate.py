@@ -1,0 +1,186 @@
+"""`deepspec estimate-cache`: bytes per token against upstream's layout, token counts, the printed table,
+and that the estimate matches the bytes a shard really takes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from deepspec.flows.cli import main
+from deepspec.models.errors import ConfigError
+from deepspec.tasks.cache_encoding import ENCODINGS
+from deepspec.tasks.cache_estimate import SAMPLE_OVERHEAD_BYTES, SHARD_OVERHEAD_BYTES, count_tokens, estimate
+from deepspec.tasks.config import compose
+from deepspec.tasks.target_cache import open_fs, shard_name, write_shard
+
+STORIES = [
+    ("Once upon a time, there was a little dog", " named Max. Max loved to play with his toys."),
+    ("Lily went to the park", " and saw a big red ball. She was very happy."),
+    ("The cat sat on the mat", "."),
+    ("Tom had a small boat", " that he took to the lake every day. One day, the wind was strong."),
+]
+
+
+def conversation(prompt: str, answer: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def write_answers(run_dir, rows=STORIES) -> None:
+    (run_dir / "regen").mkdir(parents=True)
+    with (run_dir / "regen" / "answers.jsonl").open("w") as f:
+        for i, (prompt, answer) in enumerate(rows):
+            f.write(json.dumps({"id": i, "conversations": conversation(prompt, answer)}) + "\n")
+
+
+def test_qwen3_4b_upstream_is_30726_bytes_a_token():
+    result = estimate(compose(["target=qwen3_4b"]), tokens=1_000_000)
+    assert (result["hidden_size"], result["num_hidden_layers"], result["feature_dim"]) == (2560, 36, 12_800)
+    layouts = result["layouts"]
+    assert layouts["upstream"]["bytes_per_token"] == 30_726 == 6 + 2 * 2560 * (5 + 1)
+    assert layouts["upstream"]["total_bytes"] == 30_726 * 1_000_000
+    per_token = {name: row["bytes_per_token"] for name, row in layouts.items()}
+    assert per_token == {
+        "upstream": 30_726,
+        "bf16": 25_604.125,  # int32 id 4 + packed loss mask 1/8 + features
+        "fp8": 12_808.125,
+        "int8": 13_204.125,
+        "int6": 10_004.125,
+        "int4": 6_804.125,
+        "int4_outliers": 7_204.125,
+    }
+    assert layouts["int4"]["ratio"] <= 0.25 and layouts["int4_outliers"]["ratio"] <= 0.25
+    assert layouts["fp8"]["ratio"] == pytest.approx(0.417, abs=1e-3)
+    assert layouts["int4"]["total_bytes"] == 6_804_125_000  # no samples given: no framing
+
+
+def test_every_target_preset_estimates_but_an_unreachable_unpinned_one(tmp_path):
+    for name in ("qwen3_8b", "qwen3_14b", "smollm2_135m", "stories260k"):
+        result = estimate(compose([f"target={name}"]))
+        assert result["layouts"]["int4"]["ratio"] < 0.25 and result["tokens"] is None, name
+    assert (
+        estimate(compose(["target=qwen3_14b"]))["layouts"]["upstream"]["bytes_per_token"] == 6 + 2 * 5120 * 6
+    )
+    missing = tmp_path / "no" / "such" / "model"  # not a hub id either: fails without a network call
+    with pytest.raises(ConfigError, match="set target.hidden_size"):
+        estimate(compose(["target=gemma4_12b", f"target.path={missing}"]))
+    assert estimate(compose(["target=gemma4_12b", "target.hidden_size=3840"]))["feature_dim"] == 5 * 3840
+
+
+def test_hidden_size_read_from_the_checkpoint_config(assets_dir):
+    cfg = compose(["target=stories260k", f"target.path={assets_dir}/models/stories260k",
+                   "target.hidden_size=null", "target.num_hidden_layers=null"])  # fmt: skip
+    result = estimate(cfg)
+    assert (result["hidden_size"], result["num_hidden_layers"], result["feature_dim"]) == (64, 5, 192)
+
+
+def test_layer_ids_beyond_the_target_and_unknown_encodings_fail():
+    with pytest.raises(ConfigError, match=r"target.layer_ids=\[1, 36\]"):
+        estimate(compose(["target=qwen3_4b", "target.layer_ids=[1,36]"]))
+    with pytest.raises(ConfigError, match="storage.encoding='int3' is not one of"):
+        estimate(compose(["storage.encoding=int3"]))
+
+
+@pytest.mark.parametrize("encoding", list(ENCODINGS))
+def test_estimate_matches_the_bytes_shards_take(encoding, tmp_path):
+    cfg = compose(["target=stories260k", f"storage.encoding={encoding}", "storage.samples_per_shard=3"])
+    lengths = [7, 50, 300, 1, 4096]
+    result = estimate(cfg, tokens=sum(lengths), samples=len(lengths))
+    fs, root = open_fs(str(tmp_path))
+    samples = [
+        {
+            "sample_id": f"row-{i}",
+            "input_ids": list(range(n)),
+            "loss_mask": [1] * n,
+            "features": torch.randn(n, 192),
+        }
+        for i, n in enumerate(lengths)
+    ]
+    written = sum(
+        write_shard(fs, root, shard_name(k), samples[3 * k : 3 * k + 3], encoding=encoding)["bytes"]
+        for k in range(2)
+    )
+    row = result["layouts"][encoding]
+    framing = len(lengths) * SAMPLE_OVERHEAD_BYTES + 2 * SHARD_OVERHEAD_BYTES
+    assert row["total_bytes"] == pytest.approx(sum(lengths) * row["bytes_per_token"] + framing, abs=1)
+    assert written <= row["total_bytes"] <= written + 100 * len(lengths)
+
+
+def test_tokens_counted_with_the_target_tokenizer(assets_dir, tmp_path):
+    from deepspec.models.chat import render_conversation
+    from deepspec.models.target import load_tokenizer
+
+    path = assets_dir / "models" / "stories260k"
+    write_answers(tmp_path)
+    tokenizer = load_tokenizer(str(path))
+    for max_length in (4096, 9):  # 9 cuts some answers away entirely: such rows are not cached
+        cfg = compose(["target=stories260k", f"target.path={path}", f"run_dir={tmp_path}",
+                       f"storage.max_length={max_length}"])  # fmt: skip
+        counted = count_tokens(cfg)
+        rendered = [
+            render_conversation(tokenizer, conversation(p, a), use_chat_template=False, max_length=max_length)
+            for p, a in STORIES
+        ]
+        kept = [len(r.input_ids) for r in rendered if any(r.loss_mask)]
+        assert (counted["tokens"], counted["samples"]) == (sum(kept), len(kept)), max_length
+        assert "rendered with the target tokenizer" in counted["how"]
+    assert len(kept) < len(STORIES)
+    sampled = count_tokens(cfg, max_rows=2)  # rows 0 and 2, scaled to the 4 rows
+    assert "1 conversation in 2 of 4" in sampled["how"]
+    chosen = [len(r.input_ids) for r in rendered[::2] if any(r.loss_mask)]
+    assert (sampled["tokens"], sampled["samples"]) == (2 * sum(chosen), 2 * len(chosen))
+
+
+def test_qwen3_tokens_counted_with_its_chat_template(assets_dir, tmp_path):
+    from deepspec.models.chat import render_conversation
+    from deepspec.models.target import load_tokenizer
+
+    path = assets_dir / "tokenizers" / "qwen3"
+    write_answers(tmp_path)
+    counted = count_tokens(compose(["target=qwen3_4b", f"target.path={path}", f"run_dir={tmp_path}"]))
+    tokenizer = load_tokenizer(str(path))
+    kwargs = {"enable_thinking": False}
+    want = sum(
+        len(
+            render_conversation(
+                tokenizer, conversation(p, a), use_chat_template=True, chat_template_kwargs=kwargs
+            ).input_ids
+        )
+        for p, a in STORIES
+    )
+    assert (counted["tokens"], counted["samples"]) == (want, len(STORIES))
+    assert want > sum(len(tokenizer(p + a).input_ids) for p, a in STORIES) + 10 * len(
+        STORIES
+    )  # template tokens
+
+
+def test_tokens_estimated_from_characters_without_a_tokenizer(tmp_path):
+    write_answers(tmp_path / "run")
+    cfg = compose(["target=qwen3_4b", f"target.path={tmp_path / 'no' / 'such' / 'model'}",
+                   f"run_dir={tmp_path / 'run'}"])  # fmt: skip
+    counted = count_tokens(cfg)
+    chars = [len(p) + len(a) for p, a in STORIES]
+    assert counted["tokens"] == sum(-(-c // 4) for c in chars) and counted["samples"] == len(STORIES)
+    assert "4 characters a token" in counted["how"]
+    assert count_tokens(compose([f"run_dir={tmp_path / 'empty'}"])) is None
+
+
+def test_cli_prints_the_table(capsys, tmp_path):
+    assert main(["estimate-cache", "target=qwen3_4b", "storage.encoding=int4", "--tokens", "1.24e9"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert "30,726" in lines["upstream"] and "1.000" in lines["upstream"] and "38.1 TB" in lines["upstream"]
+    assert "6,804.125" in lines["int4"] and "0.221" in lines["int4"] and lines["int4"].endswith("*")
+    assert all(name in lines for name in ENCODINGS)
+    assert "tokens: 1,240,000,000 (--tokens)" in out
+
+    write_answers(tmp_path)  # without --tokens, the run's answers are counted
+    no_tokenizer = f"target.path={tmp_path / 'no' / 'such' / 'model'}"
+    assert main(["estimate-cache", "target=qwen3_4b", no_tokenizer, f"run_dir={tmp_path}"]) == 0
+    assert "estimated at 4 characters a token" in capsys.readouterr().out
+
+    assert main(["estimate-cache", "target=gemma4_12b", no_tokenizer]) == 2
+    assert "set target.hidden_size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["estimate-cache", "--tokens", "many"])

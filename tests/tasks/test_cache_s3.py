@@ -1,0 +1,176 @@
+"""The cache stage against a real S3 server (`rclone serve s3` on 127.0.0.1) and the real stories260k
+target: write and read back, resume after the server dies mid-build, a corrupted shard, another target."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepspec.models.errors import CacheMismatchError, DataError
+from deepspec.models.target import load_tokenizer
+from deepspec.tasks import cache
+from deepspec.tasks.config import compose
+from deepspec.tasks.target_cache import (
+    expected_manifest_fields,
+    iter_samples,
+    open_fs,
+    read_manifest,
+    shard_name,
+    validate_manifest,
+)
+
+pytestmark = pytest.mark.integration
+
+STORIES = [
+    ("Once upon a time, there was a little dog", " named Max. Max loved to play with his toys."),
+    ("Lily went to the park", " and saw a big red ball. She was very happy."),
+    ("The cat sat on the mat", " and looked at the bird."),
+    ("Tom had a small boat", " that he took to the lake every day. One day, the wind was strong."),
+    ("A bird sang in the tree", " and the sun was warm. The bird flew down to say hello to Tim."),
+]
+SHARDS = 3  # five stories, two per shard
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 260K-parameter model: threads cost more than they save
+    yield
+    torch.set_num_threads(before)
+
+
+def make_cfg(assets_dir: Path, run_dir: Path, url: str, tracking_uri: str, storage_options=None, *extra):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "regen" / "answers.jsonl").is_file():
+        (run_dir / "regen").mkdir(exist_ok=True)
+        rows = [
+            {
+                "id": f"story-{i}",
+                "conversations": [{"role": "user", "content": p}, {"role": "assistant", "content": a}],
+            }
+            for i, (p, a) in enumerate(STORIES)
+        ]
+        (run_dir / "regen" / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = [
+        "target=stories260k",
+        f"target.path={assets_dir / 'models' / 'stories260k'}",
+        f"run_dir={run_dir}",
+        f"storage.url={url}",
+        "storage.samples_per_shard=2",
+        f"tracking.uri={tracking_uri}",
+        *extra,
+    ]
+    for key, value in (storage_options or {}).items():  # as a user would pass them
+        overrides.append(f"+storage.storage_options.{key}={hydra_value(value)}")
+    return compose(overrides)
+
+
+def hydra_value(value) -> str:
+    """A value in Hydra's override grammar: {key:value,...} for dicts, quoted strings."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    return f"'{value}'" if isinstance(value, str) else str(value)
+
+
+def s3_cfg(assets_dir, tmp: Path, server, prefix: str, tracking_uri: str, *extra):
+    return make_cfg(assets_dir, tmp, f"s3://deepspec/{prefix}", tracking_uri, server.storage_options, *extra)
+
+
+def samples_by_id(url: str, storage_options=None) -> dict[str, dict]:
+    return {s["sample_id"]: s for s in iter_samples(url, storage_options, verify=True)}
+
+
+@pytest.fixture(scope="module")
+def s3_built(assets_dir, s3_server, tmp_path_factory, tracking_uri):
+    """One cache built on S3 (and the same one on the local disk), shared by the tests that read it."""
+    tmp = tmp_path_factory.mktemp("s3-cache")
+    cfg = s3_cfg(assets_dir, tmp, s3_server, "built", tracking_uri)
+    result = cache.build_cache(cfg)
+    local = make_cfg(assets_dir, tmp, str(tmp / "local-cache"), tracking_uri)
+    cache.build_cache(local)
+    return cfg, result, local
+
+
+def test_written_to_s3_reads_back_as_a_local_build(s3_built, s3_server):
+    cfg, result, local = s3_built
+    assert result["skipped"] is False and result["shards_built"] == SHARDS
+    assert result["url"] == "s3://deepspec/built" and result["samples"] == len(STORIES)
+    served = s3_server.root / "deepspec" / "built"  # what the server stored, as files
+    assert {shard_name(k) for k in range(SHARDS)} | {"manifest.json", "build.json"} <= {
+        p.name for p in served.iterdir()
+    }
+    manifest = read_manifest(cfg.storage.url, s3_server.storage_options)
+    assert [s["name"] for s in manifest.shards] == [shard_name(k) for k in range(SHARDS)]
+    assert manifest.num_bytes == sum((served / shard_name(k)).stat().st_size for k in range(SHARDS))
+
+    remote = samples_by_id(cfg.storage.url, s3_server.storage_options)
+    here = samples_by_id(local.storage.url)
+    assert sorted(remote) == sorted(here) == [f"story-{i}" for i in range(len(STORIES))]
+    for sample_id, sample in remote.items():
+        assert sample["input_ids"].tolist() == here[sample_id]["input_ids"].tolist()
+        assert sample["loss_mask"].tolist() == here[sample_id]["loss_mask"].tolist()
+        torch.testing.assert_close(sample["features"], here[sample_id]["features"], rtol=2**-7, atol=1e-4)
+
+
+def test_resume_after_the_server_is_killed_mid_build(assets_dir, s3_server, tmp_path, tracking_uri):
+    cfg = s3_cfg(assets_dir, tmp_path, s3_server, "resume", tracking_uri)
+    plan = cache.plan_cache(cfg)
+    assert plan.missing == list(range(SHARDS)) and not plan.skipped
+    cache.build_shard(cfg, 0)
+    served = s3_server.root / "deepspec" / "resume"
+    first = (served / shard_name(0)).stat().st_mtime_ns
+
+    s3_server.stop()
+    try:
+        with pytest.raises(
+            DataError, match=r"shard-00001\.arrow was not committed .*run the cache stage again"
+        ):
+            cache.build_shard(cfg, 1)
+    finally:
+        s3_server.start()  # same directory, same port
+
+    result = cache.build_cache(cfg)
+    assert result["shards_built"] == SHARDS - 1 and result["samples"] == len(STORIES)
+    assert (served / shard_name(0)).stat().st_mtime_ns == first  # the committed shard was kept
+    manifest = read_manifest(cfg.storage.url, s3_server.storage_options)
+    names = [s["name"] for s in manifest.shards]
+    assert names == [shard_name(k) for k in range(SHARDS)]
+    ids = [s["sample_id"] for s in iter_samples(cfg.storage.url, s3_server.storage_options, verify=True)]
+    assert sorted(ids) == [f"story-{i}" for i in range(len(STORIES))]  # each sample once
+    assert not [p.name for p in served.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_corrupted_shard_is_named(s3_built, s3_server):
+    cfg, _, _ = s3_built
+    fs, root = open_fs(cfg.storage.url, s3_server.storage_options)
+    copy = "s3://deepspec/corrupt"
+    for path in fs.ls(root):  # a copy of the built cache, through S3, so other tests keep theirs
+        fs.copy(path, f"deepspec/corrupt/{Path(path).name}")
+    victim = s3_server.root / "deepspec" / "corrupt" / shard_name(1)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit inside the features, behind the server's back
+    victim.write_bytes(bytes(data))
+
+    assert len(list(iter_samples(copy, s3_server.storage_options))) == len(STORIES)  # it still parses
+    with pytest.raises(DataError, match=r"cache shard s3://deepspec/corrupt/shard-00001\.arrow is corrupt"):
+        list(iter_samples(copy, s3_server.storage_options, verify=True))
+
+
+def test_a_manifest_from_another_target_is_refused(s3_built, s3_server, assets_dir, tmp_path, tracking_uri):
+    cfg, _, _ = s3_built
+    run_dir = Path(cfg.run_dir)
+    other_layers = s3_cfg(assets_dir, run_dir, s3_server, "built", tracking_uri, "target.layer_ids=[1,2]")
+    with pytest.raises(CacheMismatchError, match=r"layer_ids \[0, 2, 4\]; this config asks for \[1, 2\]"):
+        cache.plan_cache(other_layers)
+
+    (tmp_path / "other-target").symlink_to(assets_dir / "models" / "stories260k")
+    other = s3_cfg(
+        assets_dir, run_dir, s3_server, "built", tracking_uri, f"target.path={tmp_path / 'other-target'}"
+    )
+    expected = expected_manifest_fields(other, load_tokenizer(other.target.path))
+    manifest = read_manifest(cfg.storage.url, s3_server.storage_options)
+    with pytest.raises(CacheMismatchError, match=r"target_id '.*stories260k'; this config asks for '.*other"):
+        validate_manifest(manifest, expected)
