@@ -140,3 +140,13 @@ def test_cache_stage_ran_one_task_per_shard(run):
     shard_runs = {name: state for name, state in runs.items() if name.startswith("build_shard")}
     assert shard_runs == {f"build_shard-{k}": "COMPLETED" for k in range(3)}  # 12 samples, 4 per shard
     assert sum(name.startswith(("plan_cache", "finalize_cache")) for name in runs) == 2
+
+
+def test_online_mode_trains_without_a_cache(run, tmp_path):
+    shutil.copytree(run["dir"] / "regen", tmp_path / "regen")
+    overrides = [*run["overrides"], f"run_dir={tmp_path}", "storage.mode=online", "train.epochs=1"]
+    assert cache_flow(overrides=overrides)["mode"] == "online"
+    assert not (tmp_path / "cache").exists()
+    record = train_flow(overrides=overrides)
+    assert record["cache_fingerprint"].startswith("answers-")
+    assert (tmp_path / "train" / "draft" / "model.safetensors").is_file()
