@@ -104,13 +104,14 @@ def regenerate(cfg: DictConfig) -> dict[str, Any]:
     if len(answered) < len(prompts):
         new_tokens, elapsed = _answer_all(cfg, prompts, answered, out_path, sampling, batch_size)
 
+    tokens_per_s = new_tokens / elapsed if elapsed > 0 else 0.0
     info = {
         "rows": len(answered),
         "output_tokens": sum(r["completion_tokens"] for r in answered),
         "truncated": sum(r["finish_reason"] == "length" for r in answered),
+        "tokens_per_s": tokens_per_s,  # of this run's new answers; kept so a skipped re-run reports it
     }
     mark_done(stage_dir, digest, **info)
-    tokens_per_s = new_tokens / elapsed if elapsed > 0 else 0.0
     log.info(
         "regenerate: %d answers, %d tokens (%d cut at max_new_tokens), %.1f tokens/s -> %s",
         info["rows"],
@@ -128,7 +129,7 @@ def regenerate(cfg: DictConfig) -> dict[str, Any]:
             "regen/truncated": info["truncated"],
         },
     )
-    return {**info, "tokens_per_s": tokens_per_s, "skipped": False}
+    return {**info, "skipped": False}
 
 
 def _answer_all(
