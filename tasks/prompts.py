@@ -1,22 +1,28 @@
 """Stage `prompts`: gather the training prompts a target will answer.
 
-    deepspec prompts prompts.source=builtin                     # the 48 built-in prompts
+    deepspec prompts                                            # mlabonne/open-perfectblend (hub)
+    deepspec prompts prompts.source=builtin                     # the 48 built-in prompts, offline
     deepspec prompts prompts.source=data/my_prompts.jsonl prompts.heldout_fraction=0.05
     deepspec prompts prompts.source=HuggingFaceH4/ultrachat_200k prompts.split=train_sft \
         prompts.max_samples=20000
 
-A source is "builtin", a local JSONL file, or a Hugging Face dataset id (or a local dataset folder)
-read with `datasets.load_dataset`. Every row is checked; a bad row fails naming the file, line and
-field, and all bad rows are listed at once. Rows hold `conversations` or `messages`, a list of turns
-with `role` or `from` and `content` or `value`; ShareGPT roles (human, gpt, ...) are renamed to
-user / assistant.
+A source is "builtin", a local file (`.jsonl`; `.json`, `.parquet` or `.csv` read by `datasets`), or
+a Hugging Face dataset id (or a local dataset folder) read with `datasets.load_dataset`. Rows hold
+`conversations` or `messages`, a list of turns with `role` or `from` and `content` or `value` (a CSV
+cell holds that list as JSON text); ShareGPT roles (human, gpt, chatgpt, ...) are renamed to user /
+assistant, and system turns are kept.
+
+Every row is checked. A malformed row does not stop the stage: it goes to `rejects.jsonl` with where
+it came from (`source` and `line`, or `source`, `split` and `index`), the `reason`, naming the field,
+and the `raw` row; the stage goes on with the good rows and fails only when none remains.
 
 Output, in `<run_dir>/prompts/`: `prompts.jsonl` and `heldout.jsonl`, one row a line,
 `{"id", "source", "category", "conversations"}`, keeping the system and user turns: the assistant's
 answers are dropped, since the regenerate stage writes the target's own. Rows with the same turns are
 kept once; `max_samples` keeps the first N distinct rows in source order; a row is held out when a
-salted hash of its turns falls under `heldout_fraction`, so the split does not depend on row order
-or on `max_samples`. `_DONE.json` is written last.
+hash of its turns, salted with `prompts.seed`, falls under `heldout_fraction`, so the split does not
+depend on row order or on `max_samples`, and another seed draws another split. The counts (`rows`,
+`heldout`, `rejected`, `duplicates`) are logged and sent to MLflow. `_DONE.json` is written last.
 """
 
 from __future__ import annotations
@@ -53,19 +59,21 @@ HELDOUT_SALT = "deepspec-heldout-v1"
 MAX_LISTED_ERRORS = 20
 
 
-def load_conversations(source: str, split: str = "train") -> list[dict]:
+def load_conversations(source: str, split: str = "train", rejects: list[dict] | None = None) -> list[dict]:
     """Rows `{"id", "source", "category", "conversations": [{"role", "content"}, ...]}`, all checked.
 
-    `source` is "builtin", a local `.jsonl` file, or a dataset for `datasets.load_dataset` (a hub id or
-    a local dataset folder); `split` applies to the last only.
+    `source` is "builtin", a local `.jsonl`, `.json`, `.parquet` or `.csv` file, or a dataset for
+    `datasets.load_dataset` (a hub id or a local dataset folder); `split` applies to the last only.
+    Each malformed row is appended to `rejects` (`{source, line | split, index, reason, raw}`) when a
+    list is given; without one, malformed rows fail, all listed at once. A source without any row fails.
     """
     if source == "builtin":
-        return _from_jsonl(BUILTIN, default_source="builtin")
+        return _from_jsonl(BUILTIN, "builtin", rejects)
     path = Path(source)
     if path.suffix == ".jsonl":
         if not path.is_file():
             raise DataError(f"prompts.source={source!r}: no such file")
-        return _from_jsonl(path, default_source=path.stem)
+        return _from_jsonl(path, path.stem, rejects)
     if path.is_file():
         builder = DATA_FILE_BUILDERS.get(path.suffix)
         if builder is None:
@@ -73,30 +81,46 @@ def load_conversations(source: str, split: str = "train") -> list[dict]:
                 f"prompts.source={source!r}: unsupported file type {path.suffix!r}; expected .jsonl, "
                 f"{', '.join(DATA_FILE_BUILDERS)}, a dataset folder or a hub dataset id"
             )
-        return _from_dataset(source, "train", builder=builder, default_source=path.stem)
-    return _from_dataset(source, split)
+        return _from_dataset(source, "train", rejects, builder=builder, default_source=path.stem)
+    return _from_dataset(source, split, rejects)
 
 
 def prepare_prompts(cfg: DictConfig) -> dict[str, Any]:
-    """Write `<run_dir>/prompts/{prompts,heldout}.jsonl`; returns the counts (and `skipped`)."""
+    """Write `<run_dir>/prompts/{prompts,heldout,rejects}.jsonl`; returns the counts (and `skipped`)."""
     fraction, limit = float(cfg.prompts.heldout_fraction), cfg.prompts.max_samples
     if not 0.0 <= fraction < 1.0:
         raise ConfigError(f"prompts.heldout_fraction={fraction}: expected a value in [0, 1)")
     if limit is not None and int(limit) < 1:
         raise ConfigError(f"prompts.max_samples={limit}: expected a positive count or null")
     stage_dir = run_path(cfg, "prompts")
-    train_path, heldout_path = stage_dir / "prompts.jsonl", stage_dir / "heldout.jsonl"
+    source, seed = str(cfg.prompts.source), int(cfg.prompts.seed)
+    outputs = {
+        "rows": stage_dir / "prompts.jsonl",
+        "heldout": stage_dir / "heldout.jsonl",
+        "rejected": stage_dir / "rejects.jsonl",
+    }
     digest = config_hash(cfg.prompts)
     done = read_done(stage_dir, digest)
-    if (
-        done
-        and _count_lines(train_path) == done.get("rows")
-        and _count_lines(heldout_path) == done.get("heldout")
-    ):
-        log.info("prompts: %s already holds %d rows; skipping", train_path, done["rows"])
+    if done and all(_count_lines(path) == done.get(count) for count, path in outputs.items()):
+        log.info("prompts: %s already holds %d rows; skipping", outputs["rows"], done["rows"])
         return {**{k: v for k, v in done.items() if k != "config_hash"}, "skipped": True}
 
-    rows = load_conversations(str(cfg.prompts.source), str(cfg.prompts.split))
+    rejects: list[dict] = []
+    rows = load_conversations(source, str(cfg.prompts.split), rejects)
+    clear_done(stage_dir)
+    atomic_write_text(outputs["rejected"], _jsonl(rejects))
+    if rejects:
+        log.warning(
+            "prompts: %d malformed rows set aside in %s, each with its reason; the first: %s",
+            len(rejects),
+            outputs["rejected"],
+            _describe(rejects[0]),
+        )
+    if not rows:
+        raise DataError(
+            f"prompts.source={source!r}: none of its {len(rejects)} rows is usable; each is listed with "
+            f"its reason in {outputs['rejected']} (the first: {_describe(rejects[0])})"
+        )
     seen: set[str] = set()
     kept: list[dict] = []
     duplicates = 0
@@ -113,59 +137,47 @@ def prepare_prompts(cfg: DictConfig) -> dict[str, Any]:
     _unique_ids(kept)
     train, heldout = [], []
     for row in kept:
-        (heldout if _unit_hash(row.pop("_key")) < fraction else train).append(row)
+        (heldout if _unit_hash(row.pop("_key"), seed) < fraction else train).append(row)
 
-    clear_done(stage_dir)
-    atomic_write_text(train_path, _jsonl(train))
-    atomic_write_text(heldout_path, _jsonl(heldout))
-    info = {
-        "rows": len(train),
-        "heldout": len(heldout),
-        "duplicates": duplicates,
-        "source": str(cfg.prompts.source),
-    }
+    atomic_write_text(outputs["rows"], _jsonl(train))
+    atomic_write_text(outputs["heldout"], _jsonl(heldout))
+    counts = {"rows": len(train), "heldout": len(heldout), "rejected": len(rejects), "duplicates": duplicates}
+    info = {**counts, "source": source}
     mark_done(stage_dir, digest, **info)
     log.info(
-        "prompts: %d rows, %d held out, %d duplicates dropped -> %s",
-        len(train),
-        len(heldout),
-        duplicates,
-        train_path,
+        "prompts: %d rows, %d held out, %d malformed rows rejected, %d duplicates dropped -> %s",
+        *counts.values(),
+        outputs["rows"],
     )
-    tracking.log_metrics(
-        cfg, {"prompts/rows": len(train), "prompts/heldout": len(heldout), "prompts/duplicates": duplicates}
-    )
+    tracking.log_metrics(cfg, {f"prompts/{name}": value for name, value in counts.items()})
     return {**info, "skipped": False}
 
 
-def _from_jsonl(path: Path, default_source: str) -> list[dict]:
-    rows, errors = [], []
+def _from_jsonl(path: Path, default_source: str, rejects: list[dict] | None) -> list[dict]:
+    rows: list[dict] = []
+    bad: list[dict] = []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            where = f"{path} line {number}"
+            where, text = {"source": str(path), "line": number}, line.rstrip("\r\n")
             try:
-                raw = json.loads(line)
+                raw = json.loads(text)
             except json.JSONDecodeError as err:
-                errors.append(f"{where}: not valid JSON ({err.msg} at column {err.colno})")
+                reason = f"not valid JSON ({err.msg} at column {err.colno})"
+                bad.append({**where, "reason": reason, "raw": text})
                 continue
-            _collect(
-                rows,
-                errors,
-                raw,
-                where,
-                default_id=f"{default_source}-{number:06d}",
-                default_source=default_source,
-            )
-    _raise_if_any(errors, path)
-    if not rows:
-        raise DataError(f"{path}: no rows")
+            _collect(rows, bad, raw, where, f"{default_source}-{number:06d}", default_source)
+    _settle(rows, bad, rejects, str(path))
     return rows
 
 
 def _from_dataset(
-    source: str, split: str, builder: str | None = None, default_source: str | None = None
+    source: str,
+    split: str,
+    rejects: list[dict] | None,
+    builder: str | None = None,
+    default_source: str | None = None,
 ) -> list[dict]:
     import datasets
 
@@ -186,59 +198,81 @@ def _from_dataset(
             f"({type(err).__name__}: {err}). {hint}"
         ) from err
     rows: list[dict] = []
-    errors: list[str] = []
+    bad: list[dict] = []
     label = default_source or source
     for index, raw in enumerate(dataset):
-        where = f"{source}[{split}] row {index}"
-        _collect(rows, errors, raw, where, default_id=f"{label}-{index:06d}", default_source=label)
-    _raise_if_any(errors, source)
-    if not rows:
-        raise DataError(f"prompts.source={source!r} (split {split!r}): no rows")
+        where = {"source": source, "split": split, "index": index}
+        _collect(rows, bad, raw, where, f"{label}-{index:06d}", label)
+    _settle(rows, bad, rejects, f"prompts.source={source!r} (split {split!r})")
     return rows
 
 
-def _collect(rows: list, errors: list, raw: Any, where: str, default_id: str, default_source: str) -> None:
+def _collect(rows: list, bad: list, raw: Any, where: dict, default_id: str, default_source: str) -> None:
     try:
-        rows.append(_row(raw, where, default_id, default_source))
+        rows.append(_row(raw, default_id, default_source))
     except DataError as err:
-        errors.append(str(err))
+        bad.append({**where, "reason": str(err), "raw": raw})
 
 
-def _row(raw: Any, where: str, default_id: str, default_source: str) -> dict:
-    """One checked, normalized row; a DataError names `where` and the field."""
+def _settle(rows: list[dict], bad: list[dict], rejects: list[dict] | None, origin: str) -> None:
+    """Hand the malformed rows to `rejects`, or fail listing them when there is no such list."""
+    if not rows and not bad:
+        raise DataError(f"{origin}: no rows")
+    if rejects is not None:
+        rejects.extend(bad)
+    elif bad:
+        listed = [_describe(b) for b in bad[:MAX_LISTED_ERRORS]]
+        more = len(bad) - len(listed)
+        tail = f"\n... and {more} more" if more else ""
+        head = listed[0] if len(bad) == 1 else f"{len(bad)} bad rows in {origin}:\n" + "\n".join(listed)
+        raise DataError(head + tail)
+
+
+def _describe(reject: dict) -> str:
+    """`<file> line N: reason` or `<dataset>[split] row N: reason`."""
+    if "line" in reject:
+        return f"{reject['source']} line {reject['line']}: {reject['reason']}"
+    return f"{reject['source']}[{reject['split']}] row {reject['index']}: {reject['reason']}"
+
+
+def _row(raw: Any, default_id: str, default_source: str) -> dict:
+    """One checked, normalized row; a DataError names the field."""
     if not isinstance(raw, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+        raise DataError(f"expected a JSON object, got {type(raw).__name__}")
     name = "conversations" if raw.get("conversations") is not None else "messages"
     turns = raw.get(name)
+    if isinstance(turns, str):  # a CSV cell holds the turns as JSON text
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"field '{name}': a string, but not a JSON list of turns ({err.msg} at column {err.colno})"
+            ) from None
     if not isinstance(turns, list) or not turns:
         got = "nothing" if turns is None else repr(turns)[:60]
         raise DataError(
-            f"{where}: field 'conversations' (or 'messages'): expected a non-empty list of turns, got {got}"
+            f"field 'conversations' (or 'messages'): expected a non-empty list of turns, got {got}"
         )
     conversations = []
     for n, turn in enumerate(turns):
         field = f"{name}[{n}]"
         if not isinstance(turn, dict):
-            raise DataError(
-                f"{where}: field '{field}': expected an object with role and content, got {turn!r}"[:300]
-            )
+            raise DataError(f"field '{field}': expected an object with role and content, got {turn!r}"[:300])
         # Arrow-backed datasets give every turn all keys seen in the column, unused ones as None.
         role_key = "role" if turn.get("role") is not None else "from"
         role = turn.get(role_key)
         if not isinstance(role, str) or role.lower() not in ROLE_NAMES:
             raise DataError(
-                f"{where}: field '{field}.{role_key}': expected one of user/assistant/system, got {role!r} "
+                f"field '{field}.{role_key}': expected one of user/assistant/system, got {role!r} "
                 f"(also accepted: {', '.join(k for k, v in ROLE_NAMES.items() if k != v)})"
             )
         content_key = "content" if turn.get("content") is not None else "value"
         content = turn.get(content_key)
         if not isinstance(content, str):
-            raise DataError(
-                f"{where}: field '{field}.{content_key}': expected a string, got {type(content).__name__}"
-            )
+            raise DataError(f"field '{field}.{content_key}': expected a string, got {type(content).__name__}")
         conversations.append({"role": ROLE_NAMES[role.lower()], "content": content})
     if not any(t["role"] == "user" for t in conversations):
-        raise DataError(f"{where}: field '{name}': the conversation has no user turn")
+        raise DataError(f"field '{name}': the conversation has no user turn")
     row = {
         "id": _or(raw.get("id"), default_id),
         "source": _or(raw.get("source"), default_source),
@@ -247,7 +281,7 @@ def _row(raw: Any, where: str, default_id: str, default_source: str) -> dict:
     for key in ("id", "source", "category"):
         value = row[key]
         if isinstance(value, bool) or not isinstance(value, str | int):
-            raise DataError(f"{where}: field '{key}': expected a string, got {type(value).__name__}")
+            raise DataError(f"field '{key}': expected a string, got {type(value).__name__}")
         row[key] = str(value)
     row["conversations"] = conversations
     return row
@@ -255,16 +289,6 @@ def _row(raw: Any, where: str, default_id: str, default_source: str) -> dict:
 
 def _or(value: Any, default: str) -> Any:
     return default if value is None else value
-
-
-def _raise_if_any(errors: list[str], origin: Path | str) -> None:
-    if not errors:
-        return
-    listed = errors[:MAX_LISTED_ERRORS]
-    more = len(errors) - len(listed)
-    tail = f"\n... and {more} more" if more else ""
-    head = errors[0] if len(errors) == 1 else f"{len(errors)} bad rows in {origin}:\n" + "\n".join(listed)
-    raise DataError(head + tail)
 
 
 def _unique_ids(rows: list[dict]) -> None:
@@ -280,14 +304,14 @@ def _unique_ids(rows: list[dict]) -> None:
         log.warning("prompts: %d rows repeat an earlier id; suffixed them with #2, #3, ...", renamed)
 
 
-def _unit_hash(key: str) -> float:
-    """A number in [0, 1) fixed by the row's turns, for a split that does not depend on row order."""
-    digest = hashlib.sha256(f"{HELDOUT_SALT}\0{key}".encode()).digest()
+def _unit_hash(key: str, seed: int) -> float:
+    """A number in [0, 1) fixed by the row's turns and the seed, so the split does not depend on row order."""
+    digest = hashlib.sha256(f"{HELDOUT_SALT}\0{seed}\0{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def _jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
 
 
 def _count_lines(path: Path) -> int | None:

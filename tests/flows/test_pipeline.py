@@ -23,6 +23,7 @@ def run(assets_dir, prefect_server, tmp_path_factory):
         "target=stories260k",
         f"target.path={assets_dir / 'models' / 'stories260k'}",
         f"run_dir={run_dir}",
+        "prompts.source=builtin",
         "prompts.max_samples=12",
         "regen.max_new_tokens=32",
         "storage.samples_per_shard=4",

@@ -1,4 +1,5 @@
-"""The prompts stage: loading and checking sources, dedup, the held-out split, skipping on re-run."""
+"""The prompts stage: loading and checking sources (JSONL, JSON, Parquet, CSV, datasets), setting malformed
+rows aside, dedup, the seeded held-out split, skipping on re-run."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from deepspec.models.errors import ConfigError, DataError
+from deepspec.tasks import tracking
 from deepspec.tasks.config import compose
 from deepspec.tasks.prompts import load_conversations, prepare_prompts
 
@@ -28,8 +31,12 @@ def _read(path: Path) -> list[dict]:
 
 @pytest.fixture
 def make_cfg(tmp_path, tracking_uri):
+    """A config for a run in tmp_path; the built-in prompts unless `prompts.source` is given (the default,
+    a hub dataset, is out of reach in tests)."""
+
     def make(*overrides: str, run: str = "run"):
-        return compose([f"run_dir={tmp_path / run}", f"tracking.uri={tracking_uri}", *overrides])
+        source = [] if any(o.startswith("prompts.source=") for o in overrides) else ["prompts.source=builtin"]
+        return compose([f"run_dir={tmp_path / run}", f"tracking.uri={tracking_uri}", *source, *overrides])
 
     return make
 
@@ -85,8 +92,14 @@ def test_no_user_turn_is_an_error(tmp_path):
     ],
 )
 def test_missing_or_invalid_fields_are_named(tmp_path, row, field):
-    path = _write(tmp_path / "p.jsonl", [row])
-    with pytest.raises(DataError, match="p.jsonl line 1: ") as err:
+    path = _write(tmp_path / "p.jsonl", [_user("fine"), row])
+    rejects: list[dict] = []
+    rows = load_conversations(str(path), rejects=rejects)
+    assert [r["conversations"][0]["content"] for r in rows] == ["fine"]
+    assert len(rejects) == 1
+    assert (rejects[0]["source"], rejects[0]["line"], rejects[0]["raw"]) == (str(path), 2, row)
+    assert field in rejects[0]["reason"]
+    with pytest.raises(DataError, match="p.jsonl line 2: ") as err:  # without a rejects list: an error
         load_conversations(str(path))
     assert field in str(err.value)
 
@@ -129,19 +142,64 @@ def test_roles_and_keys_are_normalized(tmp_path):
     assert [r["category"] for r in rows] == ["unknown", "chat", "unknown"]
 
 
-def test_dataset_files_load_through_datasets(tmp_path):
-    rows = [{"id": "a", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey"}]}]
-    path = tmp_path / "share.json"
-    path.write_text(json.dumps(rows))
-    loaded = load_conversations(str(path))
-    assert loaded == [
-        {
-            "id": "a",
-            "source": "share",
-            "category": "unknown",
-            "conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}],
-        }
-    ]
+SHAREGPT = [
+    {"id": "a", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey"}]},
+    {
+        "id": "b",
+        "conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Yo"}],
+    },
+]
+NORMALIZED = [
+    {
+        "id": "a",
+        "source": "share",
+        "category": "unknown",
+        "conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}],
+    },
+    {
+        "id": "b",
+        "source": "share",
+        "category": "unknown",
+        "conversations": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Yo"}],
+    },
+]
+
+
+def _write_data_file(path: Path, rows: list[dict]) -> Path:
+    """`rows` as a .json, .parquet (pyarrow) or .csv (turns as JSON text) file."""
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        import csv
+
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["id", "conversations"])
+            writer.writeheader()
+            writer.writerows({"id": r["id"], "conversations": json.dumps(r["conversations"])} for r in rows)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".json", ".parquet", ".csv"])
+def test_data_files_load_through_datasets(tmp_path, suffix):
+    path = _write_data_file(tmp_path / f"share{suffix}", SHAREGPT)
+    assert load_conversations(str(path)) == NORMALIZED
+
+
+def test_parquet_rows_are_rejected_by_index(tmp_path, make_cfg):
+    rows = [*SHAREGPT, {"id": "c", "conversations": [{"from": "bot", "value": "?"}]}]
+    path = _write_data_file(tmp_path / "share.parquet", rows)
+    cfg = make_cfg(f"prompts.source={path}")
+    info = prepare_prompts(cfg)
+    assert (info["rows"], info["rejected"]) == (2, 1)
+    [reject] = _read(Path(cfg.run_dir) / "prompts" / "rejects.jsonl")
+    assert (reject["source"], reject["split"], reject["index"]) == (str(path), "train", 2)
+    assert reject["reason"].startswith("field 'conversations[0].from': expected one of user/assistant/system")
+    assert reject["raw"]["id"] == "c" and reject["raw"]["conversations"][0]["from"] == "bot"
 
 
 def test_unreachable_hub_says_to_pass_a_local_file(monkeypatch):
@@ -175,7 +233,8 @@ def test_prepare_drops_answers_and_duplicates(tmp_path, make_cfg):
     source = _write(tmp_path / "src.jsonl", rows)
     cfg = make_cfg(f"prompts.source={source}")
     info = prepare_prompts(cfg)
-    assert info == {"rows": 3, "heldout": 0, "duplicates": 1, "source": str(source), "skipped": False}
+    expected = {"rows": 3, "heldout": 0, "rejected": 0, "duplicates": 1, "source": str(source)}
+    assert info == {**expected, "skipped": False}
     out = _read(Path(cfg.run_dir) / "prompts" / "prompts.jsonl")
     assert [[t["role"] for t in r["conversations"]] for r in out] == [
         ["system", "user"],
@@ -184,6 +243,58 @@ def test_prepare_drops_answers_and_duplicates(tmp_path, make_cfg):
     ]
     assert [r["id"] for r in out] == ["src-000001", "src-000002", "src-000004"]
     assert (Path(cfg.run_dir) / "prompts" / "heldout.jsonl").read_text() == ""
+    assert (Path(cfg.run_dir) / "prompts" / "rejects.jsonl").read_text() == ""
+
+
+def test_malformed_rows_are_set_aside_and_counted(tmp_path, make_cfg, tracking_uri):
+    no_user = {"conversations": [{"role": "system", "content": "Be brief."}]}
+    bad_role = {"conversations": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello"}]}
+    source = _write(
+        tmp_path / "mixed.jsonl",
+        [_user("Q1"), '{"conversations": [', no_user, _user("Q2"), bad_role, [1, 2], _user("Q1")],
+    )
+    cfg = make_cfg(f"prompts.source={source}")
+    info = prepare_prompts(cfg)
+    expected = {"rows": 2, "heldout": 0, "rejected": 4, "duplicates": 1, "source": str(source)}
+    assert info == {**expected, "skipped": False}
+
+    rejects = _read(Path(cfg.run_dir) / "prompts" / "rejects.jsonl")
+    assert [(r["source"], r["line"]) for r in rejects] == [(str(source), n) for n in (2, 3, 5, 6)]
+    assert [r["reason"] for r in rejects] == [
+        "not valid JSON (Expecting value at column 20)",
+        "field 'conversations': the conversation has no user turn",
+        "field 'conversations[1].role': expected one of user/assistant/system, got 'bot' "
+        "(also accepted: human, gpt, chatgpt, bard, model)",
+        "expected a JSON object, got list",
+    ]
+    assert [r["raw"] for r in rejects] == ['{"conversations": [', no_user, bad_role, [1, 2]]
+    out = _read(Path(cfg.run_dir) / "prompts" / "prompts.jsonl")
+    assert [r["conversations"][0]["content"] for r in out] == ["Q1", "Q2"]
+
+    metrics = MlflowClient(tracking_uri).get_run(tracking.run_id(cfg)).data.metrics
+    assert {k: metrics[f"prompts/{k}"] for k in ("rows", "heldout", "rejected", "duplicates")} == {
+        "rows": 2,
+        "heldout": 0,
+        "rejected": 4,
+        "duplicates": 1,
+    }
+
+
+def test_no_good_row_fails_naming_the_rejects_file(tmp_path, make_cfg):
+    source = _write(tmp_path / "bad.jsonl", ["nope", {"conversations": [{"role": "x", "content": "y"}]}])
+    cfg = make_cfg(f"prompts.source={source}")
+    rejects = Path(cfg.run_dir) / "prompts" / "rejects.jsonl"
+    with pytest.raises(DataError, match="none of its 2 rows is usable") as err:
+        prepare_prompts(cfg)
+    assert str(rejects) in str(err.value) and "bad.jsonl line 1: not valid JSON" in str(err.value)
+    assert len(_read(rejects)) == 2
+    assert not (Path(cfg.run_dir) / "prompts" / "_DONE.json").exists()
+
+
+def test_an_empty_source_fails(tmp_path, make_cfg):
+    source = _write(tmp_path / "empty.jsonl", [])
+    with pytest.raises(DataError, match="empty.jsonl: no rows"):
+        prepare_prompts(make_cfg(f"prompts.source={source}"))
 
 
 def test_heldout_split_is_deterministic_and_order_free(tmp_path, make_cfg):
@@ -204,6 +315,22 @@ def test_heldout_split_is_deterministic_and_order_free(tmp_path, make_cfg):
     assert not train & held[0]
 
 
+def test_seed_draws_another_split(make_cfg):
+    def held(seed: int, run: str) -> set[str]:
+        cfg = make_cfg("prompts.heldout_fraction=0.25", f"prompts.seed={seed}", run=run)
+        prepare_prompts(cfg)
+        return {r["id"] for r in _read(Path(cfg.run_dir) / "prompts" / "heldout.jsonl")}
+
+    assert held(0, "a") == held(0, "b")
+    assert held(0, "a") != held(1, "c")
+
+
+def test_real_runs_default_to_open_perfectblend_and_the_demo_stays_offline():
+    assert compose().prompts.source == "mlabonne/open-perfectblend"
+    assert compose().prompts.seed == 0
+    assert compose(config_name="demo").prompts.source == "builtin"
+
+
 def test_max_samples_keeps_the_first_rows(make_cfg):
     cfg = make_cfg("prompts.max_samples=5")
     assert prepare_prompts(cfg)["rows"] == 5
@@ -215,7 +342,8 @@ def test_rerun_skips_only_while_outputs_are_valid(make_cfg):
     cfg = make_cfg()
     assert prepare_prompts(cfg)["skipped"] is False
     again = prepare_prompts(cfg)
-    assert again == {"rows": 48, "heldout": 0, "duplicates": 0, "source": "builtin", "skipped": True}
+    expected = {"rows": 48, "heldout": 0, "rejected": 0, "duplicates": 0, "source": "builtin"}
+    assert again == {**expected, "skipped": True}
 
     path = Path(cfg.run_dir) / "prompts" / "prompts.jsonl"
     path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))  # lose a row
