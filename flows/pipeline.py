@@ -4,9 +4,11 @@ Flows take Hydra overrides (plain strings) rather than a config object, so deplo
 pass them as parameters; each flow composes the config once and only sequences tasks. Every task checks
 its own outputs first and skips work that is already done and valid.
 
-The cache stage is a subflow of its own, `deepspec-cache-build`: one `plan_cache` task, one
-`build_shard` task per missing shard on the task runner `storage.task_runner` selects (threads here, or a
-Dask cluster spanning machines), then `finalize_cache`.
+The regenerate and cache stages are subflows of their own, one task per shard, so that a failed shard
+re-runs alone: `deepspec-regenerate-shards` (plan, one `regenerate-shard` task per missing shard of
+prompts, `regen.parallel_shards` at a time, against the servers `serving` provides, then finalize) and
+`deepspec-cache-build` (plan, one `build_shard` task per missing shard on the task runner
+`storage.task_runner` selects: threads here, or a Dask cluster spanning machines, then finalize).
 """
 
 from __future__ import annotations
@@ -25,12 +27,35 @@ from deepspec.tasks.config import compose
 from deepspec.tasks.evaluate import evaluate_task
 from deepspec.tasks.export import export_task
 from deepspec.tasks.prompts import prompts_task
-from deepspec.tasks.regenerate import regenerate_task
+from deepspec.tasks.regenerate import (
+    finalize_regen_task,
+    plan_regen_task,
+    regen_shard_task,
+    regen_task_runner,
+    serving,
+)
 from deepspec.tasks.summary import summary_task
 from deepspec.tasks.train import train_task
 
 
-# Takes the composed config, not overrides: it runs only as a subflow of `pipeline` and `cache_flow`.
+# Subflows take the composed config, not overrides: they run only inside the flows below.
+@flow(name="deepspec-regenerate-shards", validate_parameters=False)
+def regen_shards_flow(cfg: DictConfig) -> dict:
+    """plan -> one regenerate-shard task per missing shard (servers up meanwhile) -> answers.jsonl."""
+    plan = plan_regen_task(cfg)
+    results = []
+    if plan.missing:
+        with serving(cfg) as endpoints:
+            shards = regen_shard_task.map(unmapped(cfg), plan.missing, unmapped(endpoints), unmapped(plan))
+            wait(shards)  # every shard finishes (and commits) before a failure is raised
+            results = [shard.result() for shard in shards]
+    return finalize_regen_task(cfg, plan, results)
+
+
+def regenerate_stage(cfg: DictConfig) -> dict:
+    return regen_shards_flow.with_options(task_runner=regen_task_runner(cfg))(cfg)
+
+
 @flow(name="deepspec-cache-build", validate_parameters=False)
 def cache_build_flow(cfg: DictConfig) -> dict:
     """plan -> one build_shard task per missing shard, all submitted at once -> manifest."""
@@ -53,7 +78,7 @@ def pipeline(overrides: list[str] | None = None, config_name: str = "config") ->
     cfg = compose(overrides, config_name)
     results = {
         "prompts": prompts_task(cfg),
-        "regenerate": regenerate_task(cfg),
+        "regenerate": regenerate_stage(cfg),
         "cache": build_cache_stage(cfg),
         "train": train_task(cfg),
         "evaluate": evaluate_task(cfg),
@@ -69,7 +94,7 @@ def prompts_flow(overrides: list[str] | None = None, config_name: str = "config"
 
 @flow(name="deepspec-regenerate")
 def regenerate_flow(overrides: list[str] | None = None, config_name: str = "config") -> dict:
-    return regenerate_task(compose(overrides, config_name))
+    return regenerate_stage(compose(overrides, config_name))
 
 
 @flow(name="deepspec-cache")

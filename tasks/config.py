@@ -44,19 +44,39 @@ class TargetConfig:
 
 @dataclass
 class PromptsConfig:
-    source: str = "builtin"  # "builtin", an HF dataset id, or a local .jsonl file
+    source: str = "mlabonne/open-perfectblend"  # HF dataset id, local .jsonl/.json/.parquet/.csv, builtin
     split: str = "train"
     max_samples: int | None = None
     heldout_fraction: float = 0.0
+    seed: int = 0  # salts the hash that picks the held-out rows
 
 
 @dataclass
 class RegenConfig:
-    backend: str = "hf"
-    batch_size: int = 8
+    backend: str = "hf"  # hf (in process), vllm (servers DeepSpec launches, or `endpoints`), openai
     max_new_tokens: int | None = None  # None: the target preset's value
     temperature: float | None = None  # None: the target preset's value
-    endpoints: list[str] = field(default_factory=list)
+    seed: int = 0  # hf: batch seeds; vllm: the launched servers' --seed
+    shard_size: int = 256  # prompts a Prefect task answers and commits together
+    parallel_shards: int = 1  # shard tasks at once (threads of the flow's process)
+    allow_failures: int = 0  # prompts that may still fail after retries without failing the stage
+    batch_size: int = 8  # hf: rows per generate call
+    # vllm and openai: OpenAI-compatible HTTP
+    endpoints: list[str] = field(default_factory=list)  # base URLs ending in /v1
+    api: str | None = None  # completions (token ids) | chat (messages); None: completions for vllm
+    model: str | None = None  # served model name; None: the first one the server lists
+    api_key_env: str | None = "OPENAI_API_KEY"  # the environment variable holding the API key
+    concurrency: int = 64  # requests in flight over all replicas
+    max_retries: int = 5  # transient failures (refused, timeout, 429, 5xx) before a row fails
+    request_timeout_s: float = 600.0
+    extra_body: dict[str, Any] = field(default_factory=dict)  # more request fields, e.g. {top_k: 20}
+    # vllm without endpoints: servers launched and supervised by DeepSpec
+    replicas: int | None = None  # None: one per `gpus_per_replica` GPUs, or 1 on a CPU
+    gpus_per_replica: int | None = None  # tensor-parallel size; None: 1 with CUDA, 0 (CPU) without
+    vllm_python: str | None = None  # the vLLM environment's python; None: $DEEPSPEC_VLLM_PYTHON or .venv-vllm
+    server_dtype: str | None = None  # None: target.dtype
+    max_model_len: int | None = None
+    server_args: list[str] = field(default_factory=list)  # more `vllm serve` arguments
 
 
 @dataclass
@@ -75,11 +95,20 @@ class StorageConfig:
 
 @dataclass
 class AlgoConfig:
-    name: str = "dflash"
-    block_size: int = 7
-    num_layers: int = 5
-    loss_decay: float = 4.0  # slot k is weighted exp(-k / loss_decay)
-    anchors_per_sequence: int = 64
+    name: str = "dflash"  # dflash | eagle3 | dspark; fields another algorithm uses stay null
+    block_size: int = 7  # DFlash, DSpark: slots a block drafts; Eagle3: training-time-test steps
+    num_layers: int = 5  # draft decoder layers (Eagle3: 1)
+    loss_decay: float | None = None  # DFlash, DSpark: slot k is weighted exp(-k / loss_decay)
+    anchors_per_sequence: int | None = None  # DFlash, DSpark: blocks trained per sequence
+    step_decay: float | None = None  # Eagle3: TTT step k is weighted step_decay^k
+    draft_vocab_size: int | None = None  # Eagle3: the N most frequent supervised tokens; null: all
+    markov_rank: int | None = None  # DSpark: rank of the sequential head; 0: none
+    markov_head_type: str | None = None  # DSpark: vanilla | gated | rnn
+    confidence_head: bool | None = None  # DSpark
+    confidence_head_with_markov: bool | None = None  # DSpark: the head also reads W1[x_{k-1}]
+    ce_weight: float | None = None  # DSpark loss: ce * CE + l1 * L1 + confidence * BCE
+    l1_weight: float | None = None
+    confidence_weight: float | None = None
 
 
 @dataclass

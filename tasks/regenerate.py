@@ -1,36 +1,48 @@
 """Stage `regenerate`: the target writes its own answers to the prompts.
 
-    deepspec regenerate                                          # the embedded SmolLM2 target, on CPU
-    deepspec regenerate target=stories260k target.path=../shared/assets/models/stories260k \
-        regen.max_new_tokens=32
+    deepspec regenerate                                            # the embedded SmolLM2 target, in process
+    deepspec regenerate regen=vllm regen.replicas=8                # DeepSpec launches 8 vLLM servers
+    deepspec regenerate regen=vllm regen.endpoints=[http://gpu1:8000/v1,http://gpu2:8000/v1]
+    OPENAI_API_KEY=... deepspec regenerate regen=openai regen.endpoints=[https://host/v1] regen.model=NAME
 
 A draft model must learn the target's distribution, so the assistant turns it trains on are sampled
 from the target itself, with the target preset's sampling settings (`regen.temperature` and
-`regen.max_new_tokens` override them; temperature 0 is greedy). Multi-turn prompts are answered turn
-by turn: the answer to turn 1 becomes part of the prompt for turn 2. Prompts are rendered by
-`deepspec.models.chat.render_prompt`, the same rendering the cache stage trains on, and generation
-stops at eos or at the chat template's end-of-turn token.
+`regen.max_new_tokens` override them; temperature 0 is greedy). Backends: `regen_backends.py`.
 
-Backend `hf`: in-process `model.generate`, batches of `regen.batch_size` rows in input order, left
-padded. Each batch is seeded with `SEED + batch index`, so a batch samples the same answers whether it
-runs in one go or after a restart.
+The stage runs in three steps, each a plain function with a thin Prefect task beside it, so the flow
+runs one task per shard of prompts and a failed shard re-runs alone:
 
-Output: `<run_dir>/regen/answers.jsonl`, one row a line in input order: `{"id", "source", "category",
-"conversations", "finish_reason", "completion_tokens"}`. `finish_reason` is "length" when any turn was
-cut at `max_new_tokens` (or its prompt did not fit the model's context), else "stop";
-`completion_tokens` sums the turns, stop tokens included. A prompt longer than the model's context
-is left unanswered (a warning names the row) and ends the row. Each batch is appended and flushed as it
-finishes, so a crash loses at most one batch: a re-run keeps the complete batches already written
-(`_PARTIAL.json` records which configuration wrote them) and continues after them. `_DONE.json` is
-written last.
+    plan_regen(cfg)                  which shards are missing; starts over if the config or prompts changed
+    regen_shard(cfg, k, endpoints)   answers shard k (prompt rows k*shard_size ...) and commits it
+    finalize_regen(cfg, plan, res)   `answers.jsonl` in input order from the committed shards, last
+
+`regenerate(cfg)` runs them in sequence in this process (launching vLLM servers when asked).
+
+Exactly once. A shard's finished rows are appended, each in one write, to `shards/part-K.log.jsonl` as
+they come; when the shard is done its answers are written in input order to `shards/part-K.jsonl` through
+a temporary file and a rename (the commit), and the log is removed. A re-run keeps committed shards and
+the complete lines of a log (for the `hf` backend, whole batches only, so that seeds line up), and asks
+only for the rest: killing the run at any moment loses no finished answer and duplicates none.
+
+Failures. A row whose requests fail for good (`regen_backends.HTTPBackend`) is committed to
+`shards/part-K.errors.jsonl` and asked for again by the next run; the stage ends with `errors.jsonl`
+listing them all and fails when there are more than `regen.allow_failures`.
+
+Output: `<run_dir>/regen/answers.jsonl`, one record a line in input order (fields in regen_backends),
+then `_DONE.json`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
+import shutil
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,161 +50,45 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
-from deepspec.models.chat import end_of_turn_ids, render_prompt
 from deepspec.models.errors import ConfigError, DataError
-from deepspec.models.target import load_target
+from deepspec.models.target import load_tokenizer, resolve_source
 from deepspec.tasks import tracking
 from deepspec.tasks.config import config_hash, run_path
+from deepspec.tasks.regen_backends import (
+    HFBackend,
+    HTTPBackend,
+    HTTPSettings,
+    Rendering,
+    Sampling,
+)
 from deepspec.tasks.stage_io import atomic_write_text, clear_done, mark_done, read_done
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("hf",)
-SEED = 0
-PARTIAL_FILE = "_PARTIAL.json"
+BACKENDS = ("hf", "vllm", "openai")
+PLAN_FILE = "plan.json"
+SHARDS_DIR = "shards"
 
 
 @dataclass
-class Sampling:
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        if self.temperature == 0:
-            return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
-        return {
-            "max_new_tokens": self.max_new_tokens,
-            "do_sample": True,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,  # 0 turns top-k off; None would mean transformers' default of 50
-        }
+class RegenPlan:
+    rows: int
+    shard_size: int
+    num_shards: int
+    missing: list[int]  # shards to run: not committed yet, or committed with failed rows
+    digest: str
+    done: dict[str, Any] | None = None  # the stage record when everything is already answered
+    artifact_id: str | None = None  # the Prefect progress artifact, when planned inside a flow
 
 
-def regenerate(cfg: DictConfig) -> dict[str, Any]:
-    """Answer every prompt in `<run_dir>/prompts/prompts.jsonl` with the target; returns the counts."""
-    backend = str(cfg.regen.backend)
-    if backend not in BACKENDS:
-        raise ConfigError(
-            f"regen.backend={backend!r} is not available in this release (the vllm and openai backends "
-            f"come in a later one); available: {', '.join(BACKENDS)}"
-        )
-    sampling = _sampling(cfg)
-    batch_size = int(cfg.regen.batch_size)
-    if batch_size < 1:
-        raise ConfigError(f"regen.batch_size={batch_size}: expected a positive count")
-    prompts_path = run_path(cfg, "prompts", "prompts.jsonl")
-    if not prompts_path.is_file():
-        raise DataError(f"{prompts_path}: no such file; run the prompts stage first (deepspec prompts)")
-    prompts = _read_jsonl(prompts_path)
-    stage_dir = run_path(cfg, "regen")
-    out_path = stage_dir / "answers.jsonl"
-    digest = config_hash(cfg.target, cfg.regen)
-
-    done = read_done(stage_dir, digest)
-    if done and done.get("rows") == len(prompts) and _complete_ids(out_path) == [r["id"] for r in prompts]:
-        log.info("regenerate: %s already holds %d answers; skipping", out_path, done["rows"])
-        return {**{k: v for k, v in done.items() if k != "config_hash"}, "skipped": True}
-    clear_done(stage_dir)
-    answered = _resume(stage_dir, out_path, prompts, digest, batch_size)
-
-    new_tokens, elapsed = 0, 0.0
-    if len(answered) < len(prompts):
-        new_tokens, elapsed = _answer_all(cfg, prompts, answered, out_path, sampling, batch_size)
-
-    tokens_per_s = new_tokens / elapsed if elapsed > 0 else 0.0
-    info = {
-        "rows": len(answered),
-        "output_tokens": sum(r["completion_tokens"] for r in answered),
-        "truncated": sum(r["finish_reason"] == "length" for r in answered),
-        "tokens_per_s": tokens_per_s,  # of this run's new answers; kept so a skipped re-run reports it
-    }
-    mark_done(stage_dir, digest, **info)
-    log.info(
-        "regenerate: %d answers, %d tokens (%d cut at max_new_tokens), %.1f tokens/s -> %s",
-        info["rows"],
-        info["output_tokens"],
-        info["truncated"],
-        tokens_per_s,
-        out_path,
-    )
-    tracking.log_metrics(
-        cfg,
-        {
-            "regen/rows": info["rows"],
-            "regen/output_tokens": info["output_tokens"],
-            "regen/tokens_per_s": tokens_per_s,
-            "regen/truncated": info["truncated"],
-        },
-    )
-    return {**info, "skipped": False}
+# ----------------------------------------------------------------------------------------------------
+# Settings
 
 
-def _answer_all(
-    cfg: DictConfig,
-    prompts: list[dict],
-    answered: list[dict],
-    out_path: Path,
-    sampling: Sampling,
-    batch_size: int,
-) -> tuple[int, float]:
-    """Answer the prompts after `answered`, appending each batch to `out_path` (and to `answered`)."""
-    model, tokenizer = load_target(
-        cfg.target.path, cfg.target.gguf_file, cfg.target.revision, cfg.target.dtype
-    )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-    render = {
-        "use_chat_template": bool(cfg.target.use_chat_template),
-        "chat_template_kwargs": OmegaConf.to_container(cfg.target.chat_template_kwargs, resolve=True) or None,
-        "system_prompt": cfg.target.system_prompt,
-    }
-    stop_ids = end_of_turn_ids(
-        tokenizer,
-        use_chat_template=render["use_chat_template"],
-        chat_template_kwargs=render["chat_template_kwargs"],
-    )
-    stop_ids += [i for i in _as_list(model.generation_config.eos_token_id) if i not in stop_ids]
-    if not stop_ids:
-        raise ConfigError(f"target.path={cfg.target.path!r}: the tokenizer has no eos or end-of-turn token")
-    log.info(
-        "regenerate: %d prompts (%d already answered), batch %d, %s, stop ids %s",
-        len(prompts),
-        len(answered),
-        batch_size,
-        sampling,
-        stop_ids,
-    )
-
-    new_tokens, elapsed = 0, 0.0
-    with (
-        out_path.open("a", encoding="utf-8") as out,
-        tqdm(total=len(prompts), initial=len(answered), unit="row", desc="regenerate") as bar,
-    ):
-        for start in range(len(answered), len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]
-            torch.manual_seed(SEED + start // batch_size)
-            began = time.perf_counter()
-            rows = _answer_batch(model, tokenizer, batch, sampling, render, stop_ids, device)
-            elapsed += time.perf_counter() - began
-            out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-            out.flush()
-            os.fsync(out.fileno())
-            answered += rows
-            new_tokens += sum(r["completion_tokens"] for r in rows)
-            bar.update(len(rows))
-
-    return new_tokens, elapsed
-
-
-def _sampling(cfg: DictConfig) -> Sampling:
+def sampling_of(cfg: DictConfig) -> Sampling:
     regen, target = cfg.regen, cfg.target
     sampling = Sampling(
         max_new_tokens=int(
@@ -213,165 +109,482 @@ def _sampling(cfg: DictConfig) -> Sampling:
     return sampling
 
 
-@torch.no_grad()
-def _answer_batch(
-    model, tokenizer, batch: list[dict], sampling: Sampling, render: dict, stop_ids: list[int], device
-) -> list[dict]:
-    """Answer each row's user turns in order; the answer to turn k is in the prompt of turn k + 1."""
-    rounds = [_rounds(row) for row in batch]
-    conversations: list[list[dict]] = [[] for _ in batch]
-    finish = ["stop"] * len(batch)
-    tokens = [0] * len(batch)
-    open_rows = set(range(len(batch)))
-    limit = getattr(model.config, "max_position_embeddings", None)
-    for turn in range(max(len(r) for r in rounds)):
-        active, prompts = [], []
-        for i in sorted(open_rows):
-            if turn >= len(rounds[i]):
-                continue
-            conversations[i] += rounds[i][turn]
-            ids = render_prompt(tokenizer, conversations[i], **render)
-            if limit is not None and len(ids) >= limit:
-                log.warning(
-                    "regenerate: row %s turn %d: the prompt has %d tokens, the model's context %d; "
-                    "not answering it or later turns",
-                    batch[i]["id"],
-                    turn + 1,
-                    len(ids),
-                    limit,
-                )
-                # The unanswered user turn stays: it has nothing to mask, and the row keeps its place.
-                finish[i] = "length"
-                open_rows.discard(i)
-                continue
-            active.append(i)
-            prompts.append(ids)
-        if not active:
-            continue
-        for i, new in zip(
-            active, _generate(model, tokenizer, prompts, sampling, stop_ids, device), strict=True
-        ):
-            stop_at = next((k for k, t in enumerate(new) if t in stop_ids), None)
-            kept = new if stop_at is None else new[:stop_at]
-            conversations[i].append(
-                {"role": "assistant", "content": tokenizer.decode(kept, skip_special_tokens=True)}
-            )
-            tokens[i] += len(new) if stop_at is None else stop_at + 1
-            if stop_at is None:
-                finish[i] = "length"
-    return [
-        {
-            "id": row["id"],
-            "source": row.get("source"),
-            "category": row.get("category"),
-            "conversations": conversations[i],
-            "finish_reason": finish[i],
-            "completion_tokens": tokens[i],
-        }
-        for i, row in enumerate(batch)
-    ]
-
-
-def _rounds(row: dict) -> list[list[dict]]:
-    """The turns to add before each answer: any system turns, then one user turn. Old answers are dropped."""
-    rounds, pending = [], []
-    for turn in row["conversations"]:
-        if turn["role"] == "assistant":
-            continue
-        pending.append({"role": turn["role"], "content": turn["content"]})
-        if turn["role"] == "user":
-            rounds.append(pending)
-            pending = []
-    return rounds
-
-
-def _generate(
-    model, tokenizer, prompts: list[list[int]], sampling: Sampling, stop_ids: list[int], device
-) -> list[list[int]]:
-    """New token ids for each prompt (left padded together), up to and including a stop token."""
-    width = max(len(p) for p in prompts)
-    pad = int(tokenizer.pad_token_id)
-    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    out = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        eos_token_id=stop_ids,
-        pad_token_id=pad,
-        **sampling.generate_kwargs(),
+def rendering_of(cfg: DictConfig) -> Rendering:
+    return Rendering(
+        use_chat_template=bool(cfg.target.use_chat_template),
+        chat_template_kwargs=OmegaConf.to_container(cfg.target.chat_template_kwargs, resolve=True) or None,
+        system_prompt=cfg.target.system_prompt,
     )
-    return [row[width:].tolist() for row in out]
 
 
-def _resume(stage_dir: Path, out_path: Path, prompts: list[dict], digest: str, batch_size: int) -> list[dict]:
-    """The answers a previous run of this configuration committed, whole batches only.
-
-    The file is cut to them; anything after (a partial batch, a partial line) is answered again.
-    """
-    partial = stage_dir / PARTIAL_FILE
-    kept: list[tuple[dict, int]] = []
-    if (
-        out_path.is_file()
-        and partial.is_file()
-        and json.loads(partial.read_text()).get("config_hash") == digest
-    ):
-        for row, end in _complete_rows(out_path):
-            if len(kept) >= len(prompts) or row.get("id") != prompts[len(kept)]["id"]:
-                break
-            kept.append((row, end))
-        if len(kept) < len(prompts):  # a batch runs again whole, with its seed
-            kept = kept[: len(kept) // batch_size * batch_size]
-        if kept:
-            log.info("regenerate: resuming after %d answers already in %s", len(kept), out_path)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    with out_path.open("a+b") as f:
-        f.truncate(kept[-1][1] if kept else 0)
-    if not kept:
-        atomic_write_text(partial, json.dumps({"config_hash": digest}))
-    return [row for row, _ in kept]
+def api_of(cfg: DictConfig) -> str:
+    """`regen.api`, or the backend's natural one: token ids for vLLM, messages for any other server."""
+    return str(cfg.regen.api or ("chat" if cfg.regen.backend == "openai" else "completions"))
 
 
-def _complete_rows(path: Path) -> list[tuple[dict, int]]:
-    """Rows of the complete lines of a JSONL file with the byte offset where each ends, stopping at a
-    partial or unreadable line."""
-    rows, end = [], 0
+def _checked_settings(cfg: DictConfig) -> None:
+    backend = str(cfg.regen.backend)
+    if backend not in BACKENDS:
+        raise ConfigError(f"regen.backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    sampling_of(cfg)
+    for key in ("batch_size", "shard_size", "concurrency", "parallel_shards"):
+        if int(cfg.regen[key]) < 1:
+            raise ConfigError(f"regen.{key}={cfg.regen[key]}: expected a positive count")
+    if backend == "openai" and not cfg.regen.endpoints:
+        raise ConfigError("regen.backend=openai needs regen.endpoints=[https://HOST/v1, ...]")
+    if api_of(cfg) not in ("completions", "chat"):
+        raise ConfigError(f"regen.api={cfg.regen.api!r}: expected completions or chat")
+
+
+def answers_digest(cfg: DictConfig, prompts_sha256: str) -> str:
+    """What the answers depend on. Throughput settings (endpoints, concurrency, replicas) do not count."""
+    r = cfg.regen
+    return config_hash(
+        cfg.target,
+        {
+            "backend": r.backend,
+            "api": api_of(cfg),
+            "model": r.model,
+            "sampling": sampling_of(cfg).__dict__,
+            "extra_body": r.extra_body,
+            "shard_size": r.shard_size,
+            "batch_size": r.batch_size if r.backend == "hf" else None,  # it sets the hf seeds
+            "seed": r.seed,
+        },
+        prompts_sha256,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files
+
+
+def stage_dir(cfg: DictConfig) -> Path:
+    return run_path(cfg, "regen")
+
+
+def answers_path(cfg: DictConfig) -> Path:
+    return stage_dir(cfg) / "answers.jsonl"
+
+
+def _shard_paths(cfg: DictConfig, k: int) -> tuple[Path, Path, Path]:
+    """Committed answers, committed failures, and the log of rows finished since the last commit."""
+    d = stage_dir(cfg) / SHARDS_DIR
+    return d / f"part-{k:05d}.jsonl", d / f"part-{k:05d}.errors.jsonl", d / f"part-{k:05d}.log.jsonl"
+
+
+def complete_rows(path: Path) -> list[dict]:
+    """Rows of the complete lines of a JSONL file, stopping at a partial or unreadable line."""
+    rows: list[dict] = []
+    if not path.is_file():
+        return rows
     with path.open("rb") as f:
         for line in f:
             if not line.endswith(b"\n"):
                 break
             try:
-                rows.append((json.loads(line), end + len(line)))
+                rows.append(json.loads(line))
             except json.JSONDecodeError:
                 break
-            end += len(line)
     return rows
 
 
-def _complete_ids(path: Path) -> list[str] | None:
-    return [row.get("id") for row, _ in _complete_rows(path)] if path.is_file() else None
+def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    """Through a temporary file, fsynced, then renamed: the file is either whole or absent."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path} line {number}: not valid JSON ({err.msg}); rerun the prompts stage"
-                ) from err
-    return rows
+_prompts_lock = threading.Lock()
+_prompts: dict[str, Any] = {}
 
 
-def _as_list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, list | tuple) else [int(value)]
+def load_prompts(cfg: DictConfig) -> tuple[list[dict], str]:
+    """The prompts file's rows and sha256, read once per process while the file stays unchanged."""
+    path = run_path(cfg, "prompts", "prompts.jsonl")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; run the prompts stage first (deepspec prompts)")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    with _prompts_lock:
+        if _prompts.get("key") != key:
+            data = path.read_bytes()
+            rows = []
+            for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataError(
+                        f"{path} line {number}: not valid JSON ({err.msg}); rerun the prompts stage"
+                    ) from err
+            _prompts.clear()
+            _prompts.update(key=key, rows=rows, sha256=hashlib.sha256(data).hexdigest())
+        return _prompts["rows"], _prompts["sha256"]
 
 
-@task(name="regenerate")
-def regenerate_task(cfg: DictConfig) -> dict[str, Any]:
-    return regenerate(cfg)
+# A terminal progress bar over all rows, when shard tasks run in the process that planned them.
+_bar: dict[str, tqdm] = {}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The three steps
+
+
+def plan_regen(cfg: DictConfig) -> RegenPlan:
+    """Which shards still need answers. A run for another configuration or other prompts is discarded."""
+    _checked_settings(cfg)
+    prompts, prompts_sha = load_prompts(cfg)
+    if not prompts:
+        raise DataError(f"{run_path(cfg, 'prompts', 'prompts.jsonl')} holds no prompts")
+    digest = answers_digest(cfg, prompts_sha)
+    size = int(cfg.regen.shard_size)
+    plan = RegenPlan(len(prompts), size, -(-len(prompts) // size), [], digest)
+    out = stage_dir(cfg)
+
+    done = read_done(out, digest)
+    if (
+        done
+        and done.get("prompts") == len(prompts)
+        and len(complete_rows(answers_path(cfg))) == done.get("rows")
+    ):
+        log.info("regenerate: %s already holds %d answers; skipping", answers_path(cfg), done["rows"])
+        plan.done = done
+        return plan
+    clear_done(out)
+
+    plan_file = out / PLAN_FILE
+    previous = json.loads(plan_file.read_text()) if plan_file.is_file() else None
+    if previous is not None and previous.get("digest") != digest:
+        log.info("regenerate: the answers in %s are for another configuration or prompts; starting over", out)
+        shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
+    (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(plan_file, json.dumps({"digest": digest, "rows": len(prompts), "shard_size": size}))
+
+    answered = 0
+    for k in range(plan.num_shards):
+        part, errors, _ = _shard_paths(cfg, k)
+        if part.is_file() and not errors.is_file():
+            answered += min(size, len(prompts) - k * size)
+        else:
+            plan.missing.append(k)
+    log.info(
+        "regenerate: %d prompts in %d shards of %d; %d shards to answer (backend %s)",
+        len(prompts),
+        plan.num_shards,
+        size,
+        len(plan.missing),
+        cfg.regen.backend,
+    )
+    if plan.missing:
+        _bar["bar"] = tqdm(total=len(prompts), initial=answered, unit="row", desc="regenerate")
+    return plan
+
+
+def regen_shard(cfg: DictConfig, k: int, endpoints: list[str] | None = None) -> dict[str, Any]:
+    """Answer the rows of shard `k` that no earlier run finished, then commit the shard."""
+    prompts, prompts_sha = load_prompts(cfg)
+    plan_file = stage_dir(cfg) / PLAN_FILE
+    planned = json.loads(plan_file.read_text())["digest"] if plan_file.is_file() else None
+    if planned != answers_digest(cfg, prompts_sha):
+        raise DataError(f"{plan_file}: planned for another configuration or prompts; run plan_regen first")
+    size = int(cfg.regen.shard_size)
+    first = k * size
+    rows = prompts[first : first + size]
+    if not rows:
+        raise DataError(f"regenerate: shard {k} is past the {len(prompts)} prompts")
+    part, errors_path, log_path = _shard_paths(cfg, k)
+    if part.is_file() and not errors_path.is_file():
+        return {"shard": k, "rows": len(rows), "failed": 0, "new_tokens": 0, "began": None, "ended": None}
+
+    ids = {r["id"] for r in rows}
+    answered = {r["id"]: r for r in complete_rows(part)}
+    answered.update({r["id"]: r for r in complete_rows(log_path) if "error" not in r and r.get("id") in ids})
+    unit = "batch" if cfg.regen.backend == "hf" else "row"  # hf seeds whole batches; see HFBackend
+    todo_runs = _todo_runs(rows, answered, unit, int(cfg.regen.batch_size))
+    # The log keeps exactly the answers carried over, so a torn line or a stale part batch goes now.
+    _write_jsonl_atomic(log_path, rows_in_order(rows, answered))
+    bar = _bar.get("bar")
+    if bar is not None and answered:
+        bar.update(len(answered))  # the plan counted only shards committed without failures
+    backend = _backend(cfg, endpoints) if todo_runs else None
+
+    failures: dict[str, dict] = {}
+    new_tokens = 0
+    began = time.time()
+    with log_path.open("a", encoding="utf-8") as logf:
+
+        def emit(records: list[dict]) -> None:
+            nonlocal new_tokens
+            logf.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            logf.flush()
+            os.fsync(logf.fileno())
+            for r in records:
+                if "error" in r:
+                    failures[r["id"]] = r
+                else:
+                    answered[r["id"]] = r
+                    new_tokens += r["completion_tokens"]
+            if bar is not None:
+                bar.update(sum("error" not in r for r in records))
+
+        for offset, run in todo_runs:
+            backend.answer(run, first + offset, emit)  # type: ignore[union-attr]
+    ended = time.time()
+
+    _write_jsonl_atomic(part, rows_in_order(rows, answered))  # the commit
+    if failures:
+        _write_jsonl_atomic(errors_path, [failures[r["id"]] for r in rows if r["id"] in failures])
+    else:
+        errors_path.unlink(missing_ok=True)
+    log_path.unlink()
+    missing = [r["id"] for r in rows if r["id"] not in answered and r["id"] not in failures]
+    if missing:  # a backend that skipped a row is a bug; never commit a gap silently
+        raise DataError(f"regenerate: shard {k}: no answer and no error for rows {missing[:5]}")
+    log.info(
+        "regenerate: shard %d committed: %d answers, %d failed", k, len(rows) - len(failures), len(failures)
+    )
+    return {
+        "shard": k,
+        "rows": len(rows) - len(failures),
+        "failed": len(failures),
+        "new_tokens": new_tokens,
+        "began": began,
+        "ended": ended,
+    }
+
+
+def finalize_regen(cfg: DictConfig, plan: RegenPlan, results: list[dict] | None = None) -> dict[str, Any]:
+    """`answers.jsonl` and `errors.jsonl` from the committed shards, then `_DONE.json`; the counts."""
+    bar = _bar.pop("bar", None)
+    if bar is not None:
+        bar.close()
+    if plan.done is not None:
+        return {**{k: v for k, v in plan.done.items() if k != "config_hash"}, "skipped": True}
+    prompts, _ = load_prompts(cfg)
+    answers: list[dict] = []
+    failed: list[dict] = []
+    for k in range(plan.num_shards):
+        part, errors_path, _ = _shard_paths(cfg, k)
+        if not part.is_file():
+            raise DataError(f"regenerate: shard {k} ({part}) was never committed; run the stage again")
+        answers += complete_rows(part)
+        failed += complete_rows(errors_path)
+    expected = [r["id"] for r in prompts]
+    got = [r["id"] for r in answers]
+    failed_ids = {r["id"] for r in failed}
+    if got != [i for i in expected if i not in failed_ids] or len(got) + len(failed_ids) != len(expected):
+        raise DataError(f"regenerate: the committed shards in {stage_dir(cfg) / SHARDS_DIR} do not cover the "
+                        "prompts exactly once; delete that folder and run the stage again")  # fmt: skip
+    _write_jsonl_atomic(answers_path(cfg), answers)
+    errors_file = stage_dir(cfg) / "errors.jsonl"
+    if failed:
+        _write_jsonl_atomic(errors_file, failed)
+    else:
+        errors_file.unlink(missing_ok=True)
+
+    timed = [r for r in results or [] if r.get("began") is not None]
+    wall = max((r["ended"] for r in timed), default=0.0) - min((r["began"] for r in timed), default=0.0)
+    new_tokens = sum(r["new_tokens"] for r in timed)
+    info = {
+        "prompts": len(prompts),
+        "rows": len(answers),
+        "failed": len(failed),
+        "output_tokens": sum(r["completion_tokens"] for r in answers),
+        "truncated": sum(bool(r.get("truncated")) for r in answers),
+        "tokens_per_s": new_tokens / wall if wall > 0 else 0.0,  # of this run's answers; kept for re-runs
+        "backend": str(cfg.regen.backend),
+    }
+    tracking.log_metrics(
+        cfg,
+        {
+            "regen/rows": info["rows"],
+            "regen/failed": info["failed"],
+            "regen/output_tokens": info["output_tokens"],
+            "regen/tokens_per_s": info["tokens_per_s"],
+            "regen/truncated": info["truncated"],
+        },
+    )
+    if len(failed) > int(cfg.regen.allow_failures):
+        raise DataError(
+            f"regenerate: {len(failed)} prompts failed (listed with the reason in {errors_file}); run the "
+            f"stage again to retry them, or allow them with regen.allow_failures={len(failed)}"
+        )
+    mark_done(stage_dir(cfg), plan.digest, **info)
+    log.info(
+        "regenerate: %d answers, %d tokens (%d cut at max_new_tokens), %d failed, %.1f tokens/s -> %s",
+        info["rows"],
+        info["output_tokens"],
+        info["truncated"],
+        info["failed"],
+        info["tokens_per_s"],
+        answers_path(cfg),
+    )
+    return {**info, "skipped": False}
+
+
+def regenerate(cfg: DictConfig) -> dict[str, Any]:
+    """The whole stage in this process: plan, every missing shard in turn, finalize."""
+    plan = plan_regen(cfg)
+    results = []
+    if plan.missing:
+        try:
+            with serving(cfg) as endpoints:
+                results = [regen_shard(cfg, k, endpoints) for k in plan.missing]
+        except BaseException:
+            bar = _bar.pop("bar", None)
+            if bar is not None:
+                bar.close()
+            raise
+    return finalize_regen(cfg, plan, results)
+
+
+def rows_in_order(rows: list[dict], answered: dict[str, dict]) -> list[dict]:
+    return [answered[r["id"]] for r in rows if r["id"] in answered]
+
+
+def _todo_runs(
+    rows: list[dict], answered: dict[str, dict], unit: str, batch_size: int
+) -> list[tuple[int, list]]:
+    """(offset in the shard, rows) to answer. By row: all unanswered rows as one run. By batch: each
+    batch of `batch_size` (aligned to the shard start) with a row unanswered, whole, its answers dropped."""
+    if unit == "row":
+        todo = [r for r in rows if r["id"] not in answered]
+        return [(0, todo)] if todo else []
+    runs = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        if any(r["id"] not in answered for r in batch):
+            for r in batch:
+                answered.pop(r["id"], None)
+            runs.append((start, batch))
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backends and servers
+
+
+def _backend(cfg: DictConfig, endpoints: list[str] | None):
+    if cfg.regen.backend == "hf":
+        from deepspec.tasks.cache import target_replica  # one target per process, shared with the cache stage
+
+        model, tokenizer = target_replica(cfg)
+        return HFBackend(
+            model,
+            tokenizer,
+            sampling_of(cfg),
+            rendering_of(cfg),
+            int(cfg.regen.batch_size),
+            int(cfg.regen.seed),
+        )
+    if not endpoints:
+        raise ConfigError(
+            f"regen.backend={cfg.regen.backend}: no endpoints (regen.endpoints, or launched servers)"
+        )
+    api = api_of(cfg)
+    key_env = cfg.regen.api_key_env
+    settings = HTTPSettings(
+        endpoints=list(endpoints),
+        api=api,
+        model=cfg.regen.model,
+        concurrency=max(1, -(-int(cfg.regen.concurrency) // int(cfg.regen.parallel_shards))),
+        max_retries=int(cfg.regen.max_retries),
+        timeout_s=float(cfg.regen.request_timeout_s),
+        api_key=os.environ.get(key_env) if key_env else None,
+        extra_body=OmegaConf.to_container(cfg.regen.extra_body, resolve=True) or {},
+    )
+    tokenizer = None
+    if api == "completions":
+        tokenizer = load_tokenizer(cfg.target.path, cfg.target.gguf_file, cfg.target.revision)
+    return HTTPBackend(settings, sampling_of(cfg), rendering_of(cfg), tokenizer)
+
+
+@contextlib.contextmanager
+def serving(cfg: DictConfig) -> Iterator[list[str] | None]:
+    """The endpoints the shards send requests to: none for `hf`, `regen.endpoints` when given, else
+    `regen.replicas` vLLM servers launched here and supervised until the block ends."""
+    if cfg.regen.backend == "hf":
+        yield None
+        return
+    if cfg.regen.endpoints:
+        yield [str(e) for e in cfg.regen.endpoints]
+        return
+    from deepspec.tasks.vllm_server import VLLMServerPool
+
+    gpus = cfg.regen.gpus_per_replica
+    gpus = (1 if torch.cuda.is_available() else 0) if gpus is None else int(gpus)
+    replicas = cfg.regen.replicas
+    if replicas is None:
+        replicas = max(1, torch.cuda.device_count() // gpus) if gpus else 1
+    model = resolve_source(cfg.target.path, cfg.target.gguf_file)  # vLLM reads the dequantized copy
+    with VLLMServerPool(
+        model=model,
+        replicas=int(replicas),
+        gpus_per_replica=gpus,
+        python=cfg.regen.vllm_python,
+        seed=int(cfg.regen.seed),
+        dtype=str(cfg.regen.server_dtype or cfg.target.dtype),
+        max_model_len=cfg.regen.max_model_len,
+        extra_args=[str(a) for a in cfg.regen.server_args],
+        log_dir=stage_dir(cfg) / "servers",
+    ) as pool:
+        yield pool.endpoints
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prefect tasks
+
+
+@task(name="plan-regenerate", cache_policy=NO_CACHE)
+def plan_regen_task(cfg: DictConfig) -> RegenPlan:
+    plan = plan_regen(cfg)
+    if plan.missing:
+        from prefect.artifacts import create_progress_artifact
+
+        done = plan.num_shards - len(plan.missing)
+        plan.artifact_id = str(
+            create_progress_artifact(
+                progress=100.0 * done / plan.num_shards,
+                key="regenerate-progress",
+                description=f"regenerate: committed shards of {plan.num_shards}",
+            )
+        )
+    return plan
+
+
+@task(
+    name="regenerate-shard",
+    task_run_name="regenerate-shard-{k}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=10,
+)
+def regen_shard_task(cfg: DictConfig, k: int, endpoints: list[str] | None, plan: RegenPlan) -> dict[str, Any]:
+    result = regen_shard(cfg, k, endpoints)
+    if plan.artifact_id:
+        from prefect.artifacts import update_progress_artifact
+
+        committed = sum(
+            _shard_paths(cfg, j)[0].is_file() and not _shard_paths(cfg, j)[1].is_file()
+            for j in range(plan.num_shards)
+        )
+        update_progress_artifact(plan.artifact_id, progress=100.0 * committed / plan.num_shards)
+    return result
+
+
+@task(name="finalize-regenerate", cache_policy=NO_CACHE)
+def finalize_regen_task(cfg: DictConfig, plan: RegenPlan, results: list[dict]) -> dict[str, Any]:
+    return finalize_regen(cfg, plan, results)
+
+
+def regen_task_runner(cfg: DictConfig):
+    """`regen.parallel_shards` shard tasks at once, in threads of this process."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=int(cfg.regen.parallel_shards))
