@@ -584,7 +584,12 @@ def finalize_regen_task(cfg: DictConfig, plan: RegenPlan, results: list[dict]) -
 
 
 def regen_task_runner(cfg: DictConfig):
-    """`regen.parallel_shards` shard tasks at once, in threads of this process."""
+    """`regen.parallel_shards` shard tasks at once, in threads of this process; one for `hf`, whose
+    batches share the process's one model and its global torch seed."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    return ThreadPoolTaskRunner(max_workers=int(cfg.regen.parallel_shards))
+    workers = int(cfg.regen.parallel_shards)
+    if cfg.regen.backend == "hf" and workers > 1:
+        log.warning("regenerate: regen.parallel_shards=%d ignored by hf; one shard at a time", workers)
+        workers = 1
+    return ThreadPoolTaskRunner(max_workers=workers)
