@@ -22,6 +22,7 @@ both use `deepspec.models.chat`. Over `api=chat` the server's template renders t
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 from collections.abc import Callable
@@ -264,30 +265,27 @@ class HTTPBackend:
         self.endpoints = [e.rstrip("/") for e in settings.endpoints]
         self.headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
         self.stop_ids = stop_token_ids(tokenizer, rendering) if tokenizer is not None else []
-        self.model, self.context = self._served_model()
+        self.model: str | None = None  # learnt from /models on first use (a replica may be restarting now)
+        self.context: int | None = None
         self._open = dict.fromkeys(self.endpoints, 0)
 
-    def _served_model(self) -> tuple[str, int | None]:
-        """The model name to ask for and its context length, from the first endpoint that answers
-        `/models` (vLLM reports `max_model_len`; other servers may not, and then no limit is applied)."""
-        errors = []
-        for endpoint in self.endpoints:
-            try:
-                resp = httpx.get(f"{endpoint}/models", headers=self.headers, timeout=30)
-                resp.raise_for_status()
-                models = resp.json().get("data") or []
-            except (httpx.HTTPError, ValueError) as err:
-                errors.append(f"{endpoint}: {type(err).__name__}: {err}")
-                continue
-            name = self.settings.model or (models[0]["id"] if models else None)
-            if name is None:
-                raise ConfigError(f"{endpoint}/models lists no model; set regen.model")
-            entry = next((m for m in models if m.get("id") == name), {})
-            return name, entry.get("max_model_len")
-        if self.settings.model:  # a server without /models can still answer
-            log.warning("regenerate: no endpoint answered /models (%s)", "; ".join(errors))
-            return self.settings.model, None
-        raise RequestFailed(f"no endpoint answered /models: {'; '.join(errors)}")
+    async def _discover(self, client: httpx.AsyncClient) -> None:
+        """The model name to ask for and its context length, from `/models` (vLLM reports `max_model_len`;
+        servers that do not get no limit), retried like any request."""
+        try:
+            models = (await self._request(client, "GET", "/models")).get("data") or []
+        except RequestFailed as err:
+            if not self.settings.model:
+                raise
+            log.warning(
+                "regenerate: /models failed (%s); asking for regen.model without a context limit", err
+            )
+            models = []
+        name = self.settings.model or (models[0]["id"] if models else None)
+        if name is None:
+            raise ConfigError(f"{self.endpoints[0]}/models lists no model; set regen.model")
+        entry = next((m for m in models if m.get("id") == name), {})
+        self.model, self.context = name, entry.get("max_model_len")
 
     def answer(self, rows: list[dict], first_index: int, emit: Emit) -> None:
         asyncio.run(self._answer_all(rows, emit))
@@ -298,6 +296,13 @@ class HTTPBackend:
             queue.put_nowait(row)
         limits = httpx.Limits(max_connections=self.settings.concurrency + len(self.endpoints))
         async with httpx.AsyncClient(limits=limits, timeout=self.settings.timeout_s) as client:
+            if self.model is None:
+                try:
+                    await self._discover(client)
+                except RequestFailed as err:  # every row fails alike; the next run asks again
+                    log.warning("regenerate: no endpoint answered /models: %s", err)
+                    emit([{"id": row["id"], "error": f"/models: {err}"} for row in rows])
+                    return
 
             async def worker() -> None:
                 while not queue.empty():
@@ -370,22 +375,31 @@ class HTTPBackend:
         )
 
     async def _post(self, client: httpx.AsyncClient, path: str, body: dict) -> tuple[dict, dict]:
-        """The first choice and the usage of a successful reply; RequestFailed otherwise."""
+        """The first choice and the usage of a successful completion; RequestFailed otherwise."""
+        data = await self._request(client, "POST", path, body)
+        choices = data.get("choices") or []
+        if not choices:
+            raise RequestFailed(f"{path}: a reply with no choices: {json.dumps(data)[:300]}")
+        return choices[0], data.get("usage") or {}
+
+    async def _request(
+        self, client: httpx.AsyncClient, method: str, path: str, body: dict | None = None
+    ) -> dict:
+        """The JSON of a 200 answer from some replica, transient failures retried; else RequestFailed."""
         problem, last = "", None
         for attempt in range(self.settings.max_retries + 1):
             endpoint = self._pick(avoid=last)
             self._open[endpoint] += 1
             try:
-                resp = await client.post(f"{endpoint}{path}", json=body, headers=self.headers)
+                resp = await client.request(method, f"{endpoint}{path}", json=body, headers=self.headers)
             except httpx.TransportError as err:  # refused, reset, timed out: the replica may be restarting
                 problem = f"{endpoint}{path}: {type(err).__name__}: {err}"
             else:
                 if resp.status_code == 200:
-                    data = resp.json()
-                    choices = data.get("choices") or []
-                    if not choices:
-                        raise RequestFailed(f"{endpoint}{path}: a reply with no choices: {resp.text[:300]}")
-                    return choices[0], data.get("usage") or {}
+                    try:
+                        return resp.json()
+                    except ValueError as err:
+                        raise RequestFailed(f"{endpoint}{path}: not JSON: {resp.text[:300]}") from err
                 problem = f"{endpoint}{path}: HTTP {resp.status_code}: {resp.text[:300]}"
                 if resp.status_code not in TRANSIENT_STATUS:
                     raise RequestFailed(problem)
