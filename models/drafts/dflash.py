@@ -6,6 +6,11 @@ of the context (the residual stream after chosen target layers, concatenated, pr
 normalised) are injected as extra keys and values in every draft layer: a slot attends to the whole
 block bidirectionally and to context positions strictly before its anchor.
 
+Training packs many anchor blocks of many sequences into one pass (`pack_blocks`). Who may attend to
+whom is kept as token-level index vectors (sequence, position, anchor, block of every row), and attention
+runs in chunks of queries, each given only the keys it can see and the mask over those, so no
+[all queries x all keys] matrix is formed; the same code path serves inference (one block).
+
 The draft shares the target's width and reuses its input embedding and LM head, frozen; only `fc`,
 `hidden_norm`, the decoder layers and the final `norm` are trained and saved. Weight names follow the
 released DFlash checkpoints (`fc`, `hidden_norm`, `layers.N.self_attn.q_proj`, ..., `norm`).
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -27,6 +32,7 @@ from deepspec.models.errors import ConfigError
 
 ARCHITECTURE = "DFlashDraftModel"
 WEIGHTS_FILE = "model.safetensors"
+ATTENTION_CHUNK_ROWS = 1024  # block rows (queries) per attention call in training; rounded to whole blocks
 
 
 @dataclass
@@ -151,7 +157,7 @@ class DFlashAttention(nn.Module):
         context: torch.Tensor,  # [n_c, d] projected target features
         block_rope: tuple[torch.Tensor, torch.Tensor],
         context_rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None,  # [n_q, n_c + n_q] bool, True = may attend; None = attend to all
+        chunks: list[AttentionChunk],
     ) -> torch.Tensor:
         cfg = self.cfg
         q = self._heads(self.q_proj(block), cfg.num_attention_heads)
@@ -164,10 +170,21 @@ class DFlashAttention(nn.Module):
         k = apply_rotary(
             k, torch.cat([context_rope[0], block_rope[0]]), torch.cat([context_rope[1], block_rope[1]])
         )
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, enable_gqa=True
-        )
-        return self.o_proj(out[0].transpose(0, 1).reshape(block.shape[0], -1))
+        n_c = context.shape[0]
+        outputs = []
+        for chunk in chunks:  # one SDPA call per chunk of queries, on the keys that chunk can see
+            c, b = chunk.context, chunk.blocks
+            if c.stop - c.start == n_c and b.stop - b.start == block.shape[0]:
+                k_chunk, v_chunk = k, v  # every key: no copy
+            else:
+                k_chunk = torch.cat([k[:, c], k[:, n_c + b.start : n_c + b.stop]], dim=1)
+                v_chunk = torch.cat([v[:, c], v[:, n_c + b.start : n_c + b.stop]], dim=1)
+            out = F.scaled_dot_product_attention(
+                q[None, :, chunk.queries], k_chunk[None], v_chunk[None], attn_mask=chunk.mask, enable_gqa=True
+            )
+            outputs.append(out[0])
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        return self.o_proj(out.transpose(0, 1).reshape(block.shape[0], -1))
 
 
 class DFlashMLP(nn.Module):
@@ -189,25 +206,49 @@ class DFlashLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = DFlashMLP(cfg)
 
-    def forward(self, x, context, block_rope, context_rope, mask):
-        x = x + self.self_attn(self.input_layernorm(x), context, block_rope, context_rope, mask)
+    def forward(self, x, context, block_rope, context_rope, chunks):
+        x = x + self.self_attn(self.input_layernorm(x), context, block_rope, context_rope, chunks)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 @dataclass
 class PackedBlocks:
-    """Many anchor blocks from many sequences, flattened for one attention call per layer.
+    """Many anchor blocks from many sequences, flattened for one attention pass per layer.
 
     Context rows are the target features of every position of every sequence; block rows are
-    `block_size` slots per anchor. `mask[i, j]` says whether block row i may attend to key j, where keys
-    are the context rows followed by the block rows.
+    `block_size` slots per anchor. Who may attend to whom is held as token-level index vectors, never as
+    a [queries x keys] matrix: block row i may attend to
+
+    - context row j  iff  block_sequence[i] == context_sequence[j] and context_positions[j] < block_anchor[i]
+    - block row j    iff  block_index[i] == block_index[j]  (the whole block, both ways)
+
+    `attention_mask` evaluates that rule for a range of rows; the draft builds it one chunk of queries at a
+    time (`attention_chunks`). Every field is a tensor, so `PackedBlocks(**{f: t.to(device) ...})` works.
     """
 
     context_features: torch.Tensor  # [n_c, L*d]
     context_positions: torch.Tensor  # [n_c]
-    block_ids: torch.Tensor  # [n_anchors * B]
-    block_positions: torch.Tensor  # [n_anchors * B]
-    mask: torch.Tensor  # [n_anchors * B, n_c + n_anchors * B] bool
+    context_sequence: torch.Tensor  # [n_c] sequence of each context row
+    block_ids: torch.Tensor  # [n_q] anchor token, then mask tokens
+    block_positions: torch.Tensor  # [n_q] RoPE position: anchor + slot
+    block_sequence: torch.Tensor  # [n_q] sequence of each block row
+    block_anchor: torch.Tensor  # [n_q] anchor of the row's block: it sees context positions before it
+    block_index: torch.Tensor  # [n_q] which block the row belongs to
+
+    def to(self, device) -> PackedBlocks:
+        return PackedBlocks(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def attention_mask(
+        self, rows: slice = slice(None), context: slice = slice(None), blocks: slice = slice(None)
+    ) -> torch.Tensor:
+        """[rows, context keys + block keys] bool, True = may attend, for block rows `rows` against the
+        context rows `context` followed by the block rows `blocks` (all of them by default)."""
+        seq, anchor, index = self.block_sequence[rows], self.block_anchor[rows], self.block_index[rows]
+        sees_context = (seq[:, None] == self.context_sequence[None, context]) & (
+            self.context_positions[None, context] < anchor[:, None]
+        )
+        sees_block = index[:, None] == self.block_index[None, blocks]
+        return torch.cat([sees_context, sees_block], dim=1)
 
 
 def pack_blocks(
@@ -216,35 +257,95 @@ def pack_blocks(
     block_size: int,
     mask_token_id: int,
 ) -> PackedBlocks:
-    """sequences: (input_ids [T], features [T, L*d]) each; anchors: anchor positions per sequence."""
-    feats, ctx_pos, ctx_seq, blk_ids, blk_pos, blk_seq, blk_anchor, blk_block = [], [], [], [], [], [], [], []
-    block_index = 0
+    """sequences: (input_ids [T], features [T, L*d]) each; anchors: anchor positions per sequence.
+
+    Rows come out grouped by sequence, context rows in position order and block rows block by block,
+    the order `attention_chunks` uses to give each chunk of queries only the keys it can see.
+    """
+    ctx_pos, ctx_seq, blk_anchor, blk_seq = [], [], [], []
+    for s, ((ids, _), anchor_pos) in enumerate(zip(sequences, anchors, strict=True)):
+        ctx_pos.append(torch.arange(ids.shape[0]))
+        ctx_seq.append(torch.full((ids.shape[0],), s))
+        blk_anchor.append(anchor_pos.long().cpu())
+        blk_seq.append(torch.full((anchor_pos.numel(),), s))
+    anchor_t, seq_t = torch.cat(blk_anchor), torch.cat(blk_seq)  # one entry per block
+    offsets = torch.cumsum(torch.tensor([0] + [ids.shape[0] for ids, _ in sequences[:-1]]), 0)
+    anchor_tokens = torch.cat([ids.cpu() for ids, _ in sequences])[offsets[seq_t] + anchor_t]
+    tokens = torch.full((anchor_t.numel(), block_size), mask_token_id, dtype=torch.long)
+    tokens[:, 0] = anchor_tokens
     slots = torch.arange(block_size)
-    for s, ((ids, features), anchor_pos) in enumerate(zip(sequences, anchors, strict=True)):
-        n = ids.shape[0]
-        feats.append(features)
-        ctx_pos.append(torch.arange(n))
-        ctx_seq.append(torch.full((n,), s))
-        for p in anchor_pos.tolist():
-            tokens = torch.full((block_size,), mask_token_id, dtype=torch.long)
-            tokens[0] = ids[p]
-            blk_ids.append(tokens)
-            blk_pos.append(p + slots)
-            blk_seq.append(torch.full((block_size,), s))
-            blk_anchor.append(torch.full((block_size,), p))
-            blk_block.append(torch.full((block_size,), block_index))
-            block_index += 1
-    ctx_pos_t, ctx_seq_t = torch.cat(ctx_pos), torch.cat(ctx_seq)
-    blk_seq_t, blk_anchor_t, blk_block_t = torch.cat(blk_seq), torch.cat(blk_anchor), torch.cat(blk_block)
-    sees_context = (blk_seq_t[:, None] == ctx_seq_t[None, :]) & (ctx_pos_t[None, :] < blk_anchor_t[:, None])
-    sees_block = blk_block_t[:, None] == blk_block_t[None, :]
     return PackedBlocks(
-        context_features=torch.cat(feats),
-        context_positions=ctx_pos_t,
-        block_ids=torch.cat(blk_ids),
-        block_positions=torch.cat(blk_pos),
-        mask=torch.cat([sees_context, sees_block], dim=1),
+        context_features=torch.cat([features for _, features in sequences]),
+        context_positions=torch.cat(ctx_pos),
+        context_sequence=torch.cat(ctx_seq),
+        block_ids=tokens.reshape(-1),
+        block_positions=(anchor_t[:, None] + slots[None, :]).reshape(-1),
+        block_sequence=seq_t.repeat_interleave(block_size),
+        block_anchor=anchor_t.repeat_interleave(block_size),
+        block_index=torch.arange(anchor_t.numel()).repeat_interleave(block_size),
     )
+
+
+def sample_anchors(loss_mask: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Up to `count` anchor positions, sorted, drawn without replacement with `generator` among the
+    positions p where token p is supervised (an assistant token) and so is token p + 1 (slot 0's label).
+
+    This is upstream's candidate rule (`build_anchor_candidate_mask`: loss_mask[p] & loss_mask[p + 1]).
+    A sequence without a candidate gets one dummy anchor at its last position: its slots lie past the
+    end, so all its labels are ignored, and every rank still runs the same forward/backward sequence.
+    """
+    mask = loss_mask.bool().cpu()
+    candidates = torch.nonzero(mask[:-1] & mask[1:]).flatten()
+    if candidates.numel() == 0:
+        return torch.tensor([max(mask.shape[0] - 1, 0)])
+    if candidates.numel() > count:
+        candidates = candidates[torch.randperm(candidates.numel(), generator=generator)[:count]]
+    return candidates.sort().values
+
+
+@dataclass
+class AttentionChunk:
+    """A range of block rows (queries), the context and block rows it may see, and its mask over them."""
+
+    queries: slice
+    context: slice
+    blocks: slice
+    mask: torch.Tensor  # [queries, context + blocks] bool
+
+
+def attention_chunks(packed: PackedBlocks, chunk_rows: int | None) -> list[AttentionChunk]:
+    """Split the block rows into chunks of at most `chunk_rows` queries (None: one chunk, every key).
+
+    When rows are in `pack_blocks`'s order, a chunk's keys are narrowed to the context rows of its
+    sequences up to its last anchor and to the rows of its own blocks, so that masks scale with
+    chunk x (one sequence's context + chunk) instead of all queries x all keys. In any other order every
+    chunk keeps all keys; the masks follow the same rule either way.
+    """
+    n_q, n_c = packed.block_ids.shape[0], packed.context_features.shape[0]
+    if chunk_rows is None:
+        return [AttentionChunk(slice(0, n_q), slice(0, n_c), slice(0, n_q), packed.attention_mask())]
+    seq, pos, index = packed.context_sequence, packed.context_positions, packed.block_index
+    width = int(pos.max()) + 2 if n_c else 1
+    key = seq * width + pos  # context rows sorted by (sequence, position) iff strictly increasing
+    ordered = bool((key[1:] > key[:-1]).all()) and all(
+        bool((x[1:] >= x[:-1]).all()) for x in (packed.block_sequence, index)
+    )
+    chunks = []
+    for start in range(0, n_q, chunk_rows):
+        rows = slice(start, min(start + chunk_rows, n_q))
+        context, blocks = slice(0, n_c), slice(0, n_q)
+        if ordered:
+            row_seq = packed.block_sequence[rows]
+            first, last = row_seq[0], row_seq[-1]
+            last_anchor = packed.block_anchor[rows][row_seq == last].max()
+            bounds = torch.stack([first * width, last * width + last_anchor]).to(key.dtype)
+            lo, hi = torch.searchsorted(key, bounds).tolist()
+            context = slice(lo, hi)
+            b_lo = int(torch.searchsorted(index, index[rows][:1]))
+            b_hi = int(torch.searchsorted(index, index[rows][-1:], right=True))
+            blocks = slice(b_lo, b_hi)
+        chunks.append(AttentionChunk(rows, context, blocks, packed.attention_mask(rows, context, blocks)))
+    return chunks
 
 
 class DFlashDraft(nn.Module):
@@ -252,6 +353,7 @@ class DFlashDraft(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.block_size = cfg.block_size
+        self.attention_chunk_rows: int | None = ATTENTION_CHUNK_ROWS
         self.fc = nn.Linear(cfg.num_target_features * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.layers = nn.ModuleList(DFlashLayer(cfg) for _ in range(cfg.num_hidden_layers))
@@ -270,15 +372,23 @@ class DFlashDraft(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(("embed_tokens.", "lm_head."))}
 
     def hidden(self, packed: PackedBlocks) -> torch.Tensor:
-        """Final normalised hidden states of every block slot: [n_anchors * B, d]."""
+        """Final normalised hidden states of every block slot: [n_anchors * B, d].
+
+        Attention runs in chunks of `attention_chunk_rows` queries (None: one call with the whole mask);
+        the chunks and their masks are built once and shared by every layer.
+        """
         cfg = self.cfg
         dtype = self.fc.weight.dtype
         context = self.hidden_norm(self.fc(packed.context_features.to(dtype)))
         x = self.embed_tokens(packed.block_ids).to(dtype) * cfg.embed_scale
         block_rope = rotary(packed.block_positions, cfg.head_dim, cfg.rope_theta)
         context_rope = rotary(packed.context_positions, cfg.head_dim, cfg.rope_theta)
+        rows = self.attention_chunk_rows
+        if rows is not None:
+            rows = max(1, rows // self.block_size) * self.block_size  # whole blocks per chunk
+        chunks = attention_chunks(packed, rows)
         for layer in self.layers:
-            x = layer(x, context, block_rope, context_rope, packed.mask)
+            x = layer(x, context, block_rope, context_rope, chunks)
         return self.norm(x)
 
     def forward(self, packed: PackedBlocks) -> torch.Tensor:
@@ -291,12 +401,16 @@ class DFlashDraft(nn.Module):
         device = self.fc.weight.device
         ids = torch.full((self.block_size,), self.cfg.mask_token_id, dtype=torch.long, device=device)
         ids[0] = anchor_token
+        zeros = torch.zeros(self.block_size, dtype=torch.long, device=device)
         packed = PackedBlocks(
             context_features=context_features.to(device),
             context_positions=torch.arange(p, device=device),
+            context_sequence=torch.zeros(p, dtype=torch.long, device=device),
             block_ids=ids,
             block_positions=p + torch.arange(self.block_size, device=device),
-            mask=None,  # one block sees all of its context and itself
+            block_sequence=zeros,
+            block_anchor=zeros + p,  # one block that sees all of its context and itself
+            block_index=zeros,
         )
         return self.lm_head(self.hidden(packed)).float()
 

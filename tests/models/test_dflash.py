@@ -1,4 +1,5 @@
-"""DFlash draft: masks, train/inference agreement, frozen target weights, save/load."""
+"""DFlash draft: masks, chunked attention, anchors, train/inference agreement, frozen target weights,
+save/load."""
 
 import math
 
@@ -6,7 +7,16 @@ import pytest
 import torch
 from transformers import LlamaConfig, Qwen3Config
 
-from deepspec.models.drafts.dflash import DFlashConfig, DFlashDraft, load_draft, pack_blocks, save_draft
+from deepspec.models.drafts.dflash import (
+    DFlashConfig,
+    DFlashDraft,
+    PackedBlocks,
+    attention_chunks,
+    load_draft,
+    pack_blocks,
+    sample_anchors,
+    save_draft,
+)
 from deepspec.models.errors import ConfigError
 
 torch.set_num_threads(1)
@@ -40,15 +50,95 @@ def test_mask_matches_brute_force_definition():
     seqs = random_sequences(2, 32)
     anchors = [torch.tensor([2, 6, 10]), torch.tensor([0, 4])]
     packed = pack_blocks(seqs, anchors, block_size=3, mask_token_id=3)
+    mask = packed.attention_mask()
     rows = [(s, p, k) for s, a in enumerate(anchors) for p in a.tolist() for k in range(3)]
     keys_ctx = [(s, j) for s, (ids, _) in enumerate(seqs) for j in range(ids.shape[0])]
+    assert mask.shape == (len(rows), len(keys_ctx) + len(rows))
     for i, (s, p, _) in enumerate(rows):
         for j, (s2, pos) in enumerate(keys_ctx):
-            assert packed.mask[i, j].item() == (s == s2 and pos < p), (i, j)
+            assert mask[i, j].item() == (s == s2 and pos < p), (i, j)
         for j, (s2, p2, _) in enumerate(rows):
-            assert packed.mask[i, len(keys_ctx) + j].item() == (s == s2 and p == p2), (i, j)
+            assert mask[i, len(keys_ctx) + j].item() == (s == s2 and p == p2), (i, j)
     assert packed.block_ids.tolist()[:3] == [seqs[0][0][2].item(), 3, 3]
     assert packed.block_positions.tolist()[:3] == [2, 3, 4]
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 2, 3, 5, 7, 100])
+def test_chunks_see_every_allowed_key(chunk_rows):
+    """Each chunk's narrowed keys hold every key its rows may attend to, and its mask is the full
+    mask's restriction to them."""
+    seqs = random_sequences(2, 32, lengths=(12, 9, 10))
+    packed = pack_blocks(seqs, [torch.tensor([2, 6, 10]), torch.tensor([0, 4]), torch.tensor([7])], 3, 3)
+    full = packed.attention_mask()
+    n_c = packed.context_features.shape[0]
+    chunks = attention_chunks(packed, chunk_rows)
+    assert [c.queries.start for c in chunks] == list(range(0, full.shape[0], chunk_rows))
+    assert chunks[-1].queries.stop == full.shape[0]
+    narrowed = False
+    for chunk in chunks:
+        keys = torch.cat([torch.arange(n_c)[chunk.context], n_c + torch.arange(full.shape[0])[chunk.blocks]])
+        rows = full[chunk.queries]
+        assert torch.equal(chunk.mask, rows[:, keys])
+        assert rows.sum() == chunk.mask.sum()  # no allowed key left out
+        narrowed |= keys.numel() < full.shape[1]
+    assert narrowed or chunk_rows >= full.shape[0]
+
+
+def test_unordered_rows_keep_every_key():
+    seqs = random_sequences(2, 32)
+    packed = pack_blocks(seqs, [torch.tensor([2, 6]), torch.tensor([4])], 3, 3)
+    order = torch.tensor([6, 7, 8, 0, 1, 2, 3, 4, 5])  # the second sequence's block first
+    shuffled = PackedBlocks(
+        **{
+            name: getattr(packed, name)[order] if name.startswith("block_") else getattr(packed, name)
+            for name in vars(packed)
+        }
+    )
+    for chunk in attention_chunks(shuffled, 3):
+        assert chunk.mask.shape[1] == packed.context_features.shape[0] + order.numel()
+        assert torch.equal(chunk.mask, shuffled.attention_mask()[chunk.queries])
+
+
+@pytest.mark.parametrize("target_config", [LLAMA, QWEN3], ids=["llama", "qwen3"])
+def test_chunked_attention_matches_one_call(target_config):
+    draft = tiny_draft(target_config)
+    seqs = random_sequences(2, 32, lengths=(12, 9, 10))
+    packed = pack_blocks(seqs, [torch.tensor([1, 5, 11]), torch.tensor([3, 8]), torch.tensor([0, 6])], 4, 3)
+    outputs, grads = [], []
+    for rows in (None, 4, 8, 12, 1000):
+        draft.zero_grad()
+        draft.attention_chunk_rows = rows
+        hidden = draft(packed)
+        draft.lm_head(hidden).logsumexp(-1).sum().backward()
+        outputs.append(hidden.detach())
+        grads.append([p.grad.clone() for p in draft.parameters() if p.requires_grad])
+    for out, grad in zip(outputs[1:], grads[1:], strict=True):
+        torch.testing.assert_close(out, outputs[0], atol=1e-5, rtol=1e-5)
+        for g, g0 in zip(grad, grads[0], strict=True):
+            torch.testing.assert_close(g, g0, atol=1e-5, rtol=1e-4)
+
+
+def test_anchors_need_a_supervised_token_and_a_supervised_next_token():
+    mask = torch.tensor([0, 0, 1, 1, 1, 0, 1, 1, 0, 1])
+    allowed = {2, 3, 6}  # 1: prompt token; 4, 7: next token unsupervised; 9: no next token
+    for seed in range(20):
+        anchors = sample_anchors(mask, 2, torch.Generator().manual_seed(seed))
+        assert len(anchors) == 2 and set(anchors.tolist()) <= allowed
+        assert anchors.tolist() == sorted(set(anchors.tolist()))  # sorted, no repeats
+    assert sample_anchors(mask, 10, torch.Generator().manual_seed(0)).tolist() == [2, 3, 6]
+    draws = {tuple(sample_anchors(mask, 2, torch.Generator().manual_seed(s)).tolist()) for s in range(20)}
+    assert len(draws) == 3  # every pair is drawn
+    same = [sample_anchors(mask, 2, torch.Generator().manual_seed(7)).tolist() for _ in range(2)]
+    assert same[0] == same[1]
+
+
+def test_sequence_without_candidates_gets_an_unsupervised_dummy_anchor():
+    from deepspec.models.losses import IGNORE, block_labels
+
+    ids, mask = torch.arange(5), torch.tensor([0, 1, 0, 1, 0])
+    anchors = sample_anchors(mask, 4, torch.Generator().manual_seed(0))
+    assert anchors.tolist() == [4]
+    assert (block_labels(ids, mask, anchors, 3) == IGNORE).all()
 
 
 @pytest.mark.parametrize("target_config", [LLAMA, QWEN3], ids=["llama", "qwen3"])
