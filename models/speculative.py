@@ -6,6 +6,12 @@ drafts plus one token of its own, so the output has exactly the target's distrib
 2023, "Fast Inference from Transformers via Speculative Decoding"; Chen et al. 2023). At temperature 0
 both sides are one-hot and the rule reduces to "accept while the draft equals the target's argmax".
 
+Drafters differ in what they read and how they draft (`Drafter`): DFlash reads the context's target
+features, Eagle3 also its token ids (`context_ids`), and DSpark samples its chain slot by slot, each slot
+conditioned on the token drawn before it, so it hands over the tokens with the law q each was drawn from
+(`propose`) rather than logits to draw from. Any proposal keeps decoding lossless, as long as every draft
+is drawn from the q the acceptance rule is given.
+
 The acceptance rule is one small function, `accept_or_resample`, so that a test can swap in a broken one
 and see the losslessness test fail. Sampling runs on CPU in float32 with the caller's generator, so a
 seed gives the same tokens on any device.
@@ -13,7 +19,8 @@ seed gives the same tokens on any device.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -25,7 +32,11 @@ from deepspec.models.target import TargetRunner
 
 
 class Drafter(Protocol):
-    """What speculative decoding needs from a draft model."""
+    """What speculative decoding needs from a draft model.
+
+    A drafter whose `draft_logits` (or `propose`) declares a keyword `context_ids` also gets the token ids
+    of positions 0..p-1 (a [p] int64 tensor on CPU): Eagle3 reads them, DFlash does without.
+    """
 
     block_size: int
 
@@ -33,8 +44,31 @@ class Drafter(Protocol):
         """[block_size, vocab] logits; row k is the distribution of the token at position p + k + 1.
 
         `context_features` are the target features of positions 0..p-1; the anchor sits at position p.
+        Rows must not depend on the tokens drafted from them (feed the argmax chain back, not samples).
         """
         ...
+
+
+class Proposal(Protocol):
+    tokens: list[int]  # the drafted chain, at most block_size tokens
+    probs: torch.Tensor  # [len(tokens), vocab] float32 on CPU: the law each token was drawn from
+
+
+class ProposingDrafter(Drafter, Protocol):
+    """A drafter that draws its own chain (DSpark): slot k's law may depend on the tokens drawn before it.
+
+    `speculative_generate` uses `propose` rather than `draft_logits` whenever a drafter has it. At
+    temperature 0 the laws are one-hot on the argmax chain, the chain `draft_logits` describes.
+    """
+
+    def propose(
+        self,
+        context_features: torch.Tensor,
+        anchor_token: int,
+        *,
+        temperature: float,
+        generator: torch.Generator | None,
+    ) -> Proposal: ...
 
 
 @dataclass
@@ -76,6 +110,36 @@ def accept_or_resample(
     return False, _draw(residual / total, generator)
 
 
+def _takes_context_ids(method: Callable) -> bool:
+    try:
+        return "context_ids" in inspect.signature(method).parameters
+    except (TypeError, ValueError):  # no signature to read: a builtin or C extension
+        return False
+
+
+def _draft(
+    drafter: Drafter,
+    context_features: torch.Tensor,
+    context_ids: torch.Tensor,
+    anchor: int,
+    temperature: float,
+    generator: torch.Generator | None,
+) -> tuple[list[int], torch.Tensor]:
+    """One round's drafts and the laws q they were drawn from ([n, vocab] on CPU, n <= block size)."""
+    propose = getattr(drafter, "propose", None)
+    method = propose if propose is not None else drafter.draft_logits
+    extra = {"context_ids": context_ids} if _takes_context_ids(method) else {}
+    if propose is not None:
+        proposal = propose(context_features, anchor, temperature=temperature, generator=generator, **extra)
+        q = proposal.probs.float().cpu()
+        assert len(proposal.tokens) == q.shape[0] <= drafter.block_size, (len(proposal.tokens), q.shape)
+        return [int(t) for t in proposal.tokens], q
+    logits = drafter.draft_logits(context_features, anchor, **extra)
+    assert logits.shape[0] == drafter.block_size, (tuple(logits.shape), drafter.block_size)
+    q = _probs(logits, temperature)
+    return [_draw(q[k], generator) for k in range(q.shape[0])], q
+
+
 def _stop_index(tokens: Sequence[int], eos_token_ids: set[int]) -> int | None:
     for i, token in enumerate(tokens):
         if token in eos_token_ids:
@@ -107,22 +171,22 @@ def speculative_generate(
     prefill = runner.extend(torch.tensor(list(prompt_ids), dtype=torch.long))
     # target features of every committed position, in a buffer sized for the longest possible output
     n_ctx = prefill.features.shape[0]
-    context = prefill.features.new_empty((n_ctx + max_new_tokens + block_size + 1, prefill.features.shape[1]))
+    capacity = n_ctx + max_new_tokens + block_size + 1
+    context = prefill.features.new_empty((capacity, prefill.features.shape[1]))
     context[:n_ctx] = prefill.features
+    context_ids = torch.empty(capacity, dtype=torch.long)  # the token of every committed position
+    context_ids[:n_ctx] = torch.tensor(list(prompt_ids), dtype=torch.long)
     anchor = _draw(_probs(prefill.logits[-1], temperature), generator)
     result.tokens.append(anchor)
     vocab = prefill.logits.shape[-1]
 
     while len(result.tokens) < max_new_tokens and anchor not in eos_token_ids:
-        draft_logits = drafter.draft_logits(context[:n_ctx], anchor)
-        if draft_logits.shape[-1] != vocab:
+        drafts, q = _draft(drafter, context[:n_ctx], context_ids[:n_ctx], anchor, temperature, generator)
+        if q.shape[-1] != vocab:
             raise ConfigError(
-                f"draft vocabulary {draft_logits.shape[-1]} differs from the target's {vocab}: "
+                f"draft vocabulary {q.shape[-1]} differs from the target's {vocab}: "
                 "the draft was built for another target"
             )
-        assert draft_logits.shape[0] == block_size, (tuple(draft_logits.shape), block_size)
-        q = _probs(draft_logits, temperature)
-        drafts = [_draw(q[k], generator) for k in range(block_size)]
 
         start = runner.length
         step = runner.extend(torch.tensor([anchor, *drafts], dtype=torch.long))
@@ -134,12 +198,13 @@ def speculative_generate(
                 nxt = replacement
                 break
             n_accepted += 1
-        if nxt is None:  # every draft kept: a bonus token from the last row
-            nxt = _draw(p[block_size], generator)
+        if nxt is None:  # every draft kept: a bonus token from the row after the last one
+            nxt = _draw(p[len(drafts)], generator)
         result.accepted.append(n_accepted)
 
         runner.rollback(start + 1 + n_accepted)  # the anchor and the kept drafts stay in the cache
         context[n_ctx : n_ctx + n_accepted + 1] = step.features[: n_accepted + 1]
+        context_ids[n_ctx : n_ctx + n_accepted + 1] = torch.tensor([anchor, *drafts[:n_accepted]])
         n_ctx += n_accepted + 1
         new = [*drafts[:n_accepted], nxt]
         stop = _stop_index(new, eos_token_ids)

@@ -24,7 +24,12 @@ raises DataError naming it.
 Online mode (`storage.mode: online`) needs no storage: the stream renders `<run_dir>/regen/answers.jsonl`
 exactly as the cache stage does and runs the target over a few upcoming samples at a time, in batches
 sorted by length; features are rounded through bfloat16, as the cache stores them, so both modes train on
-the same numbers.
+the same numbers. With `final_hidden=True` its samples also carry the target's final (normalised) hidden
+state, `final_hidden` [T, d], from the same forward: the teacher of Eagle3 and DSpark (`train.py`
+recomputes it from the cache in cached mode).
+
+`supervised_token_counts` counts the supervised tokens of the whole data set without reading features
+(Eagle3's reduced draft vocabulary).
 """
 
 from __future__ import annotations
@@ -417,10 +422,12 @@ class OnlineStream(_Streaming):
         tokens_per_batch: int = ONLINE_TOKENS_PER_BATCH,
         lookahead: int = ONLINE_LOOKAHEAD,
         features_dtype: torch.dtype = torch.float32,
+        final_hidden: bool = False,
     ):
         from deepspec.models.target import check_layer_ids
         from deepspec.tasks.cache import read_answers
 
+        self.final_hidden = final_hidden
         self.answers = Path(answers)
         self.tokenizer, self.model = tokenizer, model
         self.layer_ids = check_layer_ids(list(layer_ids), model.config.num_hidden_layers)
@@ -472,7 +479,12 @@ class OnlineStream(_Streaming):
                 n = len(rendered[i][0])
                 ids[j, :n] = torch.tensor(rendered[i][0], dtype=torch.long)
                 attention[j, :n] = 1
-            features = capture_features(self.model, ids.to(device), self.layer_ids, attention.to(device))
+            final = None
+            if self.final_hidden:
+                features, final = _features_and_final(self.model, ids.to(device), self.layer_ids, attention)
+                final = final.to(device="cpu", dtype=self.features_dtype)
+            else:
+                features = capture_features(self.model, ids.to(device), self.layer_ids, attention.to(device))
             features = features.to(device="cpu", dtype=torch.bfloat16).to(self.features_dtype)
             for j, i in enumerate(batch):
                 n = len(rendered[i][0])
@@ -483,7 +495,18 @@ class OnlineStream(_Streaming):
                     "features": features[j, :n].clone(),
                     "num_tokens": n,
                 }
+                if final is not None:
+                    out[i]["final_hidden"] = final[j, :n].clone()
         return out
+
+
+@torch.no_grad()
+def _features_and_final(model, input_ids, layer_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """`capture_features` and the final normalised hidden state [batch, seq, d] of the same forward."""
+    out = model.model(
+        input_ids=input_ids, attention_mask=attention_mask.to(input_ids.device), output_hidden_states=True
+    )
+    return torch.cat([out.hidden_states[i + 1] for i in layer_ids], dim=-1), out.last_hidden_state
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -499,9 +522,11 @@ def open_stream(
     epochs: int | None = None,
     device: torch.device | str | None = None,
     verify: bool = False,
+    final_hidden: bool = False,
 ) -> CacheStream | OnlineStream:
     """The stream `storage.mode` asks for: the cache at `storage.url` (validated against the config) or
-    the target run online over the regenerated answers."""
+    the target run online over the regenerated answers. `final_hidden` adds the target's final hidden
+    state to online samples; the cache does not hold it."""
     from deepspec.models.target import load_target, load_tokenizer
 
     t = cfg.target
@@ -533,7 +558,50 @@ def open_stream(
         world_size=world_size,
         seed=int(cfg.train.seed),
         epochs=epochs,
+        final_hidden=final_hidden,
     )
+
+
+def supervised_token_counts(cfg: DictConfig, tokenizer, vocab_size: int) -> torch.Tensor:
+    """How often each token id is supervised over the whole training data: [vocab_size] int64.
+
+    Cached mode reads only the `input_ids` and `loss_mask` columns of the cache's shards; online mode
+    renders the answers as `OnlineStream` does. Every rank computes the same counts.
+    """
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+
+    def add(ids, mask) -> None:
+        supervised = torch.as_tensor(np.asarray(ids, dtype=np.int64)[np.asarray(mask, dtype=bool)])
+        counts.add_(torch.bincount(supervised, minlength=vocab_size)[:vocab_size])
+
+    if storage_mode(cfg) == "online":
+        from deepspec.tasks.cache import read_answers
+
+        options = render_options(cfg)
+        for row in read_answers(answers_file(cfg)):
+            rendered = render_conversation(tokenizer, row["conversations"], **options)
+            add(rendered.input_ids, rendered.loss_mask)
+        return counts
+    import posixpath
+
+    import pyarrow as pa
+
+    from deepspec.tasks.target_cache import SCHEMA
+
+    url, options = str(cfg.storage.url), OmegaConf.to_container(cfg.storage.storage_options, resolve=True)
+    fs, root = open_fs(url, options)
+    columns = ["input_ids", "loss_mask", "num_tokens"]
+    only = pa.ipc.IpcReadOptions(included_fields=[SCHEMA.get_field_index(c) for c in columns])
+    for shard in read_manifest(url, options).shards:
+        with fs.open(posixpath.join(root, shard["name"]), "rb") as f:
+            reader = pa.ipc.open_file(f, options=only)  # the feature column is never read
+            for i in range(reader.num_record_batches):
+                batch = reader.get_batch(i)
+                n = batch.column("num_tokens")[0].as_py()
+                packed = np.frombuffer(batch.column("loss_mask")[0].as_buffer(), dtype=np.uint8)
+                mask = np.unpackbits(packed, count=n, bitorder="little")  # as the cache writes it
+                add(batch.column("input_ids")[0].values.to_numpy(zero_copy_only=False), mask)
+    return counts
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -16,6 +16,10 @@ second (the wall-clock ratio when both produce the same tokens, as at temperatur
 `greedy_match` is the fraction of prompts whose speculative output equals the plain one, which
 losslessness makes 1 up to floating-point ties.
 
+The draft is the one the train stage wrote, DFlash, Eagle3 or DSpark, as its saved `config.json`
+names it (`models.drafts.load_draft`); it must be of `algo.name`. Eagle3 also reads the context's token
+ids and DSpark samples its own chain at temperatures above 0 (`models/speculative.py`).
+
 Output: `<run_dir>/eval/results.json`, then `_DONE.json` with the hash of the target, algo and eval
 config and of the draft weights file; a re-run with both unchanged skips the stage.
 """
@@ -37,7 +41,7 @@ from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
 from deepspec.models.chat import end_of_turn_ids, render_prompt
-from deepspec.models.errors import DataError, DeepSpecError
+from deepspec.models.errors import ConfigError, DataError, DeepSpecError
 from deepspec.models.speculative import (
     Drafter,
     SpecResult,
@@ -49,6 +53,7 @@ from deepspec.models.target import input_embeddings, load_target, output_head
 from deepspec.tasks import tracking
 from deepspec.tasks.config import config_hash, run_path
 from deepspec.tasks.stage_io import atomic_write_text, mark_done, read_done
+from deepspec.tasks.train import algo_identity
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +171,8 @@ def _valid_results(path: Path, benchmarks: list[str]) -> dict | None:
 
 
 def _trained_draft(cfg: DictConfig) -> tuple[Path, Path]:
-    """The draft directory and weights file the train stage of this run wrote."""
+    """The draft directory and weights file the train stage of this run wrote, checked to be of algo.name."""
+    from deepspec.models.drafts import draft_algo
     from deepspec.models.drafts.dflash import WEIGHTS_FILE
     from deepspec.tasks.train import draft_dir
 
@@ -174,6 +180,12 @@ def _trained_draft(cfg: DictConfig) -> tuple[Path, Path]:
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise DeepSpecError(f"evaluate: no trained draft at {weights}; run `deepspec train` first")
+    found = draft_algo(directory)
+    if found != cfg.algo.name:
+        raise ConfigError(
+            f"evaluate: the draft at {directory} is a {found} draft, but algo={cfg.algo.name}; "
+            f"train again or evaluate with algo={found}"
+        )
     return directory, weights
 
 
@@ -185,7 +197,7 @@ def evaluate(
     """Run the benchmarks with speculative and plain decoding; write and return the results.
 
     `draft_loader()` returns the draft to evaluate and `draft_file` is its weights file (hashed, so a new
-    draft is evaluated again). Without them, the DFlash draft that the train stage of this run wrote.
+    draft is evaluated again). Without them, the draft that the train stage of this run wrote.
     """
     default_draft = draft_loader is None
     if default_draft:
@@ -196,7 +208,7 @@ def evaluate(
     stage = run_path(cfg, "eval")
     results_path = stage / RESULTS_FILE
     benchmarks = list(cfg.eval.benchmarks)
-    done_hash = config_hash(cfg.target, cfg.algo, cfg.eval, {"draft_sha256": draft_sha})
+    done_hash = config_hash(cfg.target, algo_identity(cfg), cfg.eval, {"draft_sha256": draft_sha})
     if read_done(stage, done_hash) is not None:
         results = _valid_results(results_path, benchmarks)
         if results is not None:
@@ -220,7 +232,7 @@ def evaluate(
     if torch.cuda.is_available():
         model.to("cuda")
     if default_draft:
-        from deepspec.models.drafts.dflash import load_draft
+        from deepspec.models.drafts import load_draft
 
         embed, head = input_embeddings(model).weight, output_head(model).weight
         drafter = load_draft(draft_path, embed, head).to(model.device)

@@ -1,4 +1,4 @@
-"""Train stage: a DFlash draft on the target cache, through a DeepSpeed engine.
+"""Train stage: a DFlash, Eagle3 or DSpark draft on the target cache, through a DeepSpeed engine.
 
 `train_task` (the Prefect wrapper) launches `torchrun -m deepspec.tasks.train <config>`; every rank runs
 `train_rank`, which streams its share of the samples (`cache_loader.py`: the target cache, or the target
@@ -9,6 +9,27 @@ and anchors the interrupted one would have seen next. Rank 0 writes the draft (`
 8 GPUs, or many nodes:
 
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:29500 -m deepspec.tasks.train LAUNCH.yaml
+
+`algo.name` picks a recipe, the one place the algorithms differ (draft, micro-batch loss, saved files);
+engine, optimizer, schedule, checkpoints and resume are shared:
+- dflash: anchors, packed blocks, cross-entropy against the data's next tokens, slot k weighted
+  exp(-k / loss_decay).
+- eagle3: whole right-padded sequences, a `block_size`-step training-time test against the target's
+  distribution, step k weighted step_decay^k; optionally a reduced draft vocabulary from the data.
+- dspark: DFlash's anchors and blocks plus each slot's previous token (`block_rows`), against the
+  target's distribution: ce_weight CE + l1_weight L1 + confidence_weight BCE.
+
+Teacher (Eagle3, DSpark): the target's distribution is its frozen LM head applied to its final
+(normalised) hidden state, only at the positions a loss reads. Online mode captures that state in the
+target forward that yields the features. The cache holds only the chosen layers, so in cached mode
+`Teacher` recomputes it: the cached feature of the last captured layer m (the residual stream after layer
+m) runs through the target's decoder layers m+1..L-1 and final norm, loaded alone (`load_target_tail`:
+causal attention over positions 0..T-1, as the target ran). For m = L-1 nothing runs: transformers
+records the normalised final state as the last layer's output, so the cached feature is the state
+itself. The recomputed teacher starts from the cache's rounded features (bf16 by default), so it
+differs from the online one by that rounding. Targets whose later layers read more than the residual
+stream (Gemma-4's per-layer inputs and shared keys/values) cannot be recomputed: a ConfigError says to
+train online or to capture layer L-1.
 """
 
 from __future__ import annotations
@@ -28,25 +49,42 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from torch import nn
 from tqdm import tqdm
 
-from deepspec.models.drafts.dflash import DFlashConfig, DFlashDraft, pack_blocks, save_draft
+from deepspec.models.drafts import check_algo_name
+from deepspec.models.drafts.dflash import DFlashConfig, DFlashDraft, pack_blocks, sample_anchors, save_draft
 from deepspec.models.errors import ConfigError, DeepSpecError
 from deepspec.models.losses import (
     block_labels,
+    chunked_dspark_loss,
     expected_accepted_length,
     slot_weights,
     weighted_block_cross_entropy,
 )
-from deepspec.models.target import load_embedding_and_head, load_tokenizer
+from deepspec.models.target import (
+    load_embedding_and_head,
+    load_target,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_source,
+)
 from deepspec.tasks import stage_io, tracking
-from deepspec.tasks.cache_loader import answers_file, open_stream, storage_mode
+from deepspec.tasks.cache_loader import answers_file, open_stream, storage_mode, supervised_token_counts
 from deepspec.tasks.config import config_hash, run_path
 from deepspec.tasks.target_cache import read_manifest
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ALGOS = ("dflash",)
+# algo fields each algorithm reads, beyond name, block_size and num_layers; the others stay null
+ALGO_FIELDS = {
+    "dflash": ("loss_decay", "anchors_per_sequence"),
+    "eagle3": ("step_decay",),
+    "dspark": (
+        "loss_decay", "anchors_per_sequence", "markov_rank", "markov_head_type", "confidence_head",
+        "confidence_head_with_markov", "ce_weight", "l1_weight", "confidence_weight",
+    ),
+}  # fmt: skip
 
 
 def stage_dir(cfg: DictConfig) -> Path:
@@ -57,8 +95,49 @@ def draft_dir(cfg: DictConfig) -> Path:
     return stage_dir(cfg) / "draft"
 
 
+def algo_identity(cfg: DictConfig) -> dict:
+    """The algo section without its null fields: what a draft depends on. A field added for another
+    algorithm leaves the hashes of existing runs, and so their finished stages, unchanged."""
+    algo = OmegaConf.to_container(cfg.algo, resolve=True)
+    return {k: v for k, v in algo.items() if v is not None}
+
+
 def train_hash(cfg: DictConfig) -> str:
-    return config_hash(cfg.target, cfg.storage, cfg.algo, cfg.train)
+    return config_hash(cfg.target, cfg.storage, algo_identity(cfg), cfg.train)
+
+
+def check_algo(cfg: DictConfig) -> None:
+    """Every problem of the algo section (and of the target layers it needs) at once, as a ConfigError."""
+    algo = cfg.algo
+    check_algo_name(algo.name)
+    problems = [
+        f"algo.{key} is null, and algo={algo.name} needs it (conf/algo/{algo.name}.yaml sets it)"
+        for key in ALGO_FIELDS[algo.name]
+        if algo.get(key) is None
+    ]
+    if algo.block_size < 1:
+        problems.append(f"algo.block_size={algo.block_size}: expected at least 1")
+    if algo.name == "eagle3":
+        from deepspec.models.drafts.eagle3 import NUM_FEATURE_LAYERS, default_layer_ids
+
+        if algo.num_layers != 1:
+            problems.append(f"algo.num_layers={algo.num_layers}: Eagle3 has exactly one decoder layer")
+        layer_ids = list(cfg.target.layer_ids)
+        if len(layer_ids) != NUM_FEATURE_LAYERS:
+            n = cfg.target.num_hidden_layers
+            usual = default_layer_ids(n) if n else []
+            hint = (
+                f"EAGLE3 takes layers 1, L/2 - 1 and L - 4: for this {n}-layer target pass "
+                f"'target.layer_ids=[{','.join(map(str, usual))}]'"
+                if len(set(usual)) == NUM_FEATURE_LAYERS
+                else "EAGLE3 takes layers 1, L/2 - 1 and L - 4 of an L-layer target"
+            )
+            problems.append(
+                f"target.layer_ids={layer_ids}: Eagle3 fuses exactly {NUM_FEATURE_LAYERS} target layers "
+                f"(low, mid, high); {hint}"
+            )
+    if problems:
+        raise ConfigError(f"algo={algo.name}: " + "; ".join(problems))
 
 
 def weights_sha256(path: Path) -> str:
@@ -123,20 +202,6 @@ def micro_batch_size(micro_step: int, samples_per_epoch: int, micro_batch: int) 
     return min(micro_batch, samples_per_epoch - index_in_epoch * micro_batch)
 
 
-def sample_anchors(loss_mask: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """Anchor positions among tokens whose next token is supervised (so slot 0 always has a label).
-
-    A sample with none still gets anchor 0 (its labels are all ignored), so every rank runs the same
-    forward/backward/step sequence and DeepSpeed's collectives stay matched.
-    """
-    candidates = torch.nonzero(loss_mask[1:].bool()).flatten()
-    if candidates.numel() == 0:
-        return torch.zeros(1, dtype=torch.long)
-    if candidates.numel() > count:
-        candidates = candidates[torch.randperm(candidates.numel(), generator=generator)[:count]]
-    return candidates.sort().values
-
-
 def lr_lambda(total_steps: int, warmup_ratio: float):
     warmup = max(1, int(total_steps * warmup_ratio))
 
@@ -175,10 +240,352 @@ def deepspeed_config(cfg: DictConfig, world_size: int) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------------------------------
+# Teacher: the target's distribution from its final hidden state
+
+
+class TargetTail(nn.Module):
+    """The target's decoder layers m+1..L-1 and final norm: its final hidden state from the residual
+    stream after layer m, run as the target runs it (causal attention, positions 0..T-1)."""
+
+    def __init__(self, base: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.base, self.dtype = base, dtype
+
+    @torch.no_grad()
+    def forward(self, residual: torch.Tensor) -> torch.Tensor:
+        """residual [T, d] after layer m -> final normalised hidden state [T, d]."""
+        positions = torch.arange(residual.shape[0], device=residual.device)[None]
+        out = self.base(inputs_embeds=residual[None].to(self.dtype), position_ids=positions, use_cache=False)
+        return out.last_hidden_state[0]
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    """The decoder stack (`layers`, `norm`) of a causal LM, inside a multimodal wrapper too."""
+    base = model.model
+    return getattr(base, "language_model", base)
+
+
+def _keep_layers_from(base: nn.Module, first: int) -> None:
+    """Drop the decoder layers before `first` and the embedding; the config follows the kept layers."""
+    import copy
+
+    config = copy.deepcopy(base.config)
+    config.num_hidden_layers = len(base.layers) - first
+    if getattr(config, "layer_types", None):  # the forward reads the type of layer i from the config
+        config.layer_types = list(config.layer_types)[first:]
+    base.config = config
+    base.layers = nn.ModuleList(list(base.layers)[first:])
+    base.embed_tokens = nn.Identity()  # the tail starts from a residual stream, never from tokens
+
+
+def load_target_tail(target_cfg: DictConfig, first_layer: int, device: torch.device) -> TargetTail:
+    """`TargetTail` for layers `first_layer`..L-1: from a local safetensors checkpoint only those layers'
+    weights and the final norm are read; otherwise (a hub id) the whole target loads, then the rest goes."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = resolve_source(target_cfg.path, target_cfg.gguf_file)
+    dtype = resolve_dtype(target_cfg.dtype)
+    files = sorted(Path(source).glob("*.safetensors")) if Path(source).is_dir() else []
+    base = None
+    if files:
+        config = AutoConfig.from_pretrained(source, revision=target_cfg.revision)
+        with init_empty_weights():  # parameters on the meta device, buffers (RoPE tables) real
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        base = _decoder(model)
+        prefix = next(name for name, module in model.named_modules() if module is base) + "."
+        _keep_layers_from(base, first_layer)
+        state = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    name = _tail_name(key, prefix, first_layer)
+                    if name is not None:
+                        state[name] = f.get_tensor(key).to(dtype)
+        base.load_state_dict(state, strict=False, assign=True)
+        if any(p.is_meta for p in base.parameters()):  # weights under other names: take the slow road
+            log.warning("%s: the tail layers' weights were not all found by name; loading the target", source)
+            base = None
+    if base is None:
+        model, _ = load_target(target_cfg.path, target_cfg.gguf_file, target_cfg.revision, target_cfg.dtype)
+        base = _decoder(model)
+        _keep_layers_from(base, first_layer)
+    return TargetTail(base.to(device).eval().requires_grad_(False), dtype)
+
+
+def _tail_name(key: str, prefix: str, first: int) -> str | None:
+    """The name in the kept decoder of a checkpoint tensor (layer i -> layer i - first), or None."""
+    if not key.startswith(prefix):
+        return None
+    rest = key[len(prefix) :]
+    if rest.startswith("norm."):
+        return rest
+    parts = rest.split(".", 2)
+    if len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit() and int(parts[1]) >= first:
+        return f"layers.{int(parts[1]) - first}.{parts[2]}"
+    return None
+
+
+def teacher_tail_start(cfg: DictConfig, text_config) -> int | None:
+    """The first target layer the cached-mode teacher must run (None: the cached feature is the final
+    state, or online mode captures it); ConfigError when the target's later layers cannot be rerun."""
+    if storage_mode(cfg) == "online":
+        return None
+    last, num_layers = max(cfg.target.layer_ids), text_config.num_hidden_layers
+    if last + 1 >= num_layers:
+        return None
+    reads_more = [
+        what
+        for what, present in (
+            ("per-layer token inputs", getattr(text_config, "hidden_size_per_layer_input", None)),
+            ("keys and values shared across layers", getattr(text_config, "num_kv_shared_layers", 0)),
+        )
+        if present
+    ]
+    if reads_more:
+        raise ConfigError(
+            f"algo={cfg.algo.name} in cached mode recomputes the teacher from the last cached layer "
+            f"({last}) through layers {last + 1}..{num_layers - 1}, but this {text_config.model_type} "
+            f"target's layers also read {' and '.join(reads_more)}, which the cache does not hold: train "
+            f"with storage.mode=online, or capture the last layer ({num_layers - 1}) in target.layer_ids"
+        )
+    return last + 1
+
+
+class Teacher:
+    """The target's final hidden state of a sample, and its frozen LM head on chosen rows (float32)."""
+
+    def __init__(self, cfg: DictConfig, text_config, head_weight: torch.Tensor, device: torch.device):
+        self.device = device
+        self.online = storage_mode(cfg) == "online"
+        self.head = head_weight.to(device=device, dtype=resolve_dtype(cfg.target.dtype))
+        self.softcap = getattr(text_config, "final_logit_softcapping", None)  # Gemma caps logits
+        layer_ids, d = list(cfg.target.layer_ids), text_config.hidden_size
+        k = layer_ids.index(max(layer_ids))
+        self.columns = slice(k * d, (k + 1) * d)  # the last captured layer's block of the features
+        first = teacher_tail_start(cfg, text_config)
+        self.tail = None if first is None else load_target_tail(cfg.target, first, device)
+
+    @torch.no_grad()
+    def final_hidden(self, sample: dict) -> torch.Tensor:
+        """[T, d] on the device."""
+        if "final_hidden" in sample:
+            return sample["final_hidden"].to(self.device)
+        if self.online:
+            raise DeepSpecError("the online stream yielded no final hidden state (open it with final_hidden)")
+        residual = sample["features"][:, self.columns].to(self.device)
+        return residual if self.tail is None else self.tail(residual)
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = (hidden.to(self.head.dtype) @ self.head.t()).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+# ----------------------------------------------------------------------------------------------------
+# Recipes: the draft, one micro-batch's loss, the saved draft
+
+
+class DFlashRecipe:
+    """Blocks at sampled anchors, cross-entropy against the data's next tokens."""
+
+    def __init__(self, cfg, target_config, tokenizer, embed, head, device, teacher=None):
+        self.cfg, self.device = cfg, device
+        self.draft_cfg = DFlashConfig.from_target(
+            target_config,
+            num_layers=cfg.algo.num_layers,
+            block_size=cfg.algo.block_size,
+            layer_ids=list(cfg.target.layer_ids),
+            mask_token_id=mask_token_id(cfg, tokenizer),
+        )
+        self.model = DFlashDraft(self.draft_cfg, embed, head)
+        self.slots = self.draft_cfg.block_size
+        self.weights = slot_weights(self.slots, cfg.algo.loss_decay, device=device)
+
+    def step(self, engine, samples: list[dict], generator: torch.Generator):
+        anchors = [
+            sample_anchors(s["loss_mask"], self.cfg.algo.anchors_per_sequence, generator) for s in samples
+        ]
+        kept = list(zip(samples, anchors, strict=True))
+        packed = pack_blocks(
+            [(s["input_ids"], s["features"]) for s, _ in kept],
+            [a for _, a in kept],
+            self.draft_cfg.block_size,
+            self.draft_cfg.mask_token_id,
+        )
+        labels = torch.cat(
+            [block_labels(s["input_ids"], s["loss_mask"], a, self.draft_cfg.block_size) for s, a in kept]
+        ).to(self.device)
+        packed = type(packed)(**{k: v.to(self.device) for k, v in vars(packed).items()})
+        hidden = engine(packed)
+        return weighted_block_cross_entropy(hidden, self.model.lm_head.weight, labels, self.weights)
+
+    def save(self, out: Path) -> None:
+        save_draft(self.model, out)
+
+
+class Eagle3Recipe:
+    """Whole sequences, right-padded; a training-time test against the target's distribution."""
+
+    def __init__(self, cfg, target_config, tokenizer, embed, head, device, teacher):
+        from deepspec.models.drafts.eagle3 import Eagle3Config, Eagle3Draft, build_draft_vocab
+
+        self.cfg, self.device, self.teacher = cfg, device, teacher
+        draft_cfg = Eagle3Config.from_target(
+            target_config,
+            layer_ids=list(cfg.target.layer_ids),
+            ttt_steps=cfg.algo.block_size,
+            draft_vocab_size=cfg.algo.draft_vocab_size,
+        )
+        d2t = None
+        if draft_cfg.reduced_vocab:
+            counts = supervised_token_counts(cfg, tokenizer, draft_cfg.vocab_size)
+            d2t, _ = build_draft_vocab(counts, draft_cfg.draft_vocab_size)
+            kept = counts[torch.arange(draft_cfg.draft_vocab_size) + d2t].sum() / counts.sum().clamp(min=1)
+            log.info("draft vocabulary: %d tokens cover %.1f%% of supervised tokens", d2t.numel(), 100 * kept)
+        self.model = Eagle3Draft(draft_cfg, embed, head, d2t=d2t)
+        self.slots = draft_cfg.ttt_steps
+
+    def step(self, engine, samples: list[dict], generator: torch.Generator):
+        length = max(int(s["input_ids"].shape[0]) for s in samples)
+        width = samples[0]["features"].shape[1]
+        features = torch.zeros(len(samples), length, width)
+        ids = torch.zeros(len(samples), length, dtype=torch.long)
+        mask = torch.zeros(len(samples), length, dtype=torch.bool)
+        # the target's final states, not its logits: the draft applies the head to supervised rows only,
+        # a chunk at a time (the law of token t is row t - 1; rows nothing reads stay zero)
+        head = self.teacher.head
+        final = torch.zeros(len(samples), length, head.shape[1], device=self.device, dtype=head.dtype)
+        for b, s in enumerate(samples):
+            n = s["input_ids"].shape[0]
+            features[b, :n], ids[b, :n], mask[b, :n] = s["features"], s["input_ids"], s["loss_mask"]
+            if bool(s["loss_mask"][2:].any()):  # a token t >= 2 some step predicts
+                final[b, :n] = self.teacher.final_hidden(s).to(device=self.device, dtype=head.dtype)
+        device = self.device
+        return engine(
+            features.to(device), ids.to(device), mask.to(device), target_hidden=final, target_head=head,
+            target_softcap=self.teacher.softcap, step_decay=self.cfg.algo.step_decay,
+        )  # fmt: skip
+
+    def save(self, out: Path) -> None:
+        from deepspec.models.drafts.eagle3 import save_draft as save_eagle3
+
+        save_eagle3(self.model, out)
+
+
+class DSparkRecipe:
+    """DFlash's blocks plus each slot's previous token; CE + L1 + BCE against the target's distribution."""
+
+    def __init__(self, cfg, target_config, tokenizer, embed, head, device, teacher):
+        from deepspec.models.drafts.dspark import DSparkConfig, DSparkDraft
+
+        a = cfg.algo
+        self.cfg, self.device, self.teacher = cfg, device, teacher
+        self.draft_cfg = DSparkConfig.from_target(
+            target_config,
+            num_layers=a.num_layers,
+            block_size=a.block_size,
+            layer_ids=list(cfg.target.layer_ids),
+            mask_token_id=mask_token_id(cfg, tokenizer),
+            markov_rank=a.markov_rank,
+            markov_head_type=a.markov_head_type,
+            confidence_head=a.confidence_head,
+            confidence_head_with_markov=a.confidence_head_with_markov,
+            num_anchors=a.anchors_per_sequence,
+        )  # q/k norms for every target family and the target's logit cap come with the config
+        self.model = DSparkDraft(self.draft_cfg, embed, head)
+        self.slots = a.block_size
+        self.weights = slot_weights(self.slots, a.loss_decay, device=device)
+        self.loss_weights = {"ce_weight": a.ce_weight, "l1_weight": a.l1_weight}
+        self.loss_weights["confidence_weight"] = a.confidence_weight
+
+    def step(self, engine, samples: list[dict], generator: torch.Generator):
+        from deepspec.models.drafts.dspark import block_rows
+
+        block = self.slots
+        anchors = [
+            sample_anchors(s["loss_mask"], self.cfg.algo.anchors_per_sequence, generator) for s in samples
+        ]
+        packed = pack_blocks(
+            [(s["input_ids"], s["features"]) for s in samples],
+            anchors,
+            block,
+            self.draft_cfg.backbone.mask_token_id,
+        )
+        packed = type(packed)(**{k: v.to(self.device) for k, v in vars(packed).items()})
+        pairs = list(zip(samples, anchors, strict=True))
+        labels = torch.cat([block_labels(s["input_ids"], s["loss_mask"], a, block) for s, a in pairs])
+        prev = torch.cat([block_rows(s["input_ids"], a, block) for s, a in pairs])
+        final = torch.cat([block_rows(self.teacher.final_hidden(s), a, block) for s, a in pairs])
+        # the kept slots' states, not logits: the loss applies the frozen head (capped as the target
+        # caps it) and the Markov head's W2 to a chunk of rows at a time, on both sides
+        rows = engine(packed, prev.to(self.device), labels.to(self.device), target_hidden=final, chunked=True)
+        markov = None if rows.codes is None else (rows.codes, self.model.markov_head.markov_w2.weight)
+        return chunked_dspark_loss(
+            rows.hidden, self.model.backbone.lm_head.weight, rows.labels, rows.slots, rows.confidence_logits,
+            self.weights, target_hidden=rows.target_hidden, markov=markov,
+            target_softcap=self.draft_cfg.final_logit_softcapping, **self.loss_weights,
+        )  # fmt: skip
+
+    def save(self, out: Path) -> None:
+        from deepspec.models.drafts.dspark import save_dspark
+
+        save_dspark(self.model, out)
+
+
+RECIPES = {"dflash": DFlashRecipe, "eagle3": Eagle3Recipe, "dspark": DSparkRecipe}
+NEEDS_TEACHER = ("eagle3", "dspark")
+
+
+class Metrics:
+    """Running sums between two logged steps: loss, per-slot hits and counts, and any scalar statistic."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.n = 0.0, 0
+        self.hits, self.counts = torch.zeros(self.slots), torch.zeros(self.slots)
+        self.accept: torch.Tensor | None = None
+        self.scalars: dict[str, float] = {}
+
+    def add(self, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+        self.loss, self.n = self.loss + loss.item(), self.n + 1
+        self.hits += stats["slot_hits"]
+        self.counts += stats["slot_counts"]
+        if "slot_accept" in stats:  # DSpark: the chance each slot survives verification, 1 - TV
+            self.accept = stats["slot_accept"] + (0 if self.accept is None else self.accept)
+        for key, value in stats.items():
+            if torch.is_tensor(value) and value.dim() == 0:
+                self.scalars[key] = self.scalars.get(key, 0.0) + float(value)
+
+    def summary(self, lr: float) -> dict[str, float]:
+        accuracy = self.hits / self.counts.clamp(min=1)
+        metrics = {
+            "train/loss": self.loss / max(1, self.n),
+            "train/lr": lr,
+            "train/expected_tau": expected_accepted_length(accuracy),
+            **{f"train/acc_slot{k}": float(a) for k, a in enumerate(accuracy)},
+            **{f"train/{key}": total / max(1, self.n) for key, total in self.scalars.items()},
+        }
+        if self.accept is not None:
+            accept = self.accept / self.counts.clamp(min=1)
+            metrics["train/expected_tau_accept"] = expected_accepted_length(accept)
+            metrics.update({f"train/accept_slot{k}": float(a) for k, a in enumerate(accept)})
+        return metrics
+
+
 def train_rank(cfg: DictConfig) -> None:
     """The body every rank runs under torchrun (or alone, as a single process)."""
     import deepspeed
+    from transformers import AutoConfig
 
+    check_algo(cfg)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(cfg.train.threads_per_rank or max(1, (os.cpu_count() or 1) // local_world))
@@ -188,6 +595,7 @@ def train_rank(cfg: DictConfig) -> None:
     deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=30))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
 
+    algo = cfg.algo.name
     tokenizer = load_tokenizer(cfg.target.path, cfg.target.gguf_file, cfg.target.revision)
     stream = open_stream(
         cfg,
@@ -197,24 +605,18 @@ def train_rank(cfg: DictConfig) -> None:
         epochs=cfg.train.epochs,
         device=device,
         verify=bool(cfg.storage.verify),
+        final_hidden=algo in NEEDS_TEACHER,
     )
 
     embed, head = load_embedding_and_head(
         cfg.target.path, cfg.target.gguf_file, cfg.target.revision, "float32"
     )
-    from transformers import AutoConfig
-
-    from deepspec.models.target import resolve_source
-
     target_config = AutoConfig.from_pretrained(resolve_source(cfg.target.path, cfg.target.gguf_file))
-    draft_cfg = DFlashConfig.from_target(
-        target_config,
-        num_layers=cfg.algo.num_layers,
-        block_size=cfg.algo.block_size,
-        layer_ids=list(cfg.target.layer_ids),
-        mask_token_id=mask_token_id(cfg, tokenizer),
-    )
-    model = DFlashDraft(draft_cfg, embed, head)
+    teacher = None
+    if algo in NEEDS_TEACHER:
+        teacher = Teacher(cfg, target_config.get_text_config(), head, device)
+    recipe = RECIPES[algo](cfg, target_config, tokenizer, embed, head, device, teacher)
+    model = recipe.model
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     ds_config = deepspeed_config(cfg, world)
@@ -250,50 +652,24 @@ def train_rank(cfg: DictConfig) -> None:
         log.info("resumed from %s at micro-step %d, sample stream at %s", ckpt_dir, start_micro, loader_state)
     samples_left = iter(stream)
 
-    weights = slot_weights(draft_cfg.block_size, cfg.algo.loss_decay, device=device)
     total_micro = cfg.train.epochs * micro_steps_per_epoch
     bar = tqdm(total=total_micro, initial=start_micro, desc="train", disable=rank != 0, unit="micro-step")
-    hits = torch.zeros(draft_cfg.block_size)
-    counts = torch.zeros(draft_cfg.block_size)
-    loss_sum, loss_n = 0.0, 0
+    running = Metrics(recipe.slots)
     metrics: dict[str, float] = {}
     for micro in range(start_micro, total_micro):
         samples = [next(samples_left) for _ in range(micro_batch_size(micro, per_epoch, micro_batch))]
-        generator = anchor_generator(cfg, micro, rank, world)
-        anchors = [sample_anchors(s["loss_mask"], cfg.algo.anchors_per_sequence, generator) for s in samples]
-        kept = list(zip(samples, anchors, strict=True))
-        packed = pack_blocks(
-            [(s["input_ids"], s["features"]) for s, _ in kept],
-            [a for _, a in kept],
-            draft_cfg.block_size,
-            draft_cfg.mask_token_id,
-        )
-        labels = torch.cat(
-            [block_labels(s["input_ids"], s["loss_mask"], a, draft_cfg.block_size) for s, a in kept]
-        ).to(device)
-        packed = type(packed)(**{k: v.to(device) for k, v in vars(packed).items()})
-        hidden = engine(packed)
-        loss, stats = weighted_block_cross_entropy(hidden, model.lm_head.weight, labels, weights)
+        loss, stats = recipe.step(engine, samples, anchor_generator(cfg, micro, rank, world))
         engine.backward(loss)
         engine.step()
         bar.update(1)
-        hits += stats["slot_hits"]
-        counts += stats["slot_counts"]
-        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+        running.add(loss, stats)
         step = (micro + 1) // accumulation
         boundary = (micro + 1) % accumulation == 0
         if boundary and rank == 0 and (step % cfg.train.log_every_steps == 0 or micro + 1 == total_micro):
-            accuracy = hits / counts.clamp(min=1)
-            metrics = {
-                "train/loss": loss_sum / max(1, loss_n),
-                "train/lr": scheduler.get_last_lr()[0],
-                "train/expected_tau": expected_accepted_length(accuracy),
-                **{f"train/acc_slot{k}": float(a) for k, a in enumerate(accuracy)},
-            }
+            metrics = running.summary(scheduler.get_last_lr()[0])
             bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", tau=f"{metrics['train/expected_tau']:.2f}")
             tracking.log_metrics(cfg, metrics, step=step)
-            hits.zero_(), counts.zero_()
-            loss_sum, loss_n = 0.0, 0
+            running.reset()
         if boundary and step % cfg.train.save_every_steps == 0:
             client_state = {"micro_step": micro + 1, "loader": stream.state_dict()}
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state=client_state)
@@ -302,7 +678,7 @@ def train_rank(cfg: DictConfig) -> None:
 
     if rank == 0:
         out = draft_dir(cfg)
-        save_draft(model, out)
+        recipe.save(out)
         OmegaConf.save(cfg, stage_dir(cfg) / "config.yaml")
         stage_io.mark_done(
             stage_dir(cfg),
@@ -318,10 +694,12 @@ def train_rank(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> dict:
     """Train the draft unless a valid one for this config exists; returns the training record."""
-    if cfg.algo.name not in SUPPORTED_ALGOS:
-        raise ConfigError(
-            f"algo={cfg.algo.name}: training is implemented for {', '.join(SUPPORTED_ALGOS)} so far"
-        )
+    check_algo(cfg)
+    if cfg.algo.name in NEEDS_TEACHER:  # fail here, not in every rank, when the teacher cannot be had
+        from transformers import AutoConfig
+
+        source = resolve_source(cfg.target.path, cfg.target.gguf_file)
+        teacher_tail_start(cfg, AutoConfig.from_pretrained(source).get_text_config())
     done = check_done(cfg)
     if done is not None:
         log.info("train: a valid draft for this config is at %s; skipping", draft_dir(cfg))

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from deepspec.flows.pipeline import cache_flow, export_flow, pipeline, train_flow
+from deepspec.flows.pipeline import cache_flow, evaluate_flow, export_flow, pipeline, train_flow
 from deepspec.models.errors import CacheMismatchError
 from deepspec.tasks.config import compose
 from deepspec.tasks.export import validate_dflash_export
@@ -151,3 +151,48 @@ def test_online_mode_trains_without_a_cache(run, tmp_path):
     record = train_flow(overrides=overrides)
     assert record["cache_fingerprint"].startswith("answers-")
     assert (tmp_path / "train" / "draft" / "model.safetensors").is_file()
+
+
+def test_eagle3_trains_evaluates_and_exports_from_the_same_cache(run, tmp_path):
+    """Eagle3 on the pipeline's cache: its layers 0, 2, 4 are Eagle3's three, and layer 4, the target's
+    last, is recorded normalised, so the teacher is the cached feature through the LM head."""
+    from deepspec.models.drafts.eagle3 import validate_eagle3_export
+
+    overrides = [
+        *run["overrides"],
+        f"run_dir={tmp_path}",
+        f"storage.url={run['dir'] / 'cache'}",
+        "algo=eagle3",
+        "algo.block_size=3",
+        "algo.draft_vocab_size=128",
+        "train.epochs=4",
+    ]
+    record = train_flow(overrides=overrides)
+    assert record["optimizer_steps"] >= 1 and record["final_metrics"]["train/loss"] > 0
+    results = evaluate_flow(overrides=overrides)
+    assert results["algo"] == "eagle3" and results["block_size"] == 3
+    assert results["overall"]["greedy_match"] == 1.0
+    assert export_flow(overrides=overrides)["architecture"] == "LlamaForCausalLMEagle3"
+    assert validate_eagle3_export(tmp_path / "export" / "eagle3") == []
+
+
+def test_dspark_recomputes_its_teacher_from_a_cache_of_earlier_layers(run, tmp_path):
+    """DSpark from a cache of layers 0..2: the teacher runs the target's layers 3 and 4 on layer 2."""
+    from deepspec.models.drafts.dspark import validate_dspark_export
+
+    shutil.copytree(run["dir"] / "regen", tmp_path / "regen")
+    overrides = [
+        *run["overrides"],
+        f"run_dir={tmp_path}",
+        "target.layer_ids=[0,1,2]",
+        "algo=dspark",
+        "algo.markov_rank=32",
+        "train.epochs=4",
+    ]
+    assert cache_flow(overrides=overrides)["samples"] == 12
+    record = train_flow(overrides=overrides)
+    assert record["final_metrics"]["train/l1"] > 0 and "train/expected_tau_accept" in record["final_metrics"]
+    results = evaluate_flow(overrides=overrides)
+    assert results["algo"] == "dspark" and results["overall"]["greedy_match"] == 1.0
+    assert export_flow(overrides=overrides)["architecture"] == "Qwen3DSparkModel"
+    assert validate_dspark_export(tmp_path / "export" / "dspark") == []

@@ -1,0 +1,229 @@
+"""Speculative decoding with the Eagle3 and DSpark drafts on the real stories260k target: greedy output
+equals the target's, Eagle3 is handed the context's token ids, DSpark's sampled proposals (shorter ones
+included) keep the target's law.
+
+The drafts are randomly initialised (their acceptance is low); losslessness must hold for any draft.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from deepspec.models.drafts.dspark import DSparkConfig, DSparkDraft
+from deepspec.models.drafts.eagle3 import Eagle3Config, Eagle3Draft, build_draft_vocab
+from deepspec.models.speculative import speculative_generate, target_generate
+
+LAYER_IDS = [0, 2, 4]
+PROMPTS = ["Once upon a time, there was a little dog", "Tom and his mom went to the", "Lily wanted to"]
+EOS = {2}
+TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def stories(assets_dir):
+    from deepspec.models.target import load_target
+
+    path = assets_dir / "models" / "stories260k"
+    if not (path / "config.json").is_file():
+        pytest.skip(f"{path} is missing")
+    torch.set_num_threads(1)  # a 260K-parameter model is overhead-bound
+    model, tokenizer = load_target(str(path))
+    prompts = [tokenizer(text).input_ids for text in PROMPTS]
+    greedy = [
+        target_generate(model, LAYER_IDS, p, max_new_tokens=TOKENS, temperature=0.0, eos_token_ids=EOS)
+        for p in prompts
+    ]
+    return model, tokenizer, prompts, greedy
+
+
+def _weights(target):
+    return target.get_input_embeddings().weight, target.get_output_embeddings().weight
+
+
+def eagle3_draft(target, steps=4, draft_vocab=None) -> Eagle3Draft:
+    torch.manual_seed(0)
+    cfg = Eagle3Config.from_target(
+        target.config, layer_ids=LAYER_IDS, ttt_steps=steps, draft_vocab_size=draft_vocab
+    )
+    d2t = None
+    if draft_vocab is not None:  # any draft_vocab tokens: here the lowest ids
+        d2t, _ = build_draft_vocab(torch.zeros(cfg.vocab_size, dtype=torch.long), draft_vocab)
+    return Eagle3Draft(cfg, *_weights(target), d2t=d2t).eval()
+
+
+def dspark_draft(target, head="rnn", block=4) -> DSparkDraft:
+    torch.manual_seed(0)
+    cfg = DSparkConfig.from_target(
+        target.config, num_layers=1, block_size=block, layer_ids=LAYER_IDS, mask_token_id=0, markov_rank=16,
+        markov_head_type=head, confidence_head=True, confidence_head_with_markov=True, num_anchors=8,
+    )  # fmt: skip
+    draft = DSparkDraft(cfg, *_weights(target))
+    with torch.no_grad():  # heads start near zero: make them matter
+        for p in [*draft.markov_head.parameters(), *draft.confidence_head.parameters()]:
+            p.normal_(std=0.5)
+    return draft.eval()
+
+
+class RecordingEagle3:
+    """An Eagle3 draft that checks it is handed the tokens of every context position."""
+
+    def __init__(self, draft: Eagle3Draft, prompt: list[int]):
+        self.draft, self.block_size, self.prompt = draft, draft.block_size, prompt
+        self.calls: list[tuple[int, list[int]]] = []
+
+    def draft_logits(self, context_features, anchor_token, *, context_ids):
+        assert context_ids.dtype == torch.long and context_ids.shape[0] == context_features.shape[0]
+        self.calls.append((anchor_token, context_ids.tolist()))
+        return self.draft.draft_logits(context_features, anchor_token, context_ids=context_ids)
+
+
+class ShortProposals:
+    """A DSpark draft stopping its chain at the first slot whose confidence is below a threshold."""
+
+    def __init__(self, draft: DSparkDraft, threshold: float):
+        self.draft, self.block_size, self.threshold = draft, draft.block_size, threshold
+        self.lengths: list[int] = []
+
+    def draft_logits(self, context_features, anchor_token):
+        raise AssertionError("a drafter with propose is never asked for logits")
+
+    def propose(self, context_features, anchor_token, *, temperature, generator):
+        proposal = self.draft.propose(
+            context_features,
+            anchor_token,
+            temperature=temperature,
+            generator=generator,
+            confidence_threshold=self.threshold,
+        )
+        self.lengths.append(len(proposal.tokens))
+        return proposal
+
+
+@pytest.mark.parametrize("draft_vocab", [None, 64], ids=["full-vocab", "reduced-vocab"])
+def test_eagle3_greedy_output_equals_target(stories, draft_vocab):
+    model, _, prompts, greedy = stories
+    draft = eagle3_draft(model, draft_vocab=draft_vocab)
+    for prompt, expected in zip(prompts, greedy, strict=True):
+        drafter = RecordingEagle3(draft, prompt)
+        result = speculative_generate(
+            model, LAYER_IDS, drafter, prompt, max_new_tokens=TOKENS, temperature=0.0, eos_token_ids=EOS
+        )
+        assert result.tokens == expected
+        assert result.block_size == 4 and all(0 <= a <= 4 for a in result.accepted)
+        sequence = [*prompt, *expected]
+        for anchor, ids in drafter.calls:  # the committed tokens, then the anchor right after them
+            assert ids == sequence[: len(ids)] and anchor == sequence[len(ids)]
+        assert len(drafter.calls) == len(result.accepted) and drafter.calls[0][1] == prompt
+
+
+@pytest.mark.parametrize("head", ["vanilla", "rnn"])
+def test_dspark_greedy_output_equals_target(stories, head):
+    model, _, prompts, greedy = stories
+    draft = dspark_draft(model, head)
+    for prompt, expected in zip(prompts, greedy, strict=True):
+        result = speculative_generate(
+            model, LAYER_IDS, draft, prompt, max_new_tokens=TOKENS, temperature=0.0, eos_token_ids=EOS
+        )
+        assert result.tokens == expected
+        assert all(0 <= a <= 4 for a in result.accepted)
+
+
+def test_short_proposals_keep_greedy_output(stories):
+    model, _, prompts, greedy = stories
+    drafter = ShortProposals(dspark_draft(model), threshold=0.5)
+    for prompt, expected in zip(prompts, greedy, strict=True):
+        result = speculative_generate(
+            model, LAYER_IDS, drafter, prompt, max_new_tokens=TOKENS, temperature=0.0, eos_token_ids=EOS
+        )
+        assert result.tokens == expected
+    assert min(drafter.lengths) < 4, "the threshold never shortened a proposal"
+
+
+# ---------------------------------------------------------------- sampling: the target's law
+
+CHI_PROMPT = "One day, a"
+CHI_TOKENS = 3  # the first token is the target's own; a round of two slots drafts the next two
+MIN_EXPECTED = 5.0
+
+
+@torch.no_grad()
+def bigram_dspark(target, bos: int) -> DSparkDraft:
+    """A DSpark draft whose slot logits are the target's next-token logits after [bos, x_{k-1}]: the
+    backbone outputs zeros and a full-rank vanilla Markov head holds the bigram table. Its slot 1 law
+    depends on the token drawn at slot 0, and it is close enough to the target to be accepted often."""
+    vocab = target.config.vocab_size
+    cfg = DSparkConfig.from_target(
+        target.config, num_layers=1, block_size=2, layer_ids=LAYER_IDS, mask_token_id=0, markov_rank=vocab,
+        markov_head_type="vanilla", confidence_head=True, confidence_head_with_markov=True, num_anchors=8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    draft = DSparkDraft(cfg, *_weights(target))
+    pairs = torch.stack([torch.full((vocab,), bos), torch.arange(vocab)], dim=1)
+    bigram = target(input_ids=pairs).logits[:, -1].float()  # [x, next]
+    draft.backbone.norm.weight.zero_()  # h_k = 0: the base logits vanish
+    draft.markov_head.markov_w1.weight.copy_(torch.eye(vocab))
+    draft.markov_head.markov_w2.weight.copy_(0.8 * bigram.t())  # flattened: not the target's law
+    draft.confidence_head.proj.weight.normal_(std=2.0)  # c_k varies with x_{k-1}
+    return draft.eval()
+
+
+@torch.no_grad()
+def _exact_law(model, prompt, n_samples):
+    frontier = [((), 1.0)]
+    for _ in range(CHI_TOKENS):
+        nxt = []
+        for prefix, prob in frontier:
+            probs = torch.softmax(
+                model(input_ids=torch.tensor([[*prompt, *prefix]])).logits[0, -1].double(), -1
+            )
+            for token in torch.nonzero(probs * prob * n_samples >= MIN_EXPECTED).flatten().tolist():
+                nxt.append(((*prefix, token), prob * float(probs[token])))
+        frontier = nxt
+    return dict(frontier)
+
+
+def chi_square_pvalue(model, prompt, drafter, n: int) -> float:
+    law = _exact_law(model, prompt, n)
+    generator = torch.Generator().manual_seed(0)
+    counts, other = dict.fromkeys(law, 0), 0
+    for _ in range(n):
+        result = speculative_generate(
+            model, LAYER_IDS, drafter, prompt, max_new_tokens=CHI_TOKENS, temperature=1.0,
+            eos_token_ids=set(), generator=generator,
+        )  # fmt: skip
+        key = tuple(result.tokens)
+        if key in counts:
+            counts[key] += 1
+        else:
+            other += 1
+    bins = sorted(law, key=law.get)
+    rest = 1.0 - sum(law.values())
+    while bins and rest * n < MIN_EXPECTED:
+        key = bins.pop(0)
+        rest += law[key]
+        other += counts[key]
+    assert len(bins) >= 5, "too few categories for a meaningful test"
+    observed = [counts[k] for k in bins] + [other]
+    expected = [law[k] * n for k in bins] + [rest * n]
+    return chisquare(observed, expected).pvalue
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5], ids=["whole-blocks", "short-proposals"])
+def test_dspark_sampled_proposals_keep_the_target_law(stories, threshold):
+    """Temperature 1 through `propose`: slot 1 is drawn conditioned on the token drawn at slot 0."""
+    model, tokenizer, _, _ = stories
+    drafter = ShortProposals(bigram_dspark(model, tokenizer.bos_token_id), threshold)
+    assert chi_square_pvalue(model, tokenizer(CHI_PROMPT).input_ids, drafter, n=600) > 0.01
+    assert min(drafter.lengths) == (2 if threshold == 0.0 else 0) and max(drafter.lengths) == 2
+
+
+def test_accepting_every_proposal_is_caught(stories, monkeypatch):
+    """The same test fails when every drafted token is kept: the output then follows the draft's law."""
+    from deepspec.models import speculative
+
+    model, tokenizer, _, _ = stories
+    monkeypatch.setattr(speculative, "accept_or_resample", lambda p, q, token, generator: (True, None))
+    drafter = ShortProposals(bigram_dspark(model, tokenizer.bos_token_id), 0.0)
+    assert chi_square_pvalue(model, tokenizer(CHI_PROMPT).input_ids, drafter, n=300) < 0.01

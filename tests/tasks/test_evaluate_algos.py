@@ -1,0 +1,47 @@
+"""The evaluate stage loads whichever draft the train stage wrote (Eagle3, DSpark), runs it through
+speculative decoding greedily and sampled, and refuses a draft of another algorithm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from deepspec.models.errors import ConfigError
+from deepspec.models.target import load_target, load_tokenizer
+from deepspec.tasks.config import compose
+from deepspec.tasks.evaluate import evaluate
+from deepspec.tasks.train import RECIPES, draft_dir
+
+SMALL = {
+    "eagle3": ["algo.block_size=3", "algo.draft_vocab_size=null"],
+    "dspark": ["algo.num_layers=1", "algo.block_size=4", "algo.markov_rank=16"],
+}
+
+
+@pytest.mark.parametrize("algo, temperature", [("eagle3", 0.0), ("dspark", 0.0), ("dspark", 1.0)])
+def test_evaluate_runs_the_trained_draft(assets_dir, tracking_uri, tmp_path, algo, temperature):
+    stories = assets_dir / "models" / "stories260k"
+    torch.set_num_threads(1)
+    cfg = compose(
+        ["target=stories260k", f"target.path={stories}", f"run_dir={tmp_path}", f"algo={algo}", *SMALL[algo],
+         "eval.benchmarks=[gsm8k,alpaca]", "eval.max_samples=1", "eval.max_new_tokens=8",
+         f"eval.temperature={temperature}", f"tracking.uri={tracking_uri}"]
+    )  # fmt: skip
+    target, _ = load_target(str(stories))
+    embed, head = target.get_input_embeddings().weight.detach(), target.lm_head.weight.detach()
+    torch.manual_seed(0)
+    recipe = RECIPES[algo](
+        cfg, AutoConfig.from_pretrained(str(stories)), load_tokenizer(str(stories)), embed, head, "cpu", None
+    )
+    recipe.save(draft_dir(cfg))
+
+    results = evaluate(cfg)
+    assert results["algo"] == algo and results["block_size"] == recipe.slots
+    overall = results["overall"]
+    assert overall["samples"] == 2 and 1 <= overall["new_tokens"] <= 16
+    assert overall["greedy_match"] == (1.0 if temperature == 0 else None)
+    assert overall["tau"] is None or 1.0 <= overall["tau"] <= recipe.slots + 1
+
+    with pytest.raises(ConfigError, match=f"is a {algo} draft, but algo=dflash"):
+        evaluate(compose(["target=stories260k", f"target.path={stories}", f"run_dir={tmp_path}"]))
