@@ -703,7 +703,8 @@ def load_draft(draft_dir: Path, embed_weight: torch.Tensor, head_weight: torch.T
     if not cfg.reduced_vocab:
         state.pop("lm_head.weight", None)  # an export carries the target head; we use the one passed in
     missing, unexpected = model.load_state_dict(state, strict=False)
-    allowed = ("embed_tokens.",) if cfg.reduced_vocab else ("embed_tokens.", "lm_head.")
+    # with the full vocabulary the maps are the identity: an export leaves them out (vLLM refuses them)
+    allowed = ("embed_tokens.",) if cfg.reduced_vocab else ("embed_tokens.", "lm_head.", "d2t", "t2d")
     missing = [k for k in missing if not k.startswith(allowed)]
     if missing or unexpected:
         raise ConfigError(f"{draft_dir}/{WEIGHTS_FILE}: missing weights {missing}, unexpected {unexpected}")
@@ -713,8 +714,9 @@ def load_draft(draft_dir: Path, embed_weight: torch.Tensor, head_weight: torch.T
 def save_eagle3_export(model: Eagle3Draft, out_dir: Path, target_config) -> None:
     """The draft as vLLM and SGLang load `LlamaForCausalLMEagle3`: `config.json` and `model.safetensors`.
 
-    The file always holds `lm_head.weight` (with the full vocabulary, the target's head) and `d2t`/`t2d`;
-    never `embed_tokens`, which both engines share from the target.
+    The file always holds `lm_head.weight` (with the full vocabulary, the target's head); `d2t`/`t2d` only
+    with a reduced vocabulary (vLLM has no such parameter otherwise and refuses the file; SGLang ignores
+    them); never `embed_tokens`, which both engines share from the target.
     """
     cfg = model.cfg
     text = getattr(target_config, "text_config", None) or target_config
@@ -728,7 +730,8 @@ def save_eagle3_export(model: Eagle3Draft, out_dir: Path, target_config) -> None
         config[key] = getattr(text, key, None)
     # `torch_dtype` for engines on transformers 4, `dtype` for transformers 5
     config["torch_dtype"] = config["dtype"] = str(model.fc.weight.dtype).removeprefix("torch.")
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("embed_tokens.")}
+    skip = ("embed_tokens.",) if cfg.reduced_vocab else ("embed_tokens.", "d2t", "t2d")
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
     _write_atomic(Path(out_dir), config, state)
 
 
@@ -739,6 +742,9 @@ def expected_export_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     hd = config.get("head_dim") or d // heads
     target_d = config.get("target_hidden_size") or d
     draft_vocab = config.get("draft_vocab_size") or config["vocab_size"]
+    maps = (
+        {"d2t": (draft_vocab,), "t2d": (config["vocab_size"],)} if draft_vocab < config["vocab_size"] else {}
+    )
     return {
         "fc.weight": (d, NUM_FEATURE_LAYERS * target_d),
         "midlayer.input_layernorm.weight": (d,),
@@ -753,8 +759,7 @@ def expected_export_shapes(config: dict) -> dict[str, tuple[int, ...]]:
         "midlayer.mlp.down_proj.weight": (d, inter),
         "norm.weight": (d,),
         "lm_head.weight": (draft_vocab, d),
-        "d2t": (draft_vocab,),
-        "t2d": (config["vocab_size"],),
+        **maps,
     }
 
 
@@ -822,7 +827,16 @@ def validate_eagle3_export(path: Path) -> list[str]:
     # vLLM looks every name up in its own parameters; only embed_tokens may ride along
     unexpected = sorted(set(shapes) - set(expected) - {"embed_tokens.weight"})
     problems += [f"{weights_file}: unexpected tensor {k!r}" for k in unexpected]
-    if d2t is not None and t2d is not None and d2t.shape == expected["d2t"] and t2d.shape == expected["t2d"]:
+    if (
+        d2t is not None
+        and t2d is not None
+        and "d2t" in expected
+        and (d2t.shape, t2d.shape)
+        == (
+            expected["d2t"],
+            expected["t2d"],
+        )
+    ):
         ids = torch.arange(d2t.shape[0]) + d2t.long()
         in_range = bool(ids.min() >= 0) and bool(ids.max() < t2d.shape[0])
         if not in_range or ids.unique().numel() != ids.numel() or not bool(t2d.bool()[ids].all()):

@@ -417,13 +417,14 @@ def test_export_has_engine_names_config_and_validates(tmp_path, draft_vocab):
         "midlayer.self_attn.v_proj.weight", "midlayer.self_attn.o_proj.weight",
         "midlayer.post_attention_layernorm.weight", "midlayer.mlp.gate_proj.weight",
         "midlayer.mlp.up_proj.weight", "midlayer.mlp.down_proj.weight", "norm.weight", "lm_head.weight",
-        "d2t", "t2d",
-    }  # fmt: skip
+    } | ({"d2t", "t2d"} if draft_vocab else set())  # fmt: skip
+    # vLLM creates draft_id_to_target_id only for a reduced vocabulary and refuses a d2t without it
     assert state["fc.weight"].shape == (32, 96) and state["midlayer.self_attn.q_proj.weight"].shape == (
         64,
         64,
     )
-    assert state["d2t"].dtype == torch.int64 and state["t2d"].dtype == torch.bool
+    if draft_vocab:
+        assert state["d2t"].dtype == torch.int64 and state["t2d"].dtype == torch.bool
     torch.testing.assert_close(state["lm_head.weight"], draft.lm_head.weight.detach())
     # the export also loads back as a DeepSpec draft
     loaded = load_draft(
