@@ -408,7 +408,10 @@ def write_cache(url: str, options, chunks, encoding: str, template) -> dict[str,
     if fs.exists(root):
         fs.rm(root, recursive=True)
     began = time.perf_counter()
-    infos = [write_shard(fs, root, shard_name(k), chunk, encoding=encoding) for k, chunk in enumerate(chunks)]
+    infos = [
+        write_shard(fs, root, shard_name(k), chunk, encoding=encoding, layer_ids=template.layer_ids)
+        for k, chunk in enumerate(chunks)
+    ]
     seconds = time.perf_counter() - began
     manifest = dataclasses.replace(
         template,
@@ -774,7 +777,14 @@ def accepted_length(
     sizes = [int(s["samples"]) for s in bf16["manifest"].shards]
     zero = [{**s, "features": torch.zeros_like(s["features"])} for s in samples]
     write_cache(str(zeroed.storage.url), None, shard_chunks(zero, sizes), REFERENCE, bf16["manifest"])
-    variants.append(Variant(ZEROED_VARIANT, 0, zeroed))
+    for seed in range(seeds):  # the control has as many seeds, so that its gap to bf16 has an sd too
+        cfg = zeroed
+        if seed:
+            cache = [f"storage.url={zeroed.storage.url}", f"storage.encoding={REFERENCE}"]
+            cfg = variant_config(
+                base, work, overrides, f"{ZEROED_VARIANT}-s{seed}", *cache, f"train.seed={seed}"
+            )
+        variants.append(Variant(ZEROED_VARIANT, seed, cfg))
 
     log = work / "train_stage.log"
     say(
@@ -834,6 +844,15 @@ def print_tau(result: dict[str, Any]) -> None:
         f"{ZEROED_VARIANT}: every feature zeroed in training and decoding.\n"
         f"loss: the train stage's mean over the run; train s: its wall time ({result['parallel']} runs at a time)."
     )
+    control = result["encodings"].get(ZEROED_VARIANT)
+    if control:  # a "within noise" verdict means something only when the features measurably help
+        gain, sd = -control["delta_vs_bf16"], control["delta_sd"]
+        power = (
+            "the features measurably help"
+            if gain > 2 * sd
+            else "NO POWER: the features do not measurably help"
+        )
+        print(f"power: bf16 - {ZEROED_VARIANT} = {gain:+.3f} +- {sd:.3f}: {power} at this scale.")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -899,6 +918,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each write and read")
     parser.add_argument("--parallel", type=int, default=2, help="train stage runs at a time, 1 thread each")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per encoding (tau section)")
+    parser.add_argument("--epochs", type=int, help="train.epochs of the tau section (default: the target's)")
     parser.add_argument(
         "--tau-encodings",
         nargs="+",
@@ -918,6 +938,7 @@ def main() -> None:
 
     overrides = [
         *spec["overrides"],
+        *([f"train.epochs={args.epochs}"] if args.epochs else []),
         f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
         f"eval.max_new_tokens={spec['eval_new_tokens']}",
     ]

@@ -237,7 +237,7 @@ def _write_shard(
 ) -> dict[str, Any]:
     """Run the target over one shard's samples and commit the shard, its features in `encoding`."""
     device = next(model.parameters()).device
-    with ShardWriter(fs, root, name, encoding=encoding) as writer:
+    with ShardWriter(fs, root, name, encoding=encoding, layer_ids=layer_ids) as writer:
         for batch in _batches([len(s["input_ids"]) for s in samples], tokens_per_batch):
             width = len(samples[batch[0]]["input_ids"])
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)

@@ -100,8 +100,8 @@ def estimate(cfg: DictConfig, tokens: int | None = None, samples: int | None = N
         }
 
     layouts = {"upstream": row(upstream, 2 * hidden * (captured + 1), ours=False)}
-    for name, encoding in ENCODINGS.items():
-        features = encoding.bytes_per_token(feature_dim)
+    for name in ENCODINGS:
+        features = get_encoding(name, cfg.target.layer_ids).bytes_per_token(feature_dim)
         layouts[name] = row(ID_BYTES + MASK_BYTES + features, features)
     return {
         "target": str(cfg.target.name),

@@ -9,11 +9,11 @@ A cache lives at any fsspec URL (a local path, file://, memory://, s3://bucket/p
 
 Columns per sample: `sample_id` (string), `input_ids` (list<int32>), `loss_mask` (binary: the 0/1 mask
 packed 8 per byte, little bit order), `num_tokens` (int32) and `features` (large_binary: the
-[num_tokens, len(layer_ids) * hidden] matrix in the cache's encoding, `storage.encoding`: bf16, fp8,
-int8, int6, int4 or int4_outliers, see `cache_encoding.py`). The manifest and each shard's schema
-metadata record the encoding and feature width; readers decode by them, so a cache reads the same
-whatever the encoding. One record batch per sample lets a reader fetch one sample without reading
-the rest of the shard.
+[num_tokens, len(layer_ids) * hidden] matrix in the cache's encoding, `storage.encoding`: one of
+`cache_encoding.ENCODINGS`). The manifest and each shard's schema metadata record the encoding and
+feature width, and each shard the layer ids (int4_mixed encodes the teacher's layer apart); readers
+decode by them, so a cache reads the same whatever the encoding. One record batch per sample lets a
+reader fetch one sample without reading the rest of the shard.
 
 A shard is written under a temporary name, renamed, then given its `.committed` marker. On object
 stores a rename is a copy, so only the marker says a shard is whole; every backend follows the same
@@ -268,9 +268,11 @@ def _as_int_list(values) -> np.ndarray:
     return np.asarray(values)
 
 
-def encode_features(features: torch.Tensor, encoding: str = "bf16") -> bytes:
-    """[T, D] floats as the bytes of `encoding` (see `cache_encoding.py`)."""
-    return get_encoding(encoding).encode(features)
+def encode_features(
+    features: torch.Tensor, encoding: str = "bf16", layer_ids: Sequence[int] | None = None
+) -> bytes:
+    """[T, D] floats of the captured `layer_ids` as the bytes of `encoding` (see `cache_encoding.py`)."""
+    return get_encoding(encoding, layer_ids).encode(features)
 
 
 def decode_features(
@@ -280,29 +282,34 @@ def decode_features(
     *,
     encoding: str = "bf16",
     feature_dim: int | None = None,
+    layer_ids: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """The bytes of `encoding` as a [T, D] tensor of `dtype`; bf16 alone can infer D from the size."""
     if feature_dim is None:
         if encoding != "bf16":
             raise ValueError(f"decoding {encoding} features needs their feature_dim")
         feature_dim = len(buf) // (2 * num_tokens) if num_tokens else 0
-    return get_encoding(encoding).decode(buf, num_tokens, feature_dim, dtype)
+    return get_encoding(encoding, layer_ids).decode(buf, num_tokens, feature_dim, dtype)
 
 
 class ShardWriter:
     """Streams samples into one shard and commits it: temporary name, rename, then `.committed` marker.
 
-    with ShardWriter(fs, root, "shard-00000.arrow", encoding="int4") as w:
+    with ShardWriter(fs, root, "shard-00000.arrow", encoding="int4", layer_ids=[1, 9, 17]) as w:
         w.add("id-1", input_ids, loss_mask, features)   # features [T, D], on any device
     info = w.info                                        # set by the commit on a clean exit
 
     `encoding` is one of `cache_encoding.ENCODINGS` (ConfigError otherwise); the build passes
-    `storage.encoding`, which the manifest records.
+    `storage.encoding`, which the manifest records, and `target.layer_ids`, which the shard records
+    (`int4_mixed` encodes the teacher's layer apart; without ids the row counts as one layer).
     """
 
-    def __init__(self, fs, root: str, name: str, *, encoding: str = "bf16"):
+    def __init__(
+        self, fs, root: str, name: str, *, encoding: str = "bf16", layer_ids: Sequence[int] | None = None
+    ):
         self.fs, self.root, self.name = fs, root, name
-        self.encoding: Encoding = get_encoding(encoding)
+        self.layer_ids = None if layer_ids is None else [int(i) for i in layer_ids]
+        self.encoding: Encoding = get_encoding(encoding, self.layer_ids)
         self.path = _join(root, name)
         self.tmp_path = _join(root, f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}")
         self.samples = 0
@@ -333,6 +340,8 @@ class ShardWriter:
             "deepspec.feature_dim": str(feature_dim),
             "deepspec.loss_mask": "packbits-little",
         }
+        if self.layer_ids is not None:
+            metadata["deepspec.layer_ids"] = json.dumps(self.layer_ids)
         self._schema = SCHEMA.with_metadata(metadata)
         self._writer = pa.ipc.new_file(self._sink, self._schema)
 
@@ -389,10 +398,16 @@ class ShardWriter:
 
 
 def write_shard(
-    fs, root: str, name: str, samples: Iterable[dict[str, Any]], *, encoding: str = "bf16"
+    fs,
+    root: str,
+    name: str,
+    samples: Iterable[dict[str, Any]],
+    *,
+    encoding: str = "bf16",
+    layer_ids: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Write and commit a shard of dicts {sample_id, input_ids, loss_mask, features}; its marker info."""
-    with ShardWriter(fs, root, name, encoding=encoding) as writer:
+    with ShardWriter(fs, root, name, encoding=encoding, layer_ids=layer_ids) as writer:
         for s in samples:
             writer.add(s["sample_id"], s["input_ids"], s["loss_mask"], s["features"])
     return writer.info
@@ -477,6 +492,7 @@ class _OpenShard:
         try:
             meta = {k.decode(): v.decode() for k, v in (self.reader.schema.metadata or {}).items()}
             own, self.feature_dim = meta["deepspec.encoding"], int(meta["deepspec.feature_dim"])
+            layer_ids = json.loads(meta["deepspec.layer_ids"]) if "deepspec.layer_ids" in meta else None
         except (KeyError, ValueError) as err:
             self.close()
             raise DataError(f"cache shard {url}/{name}: no DeepSpec encoding in its schema metadata") from err
@@ -488,7 +504,7 @@ class _OpenShard:
         if problem:
             self.close()
             raise DataError(f"cache shard {url}/{name} {problem}; rebuild the cache")
-        self.encoding = ENCODINGS[own]
+        self.encoding = get_encoding(own, layer_ids)
 
     def __len__(self) -> int:
         return self.reader.num_record_batches

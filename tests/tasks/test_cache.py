@@ -119,6 +119,24 @@ def test_build_stores_the_targets_features(built):
         torch.testing.assert_close(sample["features"], want, rtol=2**-7, atol=1e-4)
 
 
+def test_int4_mixed_build_encodes_the_teachers_layer_apart(assets, tmp_path, tracking_db):
+    """The cache stage passes the layer ids to the writer, so layer 4 (the teacher's) is stored at
+    int6 with outliers and layers 0 and 2 at int4, each shard recording the ids it was split by."""
+    write_answers(tmp_path)
+    cfg = make_cfg(assets, tmp_path, tracking_db, "storage.encoding=int4_mixed")
+    cache.build_cache(cfg)
+    assert read_manifest(cfg.storage.url).encoding == "int4_mixed"
+    model, _ = load_target(cfg.target.path)
+    errors = []
+    for sample in iter_samples(cfg.storage.url, verify=True):
+        want = capture_features(model, sample["input_ids"][None], [0, 2, 4])[0]
+        err = (sample["features"] - want).norm(dim=0).reshape(3, 64).norm(dim=1)
+        errors.append(err / want.norm(dim=0).reshape(3, 64).norm(dim=1))
+    per_layer = torch.stack(errors).mean(0)
+    assert per_layer[2] < 0.04 and (per_layer[:2] < 0.15).all(), per_layer
+    assert per_layer[2] < 0.5 * per_layer[:2].min(), per_layer
+
+
 def test_second_build_skips_without_loading_the_target(built, load_count):
     cfg, _ = built
     result = cache.build_cache(cfg)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pyarrow as pa
 import pytest
 import torch
 
 from deepspec.models.errors import CacheMismatchError, ConfigError, DataError
-from deepspec.tasks.cache_encoding import ENCODINGS, GroupInt, get_encoding
+from deepspec.tasks.cache_encoding import ENCODINGS, GroupInt, Rotated, get_encoding
 from deepspec.tasks.target_cache import (
     MANIFEST_FILE,
     CacheDataset,
@@ -27,6 +28,7 @@ from deepspec.tasks.target_cache import (
 )
 
 NAMES = list(ENCODINGS)
+STORIES_LAYERS = [0, 2, 4]  # the stories260k preset's; layer 4 is its last, so the feature is final
 QUANTIZED = [n for n in NAMES if n != "bf16"]
 
 # Relative errors per token row, about 1.4x what was measured: (mean, max) of ||decoded - x|| / ||x||,
@@ -41,8 +43,10 @@ BOUNDS = {
         "int6": (0.09, 0.11, 0.5, 0.75),
         "int4": (0.17, 0.33, 0.8, 0.95),  # a group holding an outlier keeps little else
         "int4_outliers": (0.03, 0.1, 0.14, 0.16),
+        "int4_rot": (0.075, 0.125, 0.4, 0.78),  # the rotation spreads an outlier over its group
+        "int4_mixed": (0.008, 0.025, 0.035, 0.04),  # one layer: the teacher's, int6_rot + outliers
     },
-    # stories260k's residual stream after layers 0, 2 and 4 (192 features a token)
+    # stories260k's residual stream after layers 0, 2 and 4 (192 features a token), as STORIES_LAYERS
     "stories260k": {
         "bf16": (0.003, 0.004, 0.003, 0.004),
         "fp8": (0.035, 0.045, 0.04, 0.05),
@@ -50,6 +54,8 @@ BOUNDS = {
         "int6": (0.055, 0.085, 0.06, 0.13),
         "int4": (0.21, 0.31, 0.24, 0.45),
         "int4_outliers": (0.135, 0.19, 0.155, 0.21),
+        "int4_rot": (0.13, 0.17, 0.145, 0.21),
+        "int4_mixed": (0.065, 0.085, 0.075, 0.1),  # layers 0 and 2 int4_rot, layer 4 int6_rot + outliers
     },
 }
 
@@ -73,9 +79,9 @@ def activations(tokens: int = 256, dim: int = 768, seed: int = 0) -> torch.Tenso
     return x
 
 
-def errors(name: str, x: torch.Tensor) -> tuple[float, float, float, float]:
+def errors(name: str, x: torch.Tensor, layer_ids=None) -> tuple[float, float, float, float]:
     """(mean, max) relative error of the rows, then of the rows without their 1% largest features."""
-    enc = get_encoding(name)
+    enc = get_encoding(name, layer_ids)
     err = enc.decode(enc.encode(x), x.shape[0], x.shape[1]) - x
     bulk = torch.ones_like(x, dtype=torch.bool)
     bulk.scatter_(1, x.abs().topk(max(1, x.shape[1] // 100), dim=1).indices, False)
@@ -91,8 +97,8 @@ def check_bounds(name: str, measured: tuple[float, ...], bounds: tuple[float, ..
 
 
 def test_bytes_per_token_for_qwen3_4b_features():
-    dim = 5 * 2560
-    sizes = {name: get_encoding(name).bytes_per_token(dim) for name in NAMES}
+    dim, layer_ids = 5 * 2560, [1, 9, 17, 25, 33]
+    sizes = {name: get_encoding(name, layer_ids).bytes_per_token(dim) for name in NAMES}
     assert sizes == {
         "bf16": 25_600,
         "fp8": 12_804,  # a byte a feature and a float32 scale a token
@@ -100,6 +106,8 @@ def test_bytes_per_token_for_qwen3_4b_features():
         "int6": 10_000,  # 200 groups of 48 bytes and a scale
         "int4": 6_800,  # 200 groups of 32 bytes and a scale
         "int4_outliers": 7_200,  # int4, plus 100 features (uint16 index, bf16 value) kept apart
+        "int4_rot": 6_800,  # int4's bytes
+        "int4_mixed": 4 * 1_360 + 2_000 + 20 * 4,  # 4 layers int4_rot; layer 33 int6_rot + 20 outliers
     }
 
 
@@ -199,11 +207,18 @@ def test_keeping_outliers_apart_helps_int4():
 
 
 @pytest.fixture(scope="module")
-def stories_features(assets_dir) -> torch.Tensor:
-    """Real features: stories260k's residual stream after layers 0, 2 and 4 over a few story texts."""
-    from deepspec.models.target import capture_features, load_target
+def stories_model(assets_dir):
+    from deepspec.models.target import load_target
 
-    model, tokenizer = load_target(str(assets_dir / "models" / "stories260k"))
+    return load_target(str(assets_dir / "models" / "stories260k"))
+
+
+@pytest.fixture(scope="module")
+def stories_features(stories_model) -> torch.Tensor:
+    """Real features: stories260k's residual stream after layers 0, 2 and 4 over a few story texts."""
+    from deepspec.models.target import capture_features
+
+    model, tokenizer = stories_model
     texts = [
         "Once upon a time, there was a little dog named Max. Max loved to play with his toys in the sun.",
         "Lily went to the park and saw a big red ball. She was very happy and ran to get it.",
@@ -211,14 +226,69 @@ def stories_features(assets_dir) -> torch.Tensor:
     ]
     with torch.no_grad():
         rows = [
-            capture_features(model, tokenizer(t, return_tensors="pt").input_ids, [0, 2, 4])[0] for t in texts
+            capture_features(model, tokenizer(t, return_tensors="pt").input_ids, STORIES_LAYERS)[0]
+            for t in texts
         ]
     return torch.cat(rows).float()
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_error_on_real_stories260k_features(name, stories_features):
-    check_bounds(name, errors(name, stories_features), BOUNDS["stories260k"][name])
+    check_bounds(name, errors(name, stories_features, STORIES_LAYERS), BOUNDS["stories260k"][name])
+
+
+def test_the_rotation_is_a_fixed_orthonormal_map():
+    rot = get_encoding("int4_rot")
+    m = rot.matrix
+    assert torch.allclose(m @ m.t(), torch.eye(64), atol=1e-6)
+    assert set((m * 8).abs().round().unique().tolist()) == {1.0}  # signs times a Hadamard matrix
+    # the sign pattern is part of the format: pinned here, as every cache written with it needs it
+    # (the bits of sha256("deepspec-rotation-64-0"), 1 -> +1, 0 -> -1; the Hadamard's first column is 1s)
+    assert (m[:, 0] * 8).round().long().tolist()[:12] == [1, 1, -1, 1, 1, -1, -1, -1, -1, 1, -1, 1]
+    exact = Rotated(get_encoding("bf16"))  # the rotation alone loses only bf16 rounding
+    x = activations(dim=200)
+    assert torch.allclose(exact.decode(exact.encode(x), 256, 200), x, rtol=0.02, atol=0.02 * x.abs().max())
+
+
+def test_the_rotation_helps_int4_on_real_features(stories_features):
+    plain, rotated = errors("int4", stories_features), errors("int4_rot", stories_features)
+    assert rotated[0] < 0.75 * plain[0] and rotated[2] < 0.75 * plain[2]
+
+
+def test_int4_mixed_encodes_the_teachers_layer_apart():
+    layer_ids = [1, 9, 5]  # the teacher reads the deepest, layer 9: the middle block
+    x = activations(dim=3 * 128)
+    enc = get_encoding("int4_mixed", layer_ids)
+    buf = enc.encode(x)
+    rest = get_encoding("int4_rot")
+    teacher = get_encoding("int4_mixed")  # one layer: the teacher's encoding alone
+    assert len(buf) == 256 * (2 * rest.bytes_per_token(128) + teacher.bytes_per_token(128))
+    y = enc.decode(buf, 256, 384)
+    blocks = [x[:, j * 128 : (j + 1) * 128] for j in range(3)]
+    assert torch.equal(y[:, 128:256], teacher.decode(teacher.encode(blocks[1]), 256, 128))
+    for j in (0, 2):
+        assert torch.equal(y[:, j * 128 : (j + 1) * 128], rest.decode(rest.encode(blocks[j]), 256, 128))
+    with pytest.raises(ValueError, match=r"385 features do not split into 3 layers"):
+        enc.encode(activations(dim=385))
+
+
+def test_int4_mixed_keeps_the_teacher_of_stories260k(stories_model, stories_features):
+    """The teacher recomputed from the decoded last layer (here the final normalised state, read by the
+    LM head directly) against the target's own distribution: int4_mixed loses far less than the other
+    encodings under a quarter of upstream's bytes."""
+    model, _ = stories_model
+    head = model.lm_head.weight.detach()
+    final = stories_features[:, 128:]
+    truth = torch.log_softmax(final @ head.t(), -1)
+
+    def kl(name: str) -> float:
+        enc = get_encoding(name, STORIES_LAYERS)
+        decoded = enc.decode(enc.encode(stories_features), *stories_features.shape)[:, 128:]
+        logp = torch.log_softmax(decoded @ head.t(), -1)
+        return float((truth.exp() * (truth - logp)).sum(-1).mean())
+
+    mixed = kl("int4_mixed")
+    assert mixed < 0.3 * kl("int4_outliers") and mixed < 0.3 * kl("int4_rot") and mixed < 0.005
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -244,15 +314,15 @@ def _samples(count: int, dim: int = 192, seed: int = 0) -> list[dict]:
 def _write_cache(url: str, encoding: str, samples: list[dict]) -> CacheManifest:
     fs, root = open_fs(url)
     shards = [
-        write_shard(fs, root, shard_name(0), samples[:2], encoding=encoding),
-        write_shard(fs, root, shard_name(1), samples[2:], encoding=encoding),
+        write_shard(fs, root, shard_name(0), samples[:2], encoding=encoding, layer_ids=STORIES_LAYERS),
+        write_shard(fs, root, shard_name(1), samples[2:], encoding=encoding, layer_ids=STORIES_LAYERS),
     ]
     manifest = CacheManifest(
         target_id="tiny",
         target_revision=None,
         tokenizer_sha256="t" * 16,
         chat_template_sha256="c" * 16,
-        layer_ids=[0, 2, 4],
+        layer_ids=STORIES_LAYERS,
         hidden_size=64,
         encoding=encoding,
         shards=shards,
@@ -272,8 +342,10 @@ def test_cache_reads_back_each_encoding(name, tmp_path):
     record = json.loads((tmp_path / "cache" / MANIFEST_FILE).read_text())
     assert record["encoding"] == name and record["feature_dim"] == 192
     assert read_manifest(url) == manifest
-    enc = get_encoding(name)
+    enc = get_encoding(name, STORIES_LAYERS)
     dataset = CacheDataset(url, expected={"encoding": name})
+    metadata = pa.ipc.open_file(str(tmp_path / "cache" / shard_name(0))).schema.metadata
+    assert json.loads(metadata[b"deepspec.layer_ids"]) == STORIES_LAYERS  # how int4_mixed splits a row
     for want, got, item in zip(samples, iter_samples(url, verify=True), dataset, strict=True):
         assert got["input_ids"].tolist() == want["input_ids"]
         assert got["loss_mask"].long().tolist() == want["loss_mask"]

@@ -49,8 +49,11 @@ def test_qwen3_4b_upstream_is_30726_bytes_a_token():
         "int6": 10_004.125,
         "int4": 6_804.125,
         "int4_outliers": 7_204.125,
+        "int4_rot": 6_804.125,
+        "int4_mixed": 7_524.125,  # 4 layers of int4_rot, the teacher's layer int6_rot + 20 outliers
     }
-    assert layouts["int4"]["ratio"] <= 0.25 and layouts["int4_outliers"]["ratio"] <= 0.25
+    assert all(layouts[n]["ratio"] <= 0.25 for n in ("int4", "int4_outliers", "int4_rot", "int4_mixed"))
+    assert layouts["int4_mixed"]["ratio"] == pytest.approx(0.2449, abs=1e-4)
     assert layouts["fp8"]["ratio"] == pytest.approx(0.417, abs=1e-3)
     assert layouts["int4"]["total_bytes"] == 6_804_125_000  # no samples given: no framing
 
@@ -59,6 +62,7 @@ def test_every_target_preset_estimates_but_an_unreachable_unpinned_one(tmp_path)
     for name in ("qwen3_8b", "qwen3_14b", "smollm2_135m", "stories260k"):
         result = estimate(compose([f"target={name}"]))
         assert result["layouts"]["int4"]["ratio"] < 0.25 and result["tokens"] is None, name
+        assert result["layouts"]["int4_mixed"]["ratio"] < 0.25, name
     assert (
         estimate(compose(["target=qwen3_14b"]))["layouts"]["upstream"]["bytes_per_token"] == 6 + 2 * 5120 * 6
     )
@@ -98,7 +102,14 @@ def test_estimate_matches_the_bytes_shards_take(encoding, tmp_path):
         for i, n in enumerate(lengths)
     ]
     written = sum(
-        write_shard(fs, root, shard_name(k), samples[3 * k : 3 * k + 3], encoding=encoding)["bytes"]
+        write_shard(
+            fs,
+            root,
+            shard_name(k),
+            samples[3 * k : 3 * k + 3],
+            encoding=encoding,
+            layer_ids=cfg.target.layer_ids,
+        )["bytes"]  # fmt: skip
         for k in range(2)
     )
     row = result["layouts"][encoding]
