@@ -5,6 +5,7 @@ S3 server), the loader's rate against training's, and accepted length per featur
     .venv/bin/python bench/cache_bench.py --tau-encodings fp8 int4 int4_outliers   # bf16 + 3: ~30 min
     .venv/bin/python bench/cache_bench.py --s3 --skip-tau    # + `rclone serve s3`, no training: ~3 min
     .venv/bin/python bench/cache_bench.py --target smollm2   # SmolLM2-135M-Instruct (`make assets`): ~15 min
+    .venv/bin/python bench/cache_bench.py --tau-encodings int4_mixed --epochs 48 --algo eagle3   # ~40 min
     .venv/bin/python bench/cache_bench.py --out runs/bench/x.json --work runs/bench/x --repeats 5
 
 Every figure is measured or computed when the command runs: the tables go to stdout, progress to stderr,
@@ -27,7 +28,9 @@ printed with the results, since other work on the machine slows every timing her
 4. Accepted length (not with --skip-tau). The same draft and settings trained by the real train stage
    (`train.train`: torchrun + DeepSpeed, `--parallel` runs at a time with one thread each) on each
    encoding's cache with `--seeds` training seeds, plus a control trained and decoded with every feature
-   zeroed (tau without the cache's information). Greedy tau on the prompts stage's held-out prompts with
+   zeroed (tau without the cache's information), as many seeds. The control gives the run its power:
+   "within noise of bf16" means something only where bf16 is measurably above the control. The draft is
+   DFlash, or `--algo eagle3` / `dspark`, which learn the teacher recomputed from the cached features. Greedy tau on the prompts stage's held-out prompts with
    `speculative_generate`. An encoding's difference to bf16 is judged against two noises: training
    (the pooled seed-to-seed sd of tau) and prompts (a paired bootstrap). One seed is not enough: two
    encodings with the same reconstruction error can differ by 0.1 in tau from the training run alone.
@@ -47,6 +50,7 @@ import argparse
 import contextlib
 import dataclasses
 import http.client
+import inspect
 import json
 import logging
 import os
@@ -66,7 +70,8 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig
 
 from deepspec.models.chat import render_prompt
-from deepspec.models.drafts.dflash import DFlashConfig, DFlashDraft, load_draft, pack_blocks
+from deepspec.models.drafts import load_draft as load_any_draft
+from deepspec.models.drafts.dflash import DFlashConfig, DFlashDraft, pack_blocks
 from deepspec.models.losses import block_labels, slot_weights, weighted_block_cross_entropy
 from deepspec.models.speculative import acceptance_stats, speculative_generate
 from deepspec.models.target import (
@@ -78,7 +83,7 @@ from deepspec.models.target import (
     resolve_source,
 )
 from deepspec.tasks.cache import build_cache
-from deepspec.tasks.cache_encoding import ENCODINGS
+from deepspec.tasks.cache_encoding import ENCODINGS, get_encoding
 from deepspec.tasks.cache_estimate import estimate, target_geometry, upstream_bytes_per_token
 from deepspec.tasks.cache_loader import PREFETCH, CacheStream, samples_per_second
 from deepspec.tasks.config import compose
@@ -499,6 +504,50 @@ def print_throughput(result: dict[str, Any]) -> None:
         print(f"s3: `rclone serve s3` at {result['s3_endpoint']} over a local directory, through s3fs.")
 
 
+QWEN3_4B_LAYERS = [1, 9, 17, 25, 33]
+QWEN3_4B_HIDDEN = 2560
+
+
+def codec_rates(tokens: int = 1024, threads: int = 1) -> dict[str, dict[str, float]]:
+    """Encode and decode tokens/s of each encoding at Qwen3-4B's width (5 x 2,560 features), on normal
+    features with outlier channels: what one loader thread decodes, and what encoding costs the cache
+    stage beside the target's forward."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, QWEN3_4B_HIDDEN * len(QWEN3_4B_LAYERS), generator=gen)
+    x[:, torch.randperm(x.shape[1], generator=gen)[:40]] *= 100  # outlier channels, as real streams have
+    out = {}
+    for name in ENCODINGS:
+        enc = get_encoding(name, QWEN3_4B_LAYERS)
+        began = time.perf_counter()
+        buf = enc.encode(x)
+        encode_s = time.perf_counter() - began
+        began = time.perf_counter()
+        enc.decode(buf, *x.shape)
+        out[name] = {
+            "encode_tokens_per_s": tokens / encode_s,
+            "decode_tokens_per_s": tokens / (time.perf_counter() - began),
+        }
+    torch.set_num_threads(before)
+    return {"tokens": tokens, "threads": threads, "encodings": out}
+
+
+def print_codec_rates(result: dict[str, Any]) -> None:
+    print(
+        f"\nencode and decode at Qwen3-4B's width ({len(QWEN3_4B_LAYERS)} x {QWEN3_4B_HIDDEN:,} features), "
+        f"{result['tokens']:,} tokens of normal features with outlier channels, {result['threads']} torch thread:"
+    )
+    header = f"{'encoding':<15}{'encode tok/s':>14}{'decode tok/s':>14}"
+    print(header)
+    print("-" * len(header))
+    for name, r in result["encodings"].items():
+        print(f"{name:<15}{r['encode_tokens_per_s']:>14,.0f}{r['decode_tokens_per_s']:>14,.0f}")
+    print(
+        "decode runs in the loader's one prefetch thread per rank; encode in the cache stage, after the target."
+    )
+
+
 # ----------------------------------------------------------------------------------------------------
 # 3. Loader against training
 
@@ -631,13 +680,16 @@ def print_loader(result: dict[str, Any], cfg: DictConfig) -> None:
 
 
 class ZeroedFeatures:
-    """A draft decoding with every target feature zeroed, as the control variant was trained."""
+    """A draft decoding with every target feature zeroed, as the control variant was trained (greedy:
+    `draft_logits` only; the context's token ids go on to a draft that reads them, Eagle3)."""
 
-    def __init__(self, draft: DFlashDraft):
+    def __init__(self, draft):
         self.draft, self.block_size = draft, draft.block_size
+        self.takes_ids = "context_ids" in inspect.signature(draft.draft_logits).parameters
 
-    def draft_logits(self, context_features: torch.Tensor, anchor_token: int) -> torch.Tensor:
-        return self.draft.draft_logits(torch.zeros_like(context_features), anchor_token)
+    def draft_logits(self, context_features: torch.Tensor, anchor_token: int, *, context_ids=None):
+        extra = {"context_ids": context_ids} if self.takes_ids else {}
+        return self.draft.draft_logits(torch.zeros_like(context_features), anchor_token, **extra)
 
 
 @dataclasses.dataclass
@@ -687,7 +739,7 @@ def evaluate_drafts(cfg: DictConfig, variants: list[Variant], futures) -> dict[s
     out = {}
     for v in variants:
         trained = futures[v.name].result()
-        draft = load_draft(draft_dir(v.cfg), embed, head)
+        draft = load_any_draft(draft_dir(v.cfg), embed, head)
         drafter = ZeroedFeatures(draft) if v.encoding == ZEROED_VARIANT else draft
         results = [
             speculative_generate(
@@ -761,30 +813,32 @@ def summarize(runs: dict[str, dict[str, Any]], seeds: int, draws: int = BOOTSTRA
     return {"seed_sd": seed_sd, "seeds": seeds, "encodings": out}
 
 
+def with_algo(overrides: list[str], algo: str) -> list[str]:
+    """The stage overrides for a draft of `algo`: Eagle3 drafts from every position, not from anchors."""
+    if algo == "dflash":
+        return overrides
+    kept = [o for o in overrides if algo != "eagle3" or not o.startswith("algo.anchors_per_sequence=")]
+    return [f"algo={algo}", *kept]
+
+
 def accepted_length(
     base: DictConfig, work: Path, overrides, caches, samples, parallel: int, seeds: int, encodings: list[str]
 ) -> dict[str, Any]:
     bf16 = caches[REFERENCE]
     variants = []
-    for name in encodings:
-        for seed in range(seeds):
-            cfg = caches[name]["cfg"]
-            if seed:  # the same cache, another training seed, its own run directory
-                cache = [f"storage.url={cfg.storage.url}", f"storage.encoding={name}"]
-                cfg = variant_config(base, work, overrides, f"{name}-s{seed}", *cache, f"train.seed={seed}")
-            variants.append(Variant(name, seed, cfg))
-    zeroed = variant_config(base, work, overrides, ZEROED_VARIANT)
+    zeroed_url = work / "zeroed_cache"
     sizes = [int(s["samples"]) for s in bf16["manifest"].shards]
     zero = [{**s, "features": torch.zeros_like(s["features"])} for s in samples]
-    write_cache(str(zeroed.storage.url), None, shard_chunks(zero, sizes), REFERENCE, bf16["manifest"])
-    for seed in range(seeds):  # the control has as many seeds, so that its gap to bf16 has an sd too
-        cfg = zeroed
-        if seed:
-            cache = [f"storage.url={zeroed.storage.url}", f"storage.encoding={REFERENCE}"]
-            cfg = variant_config(
-                base, work, overrides, f"{ZEROED_VARIANT}-s{seed}", *cache, f"train.seed={seed}"
+    write_cache(str(zeroed_url), None, shard_chunks(zero, sizes), REFERENCE, bf16["manifest"])
+    urls = {name: caches[name]["cfg"].storage.url for name in encodings} | {ZEROED_VARIANT: zeroed_url}
+    variants = []
+    for name, url in urls.items():  # the control has as many seeds, so that its gap to bf16 has an sd
+        encoding = REFERENCE if name == ZEROED_VARIANT else name
+        for seed in range(seeds):  # one cache, a training run of each seed in its own run directory
+            extra = [f"storage.url={url}", f"storage.encoding={encoding}", f"train.seed={seed}"]
+            variants.append(
+                Variant(name, seed, variant_config(base, work, overrides, f"{name}-s{seed}", *extra))
             )
-        variants.append(Variant(ZEROED_VARIANT, seed, cfg))
 
     log = work / "train_stage.log"
     say(
@@ -799,8 +853,8 @@ def accepted_length(
         "eval_prompts": len(runs[f"{REFERENCE}/s0"]["per_prompt_accepted"]),
         "eval_new_tokens": int(base.eval.max_new_tokens),
         "parallel": parallel,
-        "train": OmegaConf.to_container(base.train, resolve=True),
-        "algo": OmegaConf.to_container(base.algo, resolve=True),
+        "train": OmegaConf.to_container(variants[0].cfg.train, resolve=True),
+        "algo": OmegaConf.to_container(variants[0].cfg.algo, resolve=True),
         "runs": runs,
         **summarize(runs, seeds),
     }
@@ -808,10 +862,11 @@ def accepted_length(
 
 def print_tau(result: dict[str, Any]) -> None:
     a, t = result["algo"], result["train"]
+    anchors = f", {a['anchors_per_sequence']} anchors" if "anchors_per_sequence" in a else ""
     print(
         f"\n== 4. Accepted length: greedy tau (the target's own token included) on {result['eval_prompts']} "
-        f"held-out prompts, up to {result['eval_new_tokens']} new tokens.\nThe same DFlash draft ("
-        f"{a['num_layers']} layer, block {a['block_size']}, {a['anchors_per_sequence']} anchors) trained by "
+        f"held-out prompts, up to {result['eval_new_tokens']} new tokens.\nThe same {a['name']} draft ("
+        f"{a['num_layers']} layer, block {a['block_size']}{anchors}) trained by "
         f"the train stage (torchrun + DeepSpeed, 1 rank): {t['epochs']} epochs, lr {t['lr']}, batch "
         f"{t['global_batch']} (micro {t['micro_batch']}), seeds 0..{result['seeds'] - 1}, on each encoding's cache."
     )
@@ -920,6 +975,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per encoding (tau section)")
     parser.add_argument("--epochs", type=int, help="train.epochs of the tau section (default: the target's)")
     parser.add_argument(
+        "--algo",
+        choices=["dflash", "eagle3", "dspark"],
+        default="dflash",
+        help="the draft of the tau section",
+    )
+    parser.add_argument(
         "--tau-encodings",
         nargs="+",
         choices=list(ENCODINGS),
@@ -979,7 +1040,9 @@ def main() -> None:
                 args.repeats,
             )
     results["throughput"] = tp
+    tp["codec"] = codec_rates()
     print_throughput(tp)
+    print_codec_rates(tp["codec"])
 
     samples = [{**s, "features": s["features"].float()} for s in samples]  # as the loader decodes them
     s3_rates = tp["locations"].get("s3")
@@ -993,8 +1056,9 @@ def main() -> None:
 
     if not args.skip_tau:
         tau_encodings = [REFERENCE, *(e for e in args.tau_encodings or ENCODINGS if e != REFERENCE)]
+        tau_overrides = with_algo(overrides, args.algo)
         results["accepted_length"] = accepted_length(
-            base, work, overrides, caches, samples, args.parallel, args.seeds, tau_encodings
+            base, work, tau_overrides, caches, samples, args.parallel, args.seeds, tau_encodings
         )
         print_tau(results["accepted_length"])
 

@@ -10,8 +10,8 @@ Chosen by `storage.encoding`; the manifest and every shard record which one wrot
     int4           ceil(D / 64) (32 + 2)        the same with 4-bit codes, 2 to a byte
     int4_outliers  int4 + 4 ceil(D / 128)       int4 after each row's largest features are kept apart
     int4_rot       as int4                      int4 of each group of 64 after a fixed rotation
-    int4_mixed     int4_rot; the teacher's      one part per captured layer, in layer_ids order: the
-                   layer int6_rot + outliers    teacher's layer (the deepest) int6_rot with outliers
+    int4_mixed     int4_rot; the teacher's      the other captured layers side by side in int4_rot,
+                   layer int6_rot + outliers    then the teacher's (the deepest) int6_rot + outliers
 
 For Qwen3-4B (5 captured layers x 2560 = 12,800 features) that is 25,600, 12,804, 13,200, 10,000,
 6,800, 7,200, 6,800 and 7,520 bytes a token; `cache_estimate.py` adds the ids and loss mask and
@@ -335,11 +335,13 @@ class Rotated:
 
 
 class TeacherMixed:
-    """One encoding for the teacher's layer and another for every other captured layer.
+    """One encoding for the teacher's layer and another for the other captured layers.
 
     The feature row is the captured layers side by side, in `layer_ids` order; the teacher's is the
-    deepest (`train.Teacher` reads the same block). A sample's bytes are each layer's [T, d] encoding
-    in that order. `for_layers` gives the encoding of a layout; the registered one is a single layer.
+    deepest (`train.Teacher` reads the same block). A sample's bytes are the other layers, side by side
+    in one [T, (L - 1) d] matrix, in `features`, then the teacher's [T, d] in `teacher`: two decodes a
+    sample, whatever L, since the loader decodes in a thread beside training and every call counts.
+    `for_layers` gives the encoding of a layout; the registered one is a single layer, the teacher's.
     """
 
     def __init__(self, name: str, features: Encoding, teacher: Encoding, layer_ids: Sequence[int] = (0,)):
@@ -347,41 +349,50 @@ class TeacherMixed:
         self.layer_ids = [int(i) for i in layer_ids]
         if not self.layer_ids:
             raise ValueError(f"{name} needs at least one layer id")
-        deepest = self.layer_ids.index(max(self.layer_ids))
-        self.parts = [teacher if j == deepest else features for j in range(len(self.layer_ids))]
+        self.deepest = self.layer_ids.index(max(self.layer_ids))
 
     def for_layers(self, layer_ids: Sequence[int]) -> TeacherMixed:
         return TeacherMixed(self.name, self.features, self.teacher, layer_ids)
 
     def _layer_width(self, feature_dim: int) -> int:
-        if feature_dim % len(self.parts):
+        layers = len(self.layer_ids)
+        if feature_dim % layers:
             raise ValueError(
-                f"{self.name}: {feature_dim} features do not split into {len(self.parts)} layers "
+                f"{self.name}: {feature_dim} features do not split into {layers} layers "
                 f"(layer ids {self.layer_ids})"
             )
-        return feature_dim // len(self.parts)
+        return feature_dim // layers
+
+    def _sizes(self, feature_dim: int) -> tuple[int, int, float, float]:
+        """(d, width of the other layers, their bytes a token, the teacher's bytes a token)."""
+        d = self._layer_width(feature_dim)
+        rest = feature_dim - d
+        return d, rest, self.features.bytes_per_token(rest) if rest else 0.0, self.teacher.bytes_per_token(d)
 
     def bytes_per_token(self, feature_dim: int) -> float:
-        d = self._layer_width(feature_dim)
-        return sum(e.bytes_per_token(d) for e in self.parts)
+        _, _, rest_bytes, teacher_bytes = self._sizes(feature_dim)
+        return rest_bytes + teacher_bytes
 
     def encode(self, features: torch.Tensor) -> bytes:
         _check_matrix(features)
-        d = self._layer_width(features.shape[1])
-        return b"".join(e.encode(features[:, j * d : (j + 1) * d]) for j, e in enumerate(self.parts))
+        d, rest, _, _ = self._sizes(features.shape[1])
+        a, b = self.deepest * d, (self.deepest + 1) * d
+        others = torch.cat([features[:, :a], features[:, b:]], dim=1)
+        return (self.features.encode(others) if rest else b"") + self.teacher.encode(features[:, a:b])
 
     def decode(
         self, buf, num_tokens: int, feature_dim: int, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
-        d = self._layer_width(feature_dim)
-        want = int(num_tokens * self.bytes_per_token(feature_dim))
+        d, rest, rest_bytes, teacher_bytes = self._sizes(feature_dim)
+        want = int(num_tokens * (rest_bytes + teacher_bytes))
         data = _check_size(buf, want, self.name, num_tokens, feature_dim)
-        out, start = [], 0
-        for e in self.parts:
-            size = int(num_tokens * e.bytes_per_token(d))
-            out.append(e.decode(data[start : start + size], num_tokens, d, torch.float32))
-            start += size
-        return torch.cat(out, dim=1).to(dtype)
+        split = int(num_tokens * rest_bytes)
+        teacher = self.teacher.decode(data[split:], num_tokens, d, dtype)
+        if not rest:
+            return teacher
+        others = self.features.decode(data[:split], num_tokens, rest, dtype)
+        a = self.deepest * d
+        return torch.cat([others[:, :a], teacher, others[:, a:]], dim=1)
 
 
 ENCODINGS: dict[str, Encoding] = {
