@@ -49,8 +49,10 @@ teacher's.
 Scales are computed and rounded to their stored type before quantizing, so decode uses exactly the
 scale the codes were made with. Non-finite features are refused by the quantized encodings (a NaN or
 inf would poison the whole row or group); bf16 stores them as they are. Encoding runs on the device
-the features are on (a GPU when the cache stage leaves them there) and returns host bytes; decoding
-runs on the CPU, in DataLoader workers. No Prefect, MLflow or Hydra here.
+the features are on (a GPU when the cache stage leaves them there) and returns host bytes. Decoding
+runs on the `device` it is given, torch ops only: training hands the stored bytes to its own device, so
+a GPU decodes them (and they cross to it compressed) while the CPU only reads. No Prefect, MLflow or
+Hydra here.
 """
 
 from __future__ import annotations
@@ -76,9 +78,10 @@ class Encoding(Protocol):
         """[T, D] floats as bytes."""
 
     def decode(
-        self, buf, num_tokens: int, feature_dim: int, dtype: torch.dtype = torch.float32
+        self, buf, num_tokens: int, feature_dim: int, dtype: torch.dtype = torch.float32, device=None
     ) -> torch.Tensor:
-        """Bytes as a [num_tokens, feature_dim] tensor of `dtype`; ValueError for a `buf` of wrong size."""
+        """Bytes (a bytes-like object or a uint8 tensor) as a [num_tokens, feature_dim] tensor of `dtype` on
+        `device` (the CPU by default); ValueError for a `buf` of the wrong size."""
 
     def bytes_per_token(self, feature_dim: int) -> float:
         """Encoded bytes per token of `feature_dim` features."""
@@ -89,13 +92,27 @@ def _check_matrix(features: torch.Tensor) -> None:
         raise ValueError(f"features must be [T, D], got shape {tuple(features.shape)}")
 
 
-def _check_size(buf, want: int, name: str, num_tokens: int, feature_dim: int) -> np.ndarray:
-    data = np.frombuffer(buf, dtype=np.uint8)
-    if data.size != want:
+def _byte_tensor(buf, want: int, name: str, num_tokens: int, feature_dim: int, device) -> torch.Tensor:
+    """`buf` as a uint8 tensor on `device` (a copy: stored buffers are read-only); ValueError unless it
+    holds `want` bytes."""
+    if isinstance(buf, torch.Tensor):
+        data = buf.reshape(-1)
+    else:
+        data = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8).copy())
+    if data.numel() != want:
         raise ValueError(
-            f"{name} features of {num_tokens} tokens x {feature_dim} take {want} bytes, found {data.size}"
+            f"{name} features of {num_tokens} tokens x {feature_dim} take {want} bytes, found {data.numel()}"
         )
-    return data
+    if not want:  # an empty array's stride is 0, which views across element sizes refuse
+        return torch.empty(0, dtype=torch.uint8, device=device)
+    return data.to(device)
+
+
+def _field(data: torch.Tensor, start: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """`count` little-endian values of `dtype` stored from byte `start` of `data` (cloned, so that the
+    view starts aligned)."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    return data[start : start + count * size].clone().view(dtype)
 
 
 def _check_finite(x: torch.Tensor, name: str) -> None:
@@ -114,11 +131,6 @@ def _bf16_bits(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.bfloat16).contiguous().view(torch.int16)
 
 
-def _bf16_from_bits(bits: np.ndarray) -> torch.Tensor:
-    """Little-endian bfloat16 bit patterns (uint16) as exact float32: a bf16 is the top half of a float32."""
-    return torch.from_numpy((bits.astype(np.uint32) << 16).view(np.float32))
-
-
 class BF16:
     """Raw little-endian bfloat16: the reference encoding."""
 
@@ -132,15 +144,11 @@ class BF16:
         return _host_bytes(_bf16_bits(features.detach()))
 
     def decode(
-        self, buf, num_tokens: int, feature_dim: int, dtype: torch.dtype = torch.float32
+        self, buf, num_tokens: int, feature_dim: int, dtype: torch.dtype = torch.float32, device=None
     ) -> torch.Tensor:
-        data = _check_size(buf, num_tokens * feature_dim * 2, self.name, num_tokens, feature_dim)
-        bits = data.view("<u2")
-        if dtype == torch.bfloat16:
-            out = torch.from_numpy(bits.astype(np.int16)).view(torch.bfloat16)
-        else:
-            out = _bf16_from_bits(bits).to(dtype)
-        return out.reshape(num_tokens, feature_dim)
+        want = num_tokens * feature_dim * 2
+        data = _byte_tensor(buf, want, self.name, num_tokens, feature_dim, device)
+        return data.view(torch.bfloat16).reshape(num_tokens, feature_dim).to(dtype)
 
 
 class FP8:
@@ -161,11 +169,12 @@ class FP8:
         return _host_bytes(scale.reshape(-1), codes)
 
     def decode(
-        self, buf, num_tokens: int, feature_dim: int, dtype: torch.dtype = torch.float32
+        self, buf, num_tokens: int, feature_dim: int, dtype: torch.dtype = torch.float32, device=None
     ) -> torch.Tensor:
-        data = _check_size(buf, num_tokens * (feature_dim + 4), self.name, num_tokens, feature_dim)
-        scale = torch.from_numpy(data[: 4 * num_tokens].view("<f4").astype(np.float32))
-        codes = torch.from_numpy(data[4 * num_tokens :].copy()).view(torch.float8_e4m3fn)
+        want = num_tokens * (feature_dim + 4)
+        data = _byte_tensor(buf, want, self.name, num_tokens, feature_dim, device)
+        scale = _field(data, 0, num_tokens, torch.float32)
+        codes = data[4 * num_tokens :].view(torch.float8_e4m3fn)
         out = codes.float().reshape(num_tokens, feature_dim) * scale.reshape(-1, 1)
         return out.to(dtype)
 
@@ -208,13 +217,14 @@ class GroupInt:
         return _host_bytes(scale.view(torch.int16), self._pack(q))
 
     def decode(
-        self, buf, num_tokens: int, feature_dim: int, dtype: torch.dtype = torch.float32
+        self, buf, num_tokens: int, feature_dim: int, dtype: torch.dtype = torch.float32, device=None
     ) -> torch.Tensor:
         g = self._groups(feature_dim)
         n_scales = num_tokens * g
-        data = _check_size(buf, n_scales * (self.group_bytes + 2), self.name, num_tokens, feature_dim)
-        scale = _bf16_from_bits(data[: 2 * n_scales].view("<u2")).reshape(num_tokens, g, 1)
-        q = self._unpack(torch.from_numpy(data[2 * n_scales :].copy()))
+        want = n_scales * (self.group_bytes + 2)
+        data = _byte_tensor(buf, want, self.name, num_tokens, feature_dim, device)
+        scale = _field(data, 0, n_scales, torch.bfloat16).float().reshape(num_tokens, g, 1)
+        q = self._unpack(data[2 * n_scales :])
         q = q.reshape(num_tokens, g, self.group_size).float().sub_(self.qmax)
         out = q.mul_(scale).reshape(num_tokens, g * self.group_size)[:, :feature_dim]
         return out.to(dtype).contiguous()
@@ -272,16 +282,17 @@ class WithOutliers:
         return idx.tobytes() + _host_bytes(_bf16_bits(values)) + self.base.encode(rest)
 
     def decode(
-        self, buf, num_tokens: int, feature_dim: int, dtype: torch.dtype = torch.float32
+        self, buf, num_tokens: int, feature_dim: int, dtype: torch.dtype = torch.float32, device=None
     ) -> torch.Tensor:
         k, index = self._layout(feature_dim)
         want = int(num_tokens * self.bytes_per_token(feature_dim))
-        data = _check_size(buf, want, self.name, num_tokens, feature_dim)
+        data = _byte_tensor(buf, want, self.name, num_tokens, feature_dim, device)
         n_idx, n_val = num_tokens * k * index.itemsize, num_tokens * k * 2
-        idx = torch.from_numpy(data[:n_idx].view(index).astype(np.int64)).reshape(num_tokens, k)
-        values = _bf16_from_bits(data[n_idx : n_idx + n_val].view("<u2")).reshape(num_tokens, k)
-        out = self.base.decode(data[n_idx + n_val :], num_tokens, feature_dim, torch.float32)
-        return out.scatter_(1, idx, values).to(dtype)
+        signed = torch.int16 if index.itemsize == 2 else torch.int32  # torch reads them signed: mask back
+        idx = _field(data, 0, num_tokens * k, signed).long() & ((1 << (8 * index.itemsize)) - 1)
+        values = _field(data, n_idx, num_tokens * k, torch.bfloat16).float().reshape(num_tokens, k)
+        out = self.base.decode(data[n_idx + n_val :], num_tokens, feature_dim, torch.float32, device)
+        return out.scatter_(1, idx.reshape(num_tokens, k), values).to(dtype)
 
 
 def _walsh_hadamard(n: int) -> torch.Tensor:
@@ -328,9 +339,9 @@ class Rotated:
         return self.base.encode(self._apply(x, self.matrix))
 
     def decode(
-        self, buf, num_tokens: int, feature_dim: int, dtype: torch.dtype = torch.float32
+        self, buf, num_tokens: int, feature_dim: int, dtype: torch.dtype = torch.float32, device=None
     ) -> torch.Tensor:
-        y = self.base.decode(buf, num_tokens, self._padded(feature_dim), torch.float32)
+        y = self.base.decode(buf, num_tokens, self._padded(feature_dim), torch.float32, device)
         return self._apply(y, self.matrix.t())[:, :feature_dim].to(dtype).contiguous()
 
 
@@ -381,16 +392,16 @@ class TeacherMixed:
         return (self.features.encode(others) if rest else b"") + self.teacher.encode(features[:, a:b])
 
     def decode(
-        self, buf, num_tokens: int, feature_dim: int, dtype: torch.dtype = torch.float32
+        self, buf, num_tokens: int, feature_dim: int, dtype: torch.dtype = torch.float32, device=None
     ) -> torch.Tensor:
         d, rest, rest_bytes, teacher_bytes = self._sizes(feature_dim)
         want = int(num_tokens * (rest_bytes + teacher_bytes))
-        data = _check_size(buf, want, self.name, num_tokens, feature_dim)
+        data = _byte_tensor(buf, want, self.name, num_tokens, feature_dim, device)
         split = int(num_tokens * rest_bytes)
-        teacher = self.teacher.decode(data[split:], num_tokens, d, dtype)
+        teacher = self.teacher.decode(data[split:], num_tokens, d, dtype, device)
         if not rest:
             return teacher
-        others = self.features.decode(data[:split], num_tokens, rest, dtype)
+        others = self.features.decode(data[:split], num_tokens, rest, dtype, device)
         a = self.deepest * d
         return torch.cat([others[:, :a], teacher, others[:, a:]], dim=1)
 

@@ -236,13 +236,17 @@ class _Prefetcher:
         self._thread.join(timeout=30)
 
 
-def _consume(position: _Position, fetcher: _Prefetcher) -> Iterator[dict[str, Any]]:
-    """The prefetched samples, advancing `position` as the consumer takes each one."""
+def _consume(
+    position: _Position, fetcher: _Prefetcher, finish: Callable[[dict[str, Any]], dict[str, Any]]
+) -> Iterator[dict[str, Any]]:
+    """The prefetched samples, each `finish`ed in the consumer's thread, advancing `position` as the
+    consumer takes each one."""
     try:
         while not position.finished():
             sample = fetcher.get()
             if sample is _END:
                 return
+            sample = finish(sample)
             position.advance()
             yield sample
     finally:
@@ -287,10 +291,14 @@ class _Streaming:
         self._prefetcher = _Prefetcher(
             lambda: self._read(p.order.items_from(epoch, start, p.epochs)), self.prefetch
         )
-        return _consume(p, self._prefetcher)
+        return _consume(p, self._prefetcher, self._finish)
 
     def _read(self, items: Iterable[int]) -> Iterator[dict[str, Any]]:
         raise NotImplementedError
+
+    def _finish(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """What the consumer's thread does to a sample it takes: nothing, unless a stream says."""
+        return sample
 
     def _close_prefetcher(self) -> None:
         if self._prefetcher is not None:
@@ -315,6 +323,10 @@ class CacheStream(_Streaming):
     """This rank's samples of a complete target cache, epoch after epoch (see the module docstring).
 
     `epochs` bounds the iteration (None: forever); `expected` manifest fields are validated on open.
+    With `decode_device` the prefetch thread only reads, and features are decoded as the consumer takes
+    each sample, on that device: training's GPU, or the CPU in the training thread itself. A decoding
+    thread beside training competes with it for the GIL at every torch call, and at Qwen3-4B's width one
+    CPU thread decodes only 5,000-50,000 tokens/s (`bench/cache_bench.py`).
     """
 
     def __init__(
@@ -331,8 +343,10 @@ class CacheStream(_Streaming):
         verify: bool = False,
         expected: dict[str, Any] | None = None,
         features_dtype: torch.dtype = torch.float32,
+        decode_device: torch.device | str | None = None,
     ):
         self.url = url
+        self.features_dtype, self.decode_device = features_dtype, decode_device
         self.storage_options = dict(storage_options or {})
         self.verify = verify
         self.prefetch = prefetch
@@ -345,6 +359,7 @@ class CacheStream(_Streaming):
             expected=expected,
             features_dtype=features_dtype,
             max_open_shards=min(64, shuffle_buffer // smallest + 2),  # the shards a buffer spans
+            keep_encoded=decode_device is not None,
         )
         self._position = _Position(
             RankOrder(sizes, rank=rank, world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer),
@@ -367,6 +382,11 @@ class CacheStream(_Streaming):
                 verify_shard(fs, root, self.manifest.shards[shard], self.url)
                 self._verified.add(shard)
             yield self._dataset[item]
+
+    def _finish(self, sample: dict[str, Any]) -> dict[str, Any]:
+        if self.decode_device is None:
+            return sample
+        return {**sample, "features": sample["features"].decode(self.features_dtype, self.decode_device)}
 
     def close(self) -> None:
         super().close()
@@ -525,7 +545,9 @@ def open_stream(
     final_hidden: bool = False,
 ) -> CacheStream | OnlineStream:
     """The stream `storage.mode` asks for: the cache at `storage.url` (validated against the config) or
-    the target run online over the regenerated answers. `final_hidden` adds the target's final hidden
+    the target run online over the regenerated answers. `device` is where features come to be: the
+    target runs there (online), or the cache's bytes are decoded there as training takes each sample
+    (cached; None: in the prefetch thread, on the CPU). `final_hidden` adds the target's final hidden
     state to online samples; the cache does not hold it."""
     from deepspec.models.target import load_target, load_tokenizer
 
@@ -544,6 +566,7 @@ def open_stream(
             epochs=epochs,
             verify=verify,
             expected=expected_manifest_fields(cfg, tokenizer),
+            decode_device=device,
         )
     model, _ = load_target(t.path, t.gguf_file, t.revision, t.dtype)
     if device is not None:

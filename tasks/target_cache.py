@@ -509,27 +509,56 @@ class _OpenShard:
     def __len__(self) -> int:
         return self.reader.num_record_batches
 
-    def sample(self, i: int, features_dtype: torch.dtype) -> dict[str, Any]:
+    def sample(self, i: int, features_dtype: torch.dtype, encoded: bool = False) -> dict[str, Any]:
+        """Sample i; with `encoded`, its features stay as stored (`EncodedFeatures`) for the consumer."""
+        where = f"cache shard {self.url}/{self.name}: sample {i}"
         try:
             batch = self.reader.get_batch(i)
-            return _decode(batch, features_dtype, self.encoding, self.feature_dim)
+            return _decode(batch, features_dtype, self.encoding, self.feature_dim, where if encoded else None)
         except (pa.ArrowException, ValueError) as err:
-            raise DataError(f"cache shard {self.url}/{self.name}: sample {i} is unreadable ({err})") from err
+            raise DataError(f"{where} is unreadable ({err})") from err
 
     def close(self) -> None:
         self._source.close()
 
 
+@dataclass
+class EncodedFeatures:
+    """A sample's features as the cache stores them, decoded by whoever uses them, on their device: a
+    training rank decodes on its GPU, so the bytes cross to it compressed and no CPU thread decodes."""
+
+    data: np.ndarray  # uint8, this sample's own copy (the shard's memory may be closed meanwhile)
+    num_tokens: int
+    feature_dim: int
+    encoding: Encoding
+    where: str  # "cache shard URL/NAME: sample I", for errors
+
+    def decode(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+        try:
+            return self.encoding.decode(self.data, self.num_tokens, self.feature_dim, dtype, device)
+        except ValueError as err:
+            raise DataError(f"{self.where} is unreadable ({err})") from err
+
+
 def _decode(
-    batch: pa.RecordBatch, features_dtype: torch.dtype, encoding: Encoding, feature_dim: int
+    batch: pa.RecordBatch,
+    features_dtype: torch.dtype,
+    encoding: Encoding,
+    feature_dim: int,
+    keep_encoded_as: str | None = None,
 ) -> dict[str, Any]:
+    """A record batch as a sample; its features decoded, or kept as `EncodedFeatures` named by
+    `keep_encoded_as`."""
     num_tokens = batch.column("num_tokens")[0].as_py()
     ids = batch.column("input_ids")[0].values.to_numpy(zero_copy_only=False)
     packed = np.frombuffer(batch.column("loss_mask")[0].as_buffer(), dtype=np.uint8)
     mask = np.unpackbits(packed, count=num_tokens, bitorder="little").astype(bool)
-    features = encoding.decode(
-        batch.column("features")[0].as_buffer(), num_tokens, feature_dim, features_dtype
-    )
+    stored = batch.column("features")[0].as_buffer()
+    if keep_encoded_as is None:
+        features = encoding.decode(stored, num_tokens, feature_dim, features_dtype)
+    else:
+        data = np.frombuffer(stored, dtype=np.uint8).copy()
+        features = EncodedFeatures(data, num_tokens, feature_dim, encoding, keep_encoded_as)
     return {
         "sample_id": batch.column("sample_id")[0].as_py(),
         "input_ids": torch.from_numpy(ids.astype(np.int64)),
@@ -591,8 +620,10 @@ class CacheDataset:
         expected: dict[str, Any] | None = None,
         features_dtype: torch.dtype = torch.float32,
         max_open_shards: int = 4,
+        keep_encoded: bool = False,
     ):
         self.url = url
+        self.keep_encoded = keep_encoded  # samples carry `EncodedFeatures`, for the consumer to decode
         self.storage_options = dict(storage_options or {})
         self.manifest = read_manifest(url, self.storage_options)
         if expected:
@@ -616,7 +647,7 @@ class CacheDataset:
         if not 0 <= index < n:
             raise IndexError(f"sample {index} out of range for a cache of {n} samples")
         shard = bisect.bisect_right(self._starts, index) - 1
-        return self._shard(shard).sample(index - self._starts[shard], self.features_dtype)
+        return self._shard(shard).sample(index - self._starts[shard], self.features_dtype, self.keep_encoded)
 
     def _shard(self, k: int) -> _OpenShard:
         if self._pid != os.getpid():  # a forked worker must not share file offsets with its parent

@@ -453,7 +453,7 @@ class Eagle3Recipe:
     def step(self, engine, samples: list[dict], generator: torch.Generator):
         length = max(int(s["input_ids"].shape[0]) for s in samples)
         width = samples[0]["features"].shape[1]
-        features = torch.zeros(len(samples), length, width)
+        features = torch.zeros(len(samples), length, width, device=self.device)  # where the stream decoded
         ids = torch.zeros(len(samples), length, dtype=torch.long)
         mask = torch.zeros(len(samples), length, dtype=torch.bool)
         # the target's final states, not its logits: the draft applies the head to supervised rows only,

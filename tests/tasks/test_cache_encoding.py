@@ -237,6 +237,18 @@ def test_error_on_real_stories260k_features(name, stories_features):
     check_bounds(name, errors(name, stories_features, STORIES_LAYERS), BOUNDS["stories260k"][name])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", NAMES)
+def test_a_gpu_decodes_what_the_cpu_decodes(name):
+    """Training decodes on its own device: the same numbers there as on the CPU."""
+    enc = get_encoding(name, [1, 9, 17])
+    x = activations(300, 3 * 256)
+    buf = enc.encode(x)
+    on_gpu = enc.decode(buf, *x.shape, device="cuda")
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), enc.decode(buf, *x.shape), rtol=1e-6, atol=1e-6)
+
+
 def test_the_rotation_is_a_fixed_orthonormal_map():
     rot = get_encoding("int4_rot")
     m = rot.matrix

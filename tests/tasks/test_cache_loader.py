@@ -33,7 +33,7 @@ DIM = 8  # 2 layers x hidden 4
 SIZES = [5, 3, 6, 4]  # shards of unequal size: 18 samples
 
 
-def write_cache(url: str, sizes: list[int] = SIZES) -> None:
+def write_cache(url: str, sizes: list[int] = SIZES, encoding: str = "bf16") -> None:
     fs, root = open_fs(url)
     gen = torch.Generator().manual_seed(0)
     shards, count = [], 0
@@ -49,7 +49,7 @@ def write_cache(url: str, sizes: list[int] = SIZES) -> None:
                     "features": torch.randn(n, DIM, generator=gen),
                 }
             )
-        shards.append(write_shard(fs, root, shard_name(k), part))
+        shards.append(write_shard(fs, root, shard_name(k), part, encoding=encoding, layer_ids=[0, 1]))
         count += size
     write_manifest(
         fs,
@@ -61,6 +61,7 @@ def write_cache(url: str, sizes: list[int] = SIZES) -> None:
             chat_template_sha256="c" * 16,
             layer_ids=[0, 1],
             hidden_size=DIM // 2,
+            encoding=encoding,
             shards=shards,
             num_samples=count,
             num_tokens=sum(s["tokens"] for s in shards),
@@ -248,6 +249,55 @@ def test_a_reader_error_is_raised_in_the_consumer(cache_url):
     (Path(cache_url) / shard_name(1)).unlink()  # gone after the stream opened: the reader thread finds out
     with pytest.raises(DataError, match=rf"{shard_name(1)} is missing"):
         list(stream)
+
+
+@pytest.mark.parametrize("encoding", ["bf16", "int4_mixed"])
+def test_decoding_in_the_consumer_gives_the_same_samples(tmp_path, monkeypatch, encoding):
+    """With decode_device the prefetch thread only reads and the thread that takes a sample decodes it
+    (training: on its GPU): the same samples in the same order, and the same resume position."""
+    import threading
+
+    from deepspec.tasks.cache_encoding import BF16, TeacherMixed
+
+    url = str(tmp_path / "cache")
+    write_cache(url, encoding=encoding)
+    kind = BF16 if encoding == "bf16" else TeacherMixed
+    threads: list[str] = []
+    decode = kind.decode
+
+    def recording(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return decode(self, *args, **kwargs)
+
+    monkeypatch.setattr(kind, "decode", recording)
+    kwargs = {"seed": 3, "epochs": 2, "shuffle_buffer": 4, "prefetch": 4}
+    want = list(CacheStream(url, **kwargs))
+    assert set(threads) == {"deepspec-prefetch"}
+    threads.clear()
+    stream = CacheStream(url, decode_device="cpu", **kwargs)
+    it = iter(stream)
+    got = take(it, 7)
+    state = stream.state_dict()
+    got += list(it)
+    assert set(threads) == {threading.current_thread().name}
+    assert ids(got) == ids(want) and len(got) == 2 * sum(SIZES)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a["features"], b["features"]) and torch.equal(a["input_ids"], b["input_ids"])
+    resumed = CacheStream(url, decode_device="cpu", **kwargs)
+    resumed.load_state_dict(state)
+    assert ids(resumed) == ids(want)[7:]
+
+
+def test_a_sample_that_fails_to_decode_is_named(tmp_path):
+    from deepspec.tasks.target_cache import CacheDataset
+
+    url = str(tmp_path / "cache")
+    write_cache(url, encoding="int4_mixed")
+    encoded = CacheDataset(url, keep_encoded=True)[0]["features"]
+    assert torch.equal(encoded.decode(), next(iter_samples(url))["features"])
+    encoded.data = encoded.data[:-1]  # a sample whose bytes were cut short
+    with pytest.raises(DataError, match=rf"{shard_name(0)}: sample 0 is unreadable .*take"):
+        encoded.decode(device="cpu")
 
 
 def test_samples_per_second_measures_the_stream(cache_url):
