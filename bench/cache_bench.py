@@ -543,9 +543,7 @@ def print_codec_rates(result: dict[str, Any]) -> None:
     print("-" * len(header))
     for name, r in result["encodings"].items():
         print(f"{name:<15}{r['encode_tokens_per_s']:>14,.0f}{r['decode_tokens_per_s']:>14,.0f}")
-    print(
-        "decode runs in the loader's one prefetch thread per rank; encode in the cache stage, after the target."
-    )
+    print("decode: in each rank's training thread, on its device (here the CPU); encode: in the cache stage.")
 
 
 # ----------------------------------------------------------------------------------------------------

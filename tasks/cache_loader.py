@@ -18,8 +18,9 @@ would have yielded next. Ranks consume in lockstep, so one rank's state (rank 0'
 in a checkpoint) resumes every rank.
 
 Reading happens in a background thread a bounded queue ahead of the consumer; its exceptions are raised
-in the consumer. `verify=True` hashes each shard the first time the stream opens it, and a corrupt shard
-raises DataError naming it.
+in the consumer. Training decodes features in its own thread, on its own device (`decode_device`): a
+thread decoding beside it would wait for the GIL at every torch call. `verify=True` hashes each shard
+the first time the stream opens it, and a corrupt shard raises DataError naming it.
 
 Online mode (`storage.mode: online`) needs no storage: the stream renders `<run_dir>/regen/answers.jsonl`
 exactly as the cache stage does and runs the target over a few upcoming samples at a time, in batches
