@@ -873,7 +873,7 @@ def accepted_length(
 
 def print_tau(result: dict[str, Any]) -> None:
     a, t = result["algo"], result["train"]
-    anchors = f", {a['anchors_per_sequence']} anchors" if "anchors_per_sequence" in a else ""
+    anchors = f", {a['anchors_per_sequence']} anchors" if a.get("anchors_per_sequence") else ""
     print(
         f"\n== 4. Accepted length: greedy tau (the target's own token included) on {result['eval_prompts']} "
         f"held-out prompts, up to {result['eval_new_tokens']} new tokens.\nThe same {a['name']} draft ("
