@@ -16,11 +16,10 @@ Chosen by `storage.encoding`; the manifest and every shard record which one wrot
 For Qwen3-4B (5 captured layers x 2560 = 12,800 features) that is 25,600, 12,804, 13,200, 10,000,
 6,800, 7,200, 6,800 and 7,520 bytes a token; `cache_estimate.py` adds the ids and loss mask and
 compares with upstream (int4_mixed: 0.245x). Relative error per token, ||decoded - x|| / ||x||, on
-SmolLM2-135M's layers 1, 14 and 27 (mean; then over each row without its 1% largest features for the
-first five): fp8 1.9% / 2.6%, int8 1.4% / 2.6%, int6 5.7% / 10%, int4 20% / 35%, int4_outliers
-5.7% / 10%, int4_rot 7.6%, 7.9% and 7.6% by layer; int4_mixed 7.6%, 7.9% and 1.5% (the teacher's
-layer). The tests pin bounds on stories260k; `bench/cache_bench.py` measures what each encoding does
-to the teacher.
+SmolLM2-135M's layers 1, 14 and 27 (mean, then over each row without its 1% largest features): fp8
+1.9% / 2.6%, int8 1.4% / 2.6%, int6 5.7% / 10%, int4 20% / 35%, int4_outliers 5.7% / 10%. The tests
+pin bounds on stories260k for every encoding (int4_rot about 0.6x int4's error; int4_mixed's teacher
+layer about int6's); `bench/cache_bench.py` measures what each encoding does to the teacher.
 
 fp8 scales each token row by its absolute maximum (scale = absmax / 448, the largest e4m3fn value), so
 one outlier channel costs a row precision but never overflows. The integer encodings are symmetric
@@ -41,10 +40,10 @@ int4_mixed spends the bytes where the teacher is: Eagle3 and DSpark recompute th
 distribution from the deepest captured layer (`train.Teacher`), whose error reaches the logits
 through only a few layers and the LM head, while the other layers are inputs to a draft that is
 trained on them. So that layer gets int6_rot with outliers kept apart (`WithOutliers`) and the others
-int4_rot: top-1 agreement of the recomputed teacher with the target's own 0.993 on SmolLM2 (fp8:
-0.989, int4_outliers: 0.971), at 0.245x upstream's bytes for Qwen3-4B. It needs the layer ids
-(`get_encoding(name, layer_ids)`), which each shard records; without them the row is one layer, the
-teacher's.
+int4_rot: top-1 agreement of the recomputed teacher with the target's own 0.9934 on SmolLM2 (fp8:
+0.9872, int4_outliers: 0.9734; `bench/cache_bench.py`), at 0.245x upstream's bytes for Qwen3-4B.
+It needs the layer ids (`get_encoding(name, layer_ids)`), which each shard records; without them the
+row is one layer, the teacher's.
 
 Scales are computed and rounded to their stored type before quantizing, so decode uses exactly the
 scale the codes were made with. Non-finite features are refused by the quantized encodings (a NaN or
