@@ -42,6 +42,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -75,6 +76,7 @@ from deepspec.tasks.config import config_hash, run_path
 from deepspec.tasks.target_cache import read_manifest
 
 log = logging.getLogger(__name__)
+STALE_LOCK_S = 15 * 60  # an op build takes minutes (DeepSpeed's CPU Adam: about 4 on 2 cores)
 
 # algo fields each algorithm reads, beyond name, block_size and num_layers; the others stay null
 ALGO_FIELDS = {
@@ -724,6 +726,12 @@ def train(cfg: DictConfig) -> dict:
         "-m", "deepspec.tasks.train", str(config_file),
     ]  # fmt: skip
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", _accelerator())}
+    for lock, age_s in stale_build_locks():
+        log.warning(
+            "%s is %.0f minutes old: a torch extension build (DeepSpeed compiles its ops on first use) "
+            "killed midway leaves it, and every later build waits on it forever. If no build is running, "
+            "delete it.", lock, age_s / 60,
+        )  # fmt: skip
     log.info("launching %s", " ".join(command))
     result = subprocess.run(command, env=env)
     if result.returncode != 0:
@@ -732,6 +740,23 @@ def train(cfg: DictConfig) -> dict:
     if record is None:
         raise DeepSpecError(f"training exited cleanly but left no valid draft in {draft_dir(cfg)}")
     return record
+
+
+def stale_build_locks(max_age_s: float = STALE_LOCK_S) -> list[tuple[Path, float]]:
+    """(lock file, age in seconds) of torch extension builds older than `max_age_s`. Torch's folders:
+    with $TORCH_EXTENSIONS_DIR, DIR/<op>/lock, else <cache>/torch_extensions/<python>_<device>/<op>/lock."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now, stale = time.time(), []
+    for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
+        try:
+            age = now - lock.stat().st_mtime
+        except FileNotFoundError:  # its build just finished
+            continue
+        if age > max_age_s:
+            stale.append((lock, age))
+    return stale
 
 
 def _discard_foreign_checkpoints(cfg: DictConfig) -> None:

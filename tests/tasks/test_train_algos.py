@@ -5,6 +5,8 @@ the real stories260k target."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -22,11 +24,24 @@ from deepspec.tasks.train import (
     algo_identity,
     check_algo,
     load_target_tail,
+    stale_build_locks,
     teacher_tail_start,
 )
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
+
+
+def test_a_stale_extension_build_lock_is_found(tmp_path, monkeypatch):
+    """A DeepSpeed op build killed midway leaves its lock, and the next build waits on it forever: the
+    train stage names such locks before it launches the ranks."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    building, killed = tmp_path / "cpu_adam" / "lock", tmp_path / "deepspeed_shm_comm" / "lock"
+    for lock in (building, killed):
+        lock.parent.mkdir()
+        lock.touch()
+    os.utime(killed, (time.time() - 3600, time.time() - 3600))
+    assert [(lock, round(age / 60)) for lock, age in stale_build_locks()] == [(killed, 60)]
 
 
 def test_presets_carry_the_upstream_recipes():
