@@ -30,8 +30,8 @@ printed with the results, since other work on the machine slows every timing her
    encoding's cache with `--seeds` training seeds, plus a control trained and decoded with every feature
    zeroed (tau without the cache's information), as many seeds. The control gives the run its power:
    "within noise of bf16" means something only where bf16 is measurably above the control. The draft is
-   DFlash, or `--algo eagle3` / `dspark`, which learn the teacher recomputed from the cached features. Greedy tau on the prompts stage's held-out prompts with
-   `speculative_generate`. An encoding's difference to bf16 is judged against two noises: training
+   DFlash, or `--algo eagle3` / `dspark`, which learn the teacher recomputed from the cached features.
+   Greedy tau on the prompts stage's held-out prompts with `speculative_generate`. An encoding's difference to bf16 is judged against two noises: training
    (the pooled seed-to-seed sd of tau) and prompts (a paired bootstrap). One seed is not enough: two
    encodings with the same reconstruction error can differ by 0.1 in tau from the training run alone.
    The ranks' output goes to `<work>/train_stage.log`.
@@ -510,8 +510,8 @@ QWEN3_4B_HIDDEN = 2560
 
 def codec_rates(tokens: int = 1024, threads: int = 1) -> dict[str, dict[str, float]]:
     """Encode and decode tokens/s of each encoding at Qwen3-4B's width (5 x 2,560 features), on normal
-    features with outlier channels: what one loader thread decodes, and what encoding costs the cache
-    stage beside the target's forward."""
+    features with outlier channels: what one CPU thread decodes (training decodes on its own device, in its
+    own thread), and what encoding costs the cache stage beside the target's forward."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
@@ -836,7 +836,6 @@ def accepted_length(
     base: DictConfig, work: Path, overrides, caches, samples, parallel: int, seeds: int, encodings: list[str]
 ) -> dict[str, Any]:
     bf16 = caches[REFERENCE]
-    variants = []
     zeroed_url = work / "zeroed_cache"
     sizes = [int(s["samples"]) for s in bf16["manifest"].shards]
     zero = [{**s, "features": torch.zeros_like(s["features"])} for s in samples]

@@ -350,7 +350,7 @@ class TeacherMixed:
     The feature row is the captured layers side by side, in `layer_ids` order; the teacher's is the
     deepest (`train.Teacher` reads the same block). A sample's bytes are the other layers, side by side
     in one [T, (L - 1) d] matrix, in `features`, then the teacher's [T, d] in `teacher`: two decodes a
-    sample, whatever L, since the loader decodes in a thread beside training and every call counts.
+    sample, whatever L, since training decodes in its own thread and every torch call costs it.
     `for_layers` gives the encoding of a layout; the registered one is a single layer, the teacher's.
     """
 

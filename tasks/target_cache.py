@@ -527,7 +527,7 @@ class EncodedFeatures:
     """A sample's features as the cache stores them, decoded by whoever uses them, on their device: a
     training rank decodes on its GPU, so the bytes cross to it compressed and no CPU thread decodes."""
 
-    data: np.ndarray  # uint8, this sample's own copy (the shard's memory may be closed meanwhile)
+    data: torch.Tensor  # uint8, this sample's own copy (the shard's memory may be closed meanwhile)
     num_tokens: int
     feature_dim: int
     encoding: Encoding
@@ -557,7 +557,7 @@ def _decode(
     if keep_encoded_as is None:
         features = encoding.decode(stored, num_tokens, feature_dim, features_dtype)
     else:
-        data = np.frombuffer(stored, dtype=np.uint8).copy()
+        data = torch.from_numpy(np.frombuffer(stored, dtype=np.uint8).copy())  # decode takes it as it is
         features = EncodedFeatures(data, num_tokens, feature_dim, encoding, keep_encoded_as)
     return {
         "sample_id": batch.column("sample_id")[0].as_py(),

@@ -816,16 +816,8 @@ def validate_eagle3_export(path: Path) -> list[str]:
     # vLLM looks every name up in its own parameters; only embed_tokens may ride along
     unexpected = sorted(set(shapes) - set(expected) - {"embed_tokens.weight"})
     problems += [f"{weights_file}: unexpected tensor {k!r}" for k in unexpected]
-    if (
-        d2t is not None
-        and t2d is not None
-        and "d2t" in expected
-        and (d2t.shape, t2d.shape)
-        == (
-            expected["d2t"],
-            expected["t2d"],
-        )
-    ):
+    maps = (expected.get("d2t"), expected.get("t2d"))  # absent with the full vocabulary
+    if d2t is not None and t2d is not None and (d2t.shape, t2d.shape) == maps:
         ids = torch.arange(d2t.shape[0]) + d2t.long()
         in_range = bool(ids.min() >= 0) and bool(ids.max() < t2d.shape[0])
         if not in_range or ids.unique().numel() != ids.numel() or not bool(t2d.bool()[ids].all()):
