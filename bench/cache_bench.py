@@ -82,15 +82,9 @@ from deepspec.models.target import (
     output_head,
     resolve_source,
 )
-from deepspec.tasks.cache import build_cache
-from deepspec.tasks.cache_encoding import ENCODINGS, get_encoding
-from deepspec.tasks.cache_estimate import estimate, target_geometry, upstream_bytes_per_token
-from deepspec.tasks.cache_loader import PREFETCH, CacheStream, samples_per_second
-from deepspec.tasks.config import compose
-from deepspec.tasks.evaluate import stop_token_ids
-from deepspec.tasks.prompts import prepare_prompts
-from deepspec.tasks.regenerate import regenerate
-from deepspec.tasks.target_cache import (
+from deepspec.tasks.cache.encoding import ENCODINGS, get_encoding
+from deepspec.tasks.cache.estimate import estimate, target_geometry, upstream_bytes_per_token
+from deepspec.tasks.cache.format import (
     iter_samples,
     open_fs,
     read_manifest,
@@ -98,7 +92,20 @@ from deepspec.tasks.target_cache import (
     write_manifest,
     write_shard,
 )
-from deepspec.tasks.train import Teacher, anchor_generator, draft_dir, mask_token_id, sample_anchors, train
+from deepspec.tasks.cache.loader import PREFETCH, CacheStream, samples_per_second
+from deepspec.tasks.cache.stage import build_cache
+from deepspec.tasks.config import compose
+from deepspec.tasks.evaluate.stage import stop_token_ids
+from deepspec.tasks.prompts import prepare_prompts
+from deepspec.tasks.regenerate.stage import regenerate
+from deepspec.tasks.train.stage import (
+    Teacher,
+    anchor_generator,
+    draft_dir,
+    mask_token_id,
+    sample_anchors,
+    train,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("DEEPSPEC_ASSETS") or REPO.parent / "shared" / "assets")

@@ -32,7 +32,7 @@ GGUF_DIR = REPO / ".cache" / "models" / "smollm2_135m_instruct"
 def run(overrides: list[str], run_dir: Path) -> dict[str, Any]:
     from deepspec.tasks.config import compose
     from deepspec.tasks.prompts import prepare_prompts
-    from deepspec.tasks.regenerate import regenerate
+    from deepspec.tasks.regenerate.stage import regenerate
 
     cfg = compose([*overrides, f"run_dir={run_dir}"])
     prepare_prompts(cfg)

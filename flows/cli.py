@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             print(OmegaConf.to_yaml(compose(args.overrides, args.config_name)))
             return 0
         if args.command == "estimate-cache":
-            from deepspec.tasks.cache_estimate import estimate_cache
+            from deepspec.tasks.cache.estimate import estimate_cache
 
             print(estimate_cache(compose(args.overrides, args.config_name), args.tokens))
             return 0

@@ -17,17 +17,17 @@ from omegaconf import DictConfig
 from prefect import flow, unmapped
 from prefect.futures import wait
 
-from deepspec.tasks.cache import (
+from deepspec.tasks.cache.stage import (
     build_shard_task,
     cache_task_runner,
     finalize_cache_task,
     plan_cache_task,
 )
 from deepspec.tasks.config import compose
-from deepspec.tasks.evaluate import evaluate_task
+from deepspec.tasks.evaluate.stage import evaluate_task
 from deepspec.tasks.export import export_task
 from deepspec.tasks.prompts import prompts_task
-from deepspec.tasks.regenerate import (
+from deepspec.tasks.regenerate.stage import (
     finalize_regen_task,
     plan_regen_task,
     regen_shard_task,
@@ -35,7 +35,7 @@ from deepspec.tasks.regenerate import (
     serving,
 )
 from deepspec.tasks.summary import summary_task
-from deepspec.tasks.train import train_task
+from deepspec.tasks.train.stage import train_task
 
 
 # Subflows take the composed config, not overrides: they run only inside the flows below.

@@ -28,9 +28,9 @@ from safetensors import safe_open
 from deepspec.models.drafts import draft_algo
 from deepspec.models.drafts.dflash import ARCHITECTURE, WEIGHTS_FILE
 from deepspec.models.errors import ConfigError, DeepSpecError
-from deepspec.tasks import stage_io, tracking
+from deepspec.tasks import files, tracking
 from deepspec.tasks.config import run_path
-from deepspec.tasks.train import draft_dir, train_hash, weights_sha256
+from deepspec.tasks.train.stage import draft_dir, train_hash, weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -124,18 +124,18 @@ def export(cfg: DictConfig) -> dict:
         raise ConfigError(f"export: the draft at {source} is a {algo} draft, but algo={cfg.algo.name}")
     out = export_dir(cfg)
     fingerprint = weights_sha256(source / WEIGHTS_FILE)
-    done = stage_io.read_done(out, train_hash(cfg))
+    done = files.read_done(out, train_hash(cfg))
     if done and done.get("weights_sha256") == fingerprint and not validate_export(algo, out):
         log.info("export: %s is up to date; skipping", out)
         return {**done, "skipped": True}
     out.mkdir(parents=True, exist_ok=True)
-    stage_io.clear_done(out)
+    files.clear_done(out)
     architecture = _write_export(cfg, algo, source, out)
     problems = validate_export(algo, out)
     if problems:
         raise DeepSpecError(f"export to {out} is not loadable:\n  " + "\n  ".join(problems))
     record = {"path": str(out), "architecture": architecture, "weights_sha256": fingerprint}
-    stage_io.mark_done(out, train_hash(cfg), **record)
+    files.mark_done(out, train_hash(cfg), **record)
     tracking.set_tags(cfg, {"export.path": str(out.resolve())})
     return record
 

@@ -39,7 +39,7 @@ from prefect import task
 from deepspec.models.errors import ConfigError, DataError
 from deepspec.tasks import tracking
 from deepspec.tasks.config import config_hash, run_path
-from deepspec.tasks.stage_io import atomic_write_text, clear_done, mark_done, read_done
+from deepspec.tasks.files import atomic_write_text, clear_done, mark_done, read_done
 
 log = logging.getLogger(__name__)
 

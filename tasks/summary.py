@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from deepspec.tasks import tracking
 from deepspec.tasks.config import run_path
-from deepspec.tasks.stage_io import atomic_write_text
+from deepspec.tasks.files import atomic_write_text
 
 
 def _num(value: Any, digits: int = 2) -> str:

@@ -11,9 +11,9 @@ import pytest
 
 from deepspec.flows.pipeline import cache_flow
 from deepspec.models.errors import ConfigError
-from deepspec.tasks.cache import cache_task_runner
+from deepspec.tasks.cache.format import read_manifest, shard_name
+from deepspec.tasks.cache.stage import cache_task_runner
 from deepspec.tasks.config import compose
-from deepspec.tasks.target_cache import read_manifest, shard_name
 
 STORIES = [
     ("Once upon a time, there was a little dog", " named Max. Max loved to play with his toys."),

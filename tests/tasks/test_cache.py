@@ -12,9 +12,9 @@ import torch
 from deepspec.models.chat import render_conversation
 from deepspec.models.errors import CacheMismatchError, DataError
 from deepspec.models.target import capture_features, load_target
-from deepspec.tasks import cache
+from deepspec.tasks.cache import stage as cache
+from deepspec.tasks.cache.format import iter_samples, read_manifest, shard_name
 from deepspec.tasks.config import compose
-from deepspec.tasks.target_cache import iter_samples, read_manifest, shard_name
 
 STORIES = [
     ("Once upon a time, there was a little dog", " named Max. Max loved to play with his toys."),

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from deepspec.models.errors import CacheMismatchError, ConfigError, DataError
-from deepspec.tasks.cache_encoding import ENCODINGS, GroupInt, Rotated, get_encoding
-from deepspec.tasks.target_cache import (
+from deepspec.tasks.cache.encoding import ENCODINGS, GroupInt, Rotated, get_encoding
+from deepspec.tasks.cache.format import (
     MANIFEST_FILE,
     CacheDataset,
     CacheManifest,

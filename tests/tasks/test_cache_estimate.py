@@ -10,10 +10,10 @@ import torch
 
 from deepspec.flows.cli import main
 from deepspec.models.errors import ConfigError
-from deepspec.tasks.cache_encoding import ENCODINGS
-from deepspec.tasks.cache_estimate import SAMPLE_OVERHEAD_BYTES, SHARD_OVERHEAD_BYTES, count_tokens, estimate
+from deepspec.tasks.cache.encoding import ENCODINGS
+from deepspec.tasks.cache.estimate import SAMPLE_OVERHEAD_BYTES, SHARD_OVERHEAD_BYTES, count_tokens, estimate
+from deepspec.tasks.cache.format import open_fs, shard_name, write_shard
 from deepspec.tasks.config import compose
-from deepspec.tasks.target_cache import open_fs, shard_name, write_shard
 
 STORIES = [
     ("Once upon a time, there was a little dog", " named Max. Max loved to play with his toys."),

@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from deepspec.models.errors import ConfigError, DataError
-from deepspec.tasks.cache_loader import (
+from deepspec.tasks.cache.format import (
+    CacheManifest,
+    iter_samples,
+    open_fs,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
+from deepspec.tasks.cache.loader import (
     CacheStream,
     RankOrder,
     cache_needed,
@@ -20,14 +28,6 @@ from deepspec.tasks.cache_loader import (
     storage_mode,
 )
 from deepspec.tasks.config import compose
-from deepspec.tasks.target_cache import (
-    CacheManifest,
-    iter_samples,
-    open_fs,
-    shard_name,
-    write_manifest,
-    write_shard,
-)
 
 DIM = 8  # 2 layers x hidden 4
 SIZES = [5, 3, 6, 4]  # shards of unequal size: 18 samples
@@ -182,7 +182,7 @@ def test_resume_yields_exactly_the_remaining_sequence(cache_url, k):
 def test_training_resumes_at_the_checkpointed_micro_step(cache_url):
     """train_rank's loop: micro-batches from the stream, its state in client_state; a crash after the
     checkpoint at micro-step 5 resumes with the same micro-batches and anchors as a run that never stopped."""
-    from deepspec.tasks.train import anchor_generator, loader_state_at, micro_batch_size, sample_anchors
+    from deepspec.tasks.train.stage import anchor_generator, loader_state_at, micro_batch_size, sample_anchors
 
     cfg = compose(["train.seed=4"])
     micro_batch, epochs = 4, 3  # 9 samples per rank per epoch: every epoch ends with a short micro-batch
@@ -257,7 +257,7 @@ def test_decoding_in_the_consumer_gives_the_same_samples(tmp_path, monkeypatch, 
     (training: on its GPU): the same samples in the same order, and the same resume position."""
     import threading
 
-    from deepspec.tasks.cache_encoding import BF16, TeacherMixed
+    from deepspec.tasks.cache.encoding import BF16, TeacherMixed
 
     url = str(tmp_path / "cache")
     write_cache(url, encoding=encoding)
@@ -289,7 +289,7 @@ def test_decoding_in_the_consumer_gives_the_same_samples(tmp_path, monkeypatch, 
 
 
 def test_a_sample_that_fails_to_decode_is_named(tmp_path):
-    from deepspec.tasks.target_cache import CacheDataset
+    from deepspec.tasks.cache.format import CacheDataset
 
     url = str(tmp_path / "cache")
     write_cache(url, encoding="int4_mixed")
@@ -332,7 +332,7 @@ STORIES = [
 @pytest.fixture(scope="module")
 def stories_run(assets_dir, tmp_path_factory):
     """A run directory with answers and the cache built from them by the cache stage."""
-    from deepspec.tasks.cache import build_cache
+    from deepspec.tasks.cache.stage import build_cache
 
     tmp = tmp_path_factory.mktemp("online")
     (tmp / "regen").mkdir()

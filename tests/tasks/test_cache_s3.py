@@ -11,9 +11,8 @@ import torch
 
 from deepspec.models.errors import CacheMismatchError, DataError
 from deepspec.models.target import load_tokenizer
-from deepspec.tasks import cache
-from deepspec.tasks.config import compose
-from deepspec.tasks.target_cache import (
+from deepspec.tasks.cache import stage as cache
+from deepspec.tasks.cache.format import (
     expected_manifest_fields,
     iter_samples,
     open_fs,
@@ -21,6 +20,7 @@ from deepspec.tasks.target_cache import (
     shard_name,
     validate_manifest,
 )
+from deepspec.tasks.config import compose
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,8 @@ from deepspec.models.errors import DataError, DeepSpecError
 from deepspec.models.target import load_target
 from deepspec.tasks import tracking
 from deepspec.tasks.config import compose
-from deepspec.tasks.evaluate import RESULTS_FILE, evaluate, load_benchmark
-from deepspec.tasks.train import draft_dir
+from deepspec.tasks.evaluate.stage import RESULTS_FILE, evaluate, load_benchmark
+from deepspec.tasks.train.stage import draft_dir
 
 
 class AnchorChainDrafter:
@@ -97,7 +97,7 @@ def test_evaluate_end_to_end_and_skip(assets_dir, tracking_uri, tmp_path, caplog
         return AnchorChainDrafter(model, 3, tokenizer.bos_token_id)
 
     weights = stories / "model.safetensors"
-    with caplog.at_level("WARNING", logger="deepspec.tasks.evaluate"):
+    with caplog.at_level("WARNING", logger="deepspec.tasks.evaluate.stage"):
         results = evaluate(cfg, draft_loader, weights)
     assert loads == [1]
     assert "built-in prompt set" in caplog.text

@@ -10,8 +10,8 @@ from transformers import AutoConfig
 from deepspec.models.errors import ConfigError
 from deepspec.models.target import load_target, load_tokenizer
 from deepspec.tasks.config import compose
-from deepspec.tasks.evaluate import evaluate
-from deepspec.tasks.train import RECIPES, draft_dir
+from deepspec.tasks.evaluate.stage import evaluate
+from deepspec.tasks.train.stage import RECIPES, draft_dir
 
 SMALL = {
     "eagle3": ["algo.block_size=3", "algo.draft_vocab_size=null"],

@@ -16,7 +16,7 @@ from deepspec.models.errors import ConfigError
 from deepspec.models.target import load_target, load_tokenizer
 from deepspec.tasks.config import compose
 from deepspec.tasks.export import export, export_dir, validate_export
-from deepspec.tasks.train import RECIPES, draft_dir
+from deepspec.tasks.train.stage import RECIPES, draft_dir
 
 SMALL = {
     "dflash": ["algo.num_layers=1", "algo.block_size=4"],

@@ -20,7 +20,7 @@ from deepspec.models.errors import ConfigError, DataError
 from deepspec.models.target import load_target
 from deepspec.tasks.config import compose
 from deepspec.tasks.prompts import prepare_prompts
-from deepspec.tasks.regenerate import regenerate
+from deepspec.tasks.regenerate.stage import regenerate
 
 torch.set_num_threads(2)
 
@@ -111,7 +111,7 @@ def test_a_torn_log_is_carried_over_batch_by_batch_with_the_same_answers(cfg, ca
     (regen_dir / "shards" / "part-00000.log.jsonl").write_text("".join(lines[:2]) + lines[2][:20])
     (regen_dir / "_DONE.json").unlink()
     _answers(cfg).unlink()
-    with caplog.at_level(logging.INFO, logger="deepspec.tasks.regenerate"):
+    with caplog.at_level(logging.INFO, logger="deepspec.tasks.regenerate.stage"):
         info = regenerate(cfg)
     assert "1 shards to answer" in caplog.text
     assert info["skipped"] is False
@@ -172,8 +172,8 @@ def test_killed_at_any_moment_then_rerun_gives_exactly_the_uninterrupted_answers
     expected = _answers(reference).read_text(encoding="utf-8")
 
     run_dir = tmp_path / "killed"
-    stage = "import sys; from deepspec.tasks.config import compose; from deepspec.tasks.regenerate import "
-    stage += "regenerate; regenerate(compose(sys.argv[1:]))"
+    stage = "import sys; from deepspec.tasks.config import compose; "
+    stage += "from deepspec.tasks.regenerate.stage import regenerate; regenerate(compose(sys.argv[1:]))"
     cli = [sys.executable, "-c", stage, *overrides, f"run_dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     prompts = compose([*overrides, f"run_dir={run_dir}"])
@@ -246,7 +246,7 @@ def test_transient_errors_and_a_dead_replica_are_retried(
     both = f"regen.endpoints=[{local_server.url},{dead}]"
     cfg = _http(tmp_path, assets_dir, tracking_uri, source, local_server, both)
     local_server.fail_next = [503, 429, 500]
-    with caplog.at_level(logging.INFO, logger="deepspec.tasks.regen_backends"):
+    with caplog.at_level(logging.INFO, logger="deepspec.tasks.regenerate.backends"):
         info = regenerate(cfg)
     assert info["rows"] == 5 and info["failed"] == 0
     assert "HTTP 503" in caplog.text and "ConnectError" in caplog.text

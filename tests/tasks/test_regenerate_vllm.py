@@ -14,7 +14,7 @@ import pytest
 from deepspec.models.errors import DataError
 from deepspec.tasks.config import compose
 from deepspec.tasks.prompts import prepare_prompts
-from deepspec.tasks.regenerate import regenerate
+from deepspec.tasks.regenerate.stage import regenerate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

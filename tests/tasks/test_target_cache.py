@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deepspec.models.errors import CacheMismatchError, DataError
-from deepspec.tasks.target_cache import (
+from deepspec.tasks.cache.format import (
     CacheDataset,
     CacheManifest,
     ShardWriter,

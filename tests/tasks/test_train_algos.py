@@ -15,10 +15,10 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig, Qwen3Config
 
 from deepspec.models.errors import ConfigError
 from deepspec.models.target import load_target, load_tokenizer
-from deepspec.tasks.cache_loader import open_stream, supervised_token_counts
+from deepspec.tasks.cache.format import iter_samples
+from deepspec.tasks.cache.loader import open_stream, supervised_token_counts
 from deepspec.tasks.config import compose
-from deepspec.tasks.target_cache import iter_samples
-from deepspec.tasks.train import (
+from deepspec.tasks.train.stage import (
     RECIPES,
     Teacher,
     algo_identity,
@@ -168,7 +168,7 @@ STORIES = [
 @pytest.fixture(scope="module")
 def stories_run(assets_dir, tmp_path_factory):
     """Overrides of a run with answers and a cache of layers 0, 1, 2 (the teacher runs layers 3, 4)."""
-    from deepspec.tasks.cache import build_cache
+    from deepspec.tasks.cache.stage import build_cache
 
     tmp = tmp_path_factory.mktemp("algos")
     (tmp / "regen").mkdir()

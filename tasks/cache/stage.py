@@ -4,7 +4,7 @@
 
 Reads `<run_dir>/regen/answers.jsonl`, renders each conversation to token ids and a loss mask, and
 writes shards of `samples_per_shard` rows (row i goes to shard i // samples_per_shard) to
-`storage.url` in the format of `target_cache.py`. The build is three steps, each a plain function with
+`storage.url` in the format of `format.py`. The build is three steps, each a plain function with
 a thin Prefect task beside it, so the flow can run one task per shard on any task runner:
 
     plan_cache(cfg)          what is there and what is missing; writes `build.json` before any shard
@@ -51,9 +51,7 @@ from deepspec.models.target import (
     resolve_source,
 )
 from deepspec.tasks import tracking
-from deepspec.tasks.cache_loader import cache_needed
-from deepspec.tasks.config import run_path
-from deepspec.tasks.target_cache import (
+from deepspec.tasks.cache.format import (
     BUILD_FILE,
     MANIFEST_FILE,
     CacheManifest,
@@ -69,6 +67,8 @@ from deepspec.tasks.target_cache import (
     write_json_atomic,
     write_manifest,
 )
+from deepspec.tasks.cache.loader import cache_needed
+from deepspec.tasks.config import run_path
 
 __all__ = [
     "CachePlan",

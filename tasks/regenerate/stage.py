@@ -7,7 +7,7 @@
 
 A draft model must learn the target's distribution, so the assistant turns it trains on are sampled
 from the target itself, with the target preset's sampling settings (`regen.temperature` and
-`regen.max_new_tokens` override them; temperature 0 is greedy). Backends: `regen_backends.py`.
+`regen.max_new_tokens` override them; temperature 0 is greedy). Backends: `backends.py`.
 
 The stage runs in three steps, each a plain function with a thin Prefect task beside it, so the flow
 runs one task per shard of prompts and a failed shard re-runs alone:
@@ -24,11 +24,11 @@ a temporary file and a rename (the commit), and the log is removed. A re-run kee
 the complete lines of a log (for the `hf` backend, whole batches only, so that seeds line up), and asks
 only for the rest: killing the run at any moment loses no finished answer and duplicates none.
 
-Failures. A row whose requests fail for good (`regen_backends.HTTPBackend`) is committed to
+Failures. A row whose requests fail for good (`backends.HTTPBackend`) is committed to
 `shards/part-K.errors.jsonl` and asked for again by the next run; the stage ends with `errors.jsonl`
 listing them all and fails when there are more than `regen.allow_failures`.
 
-Output: `<run_dir>/regen/answers.jsonl`, one record a line in input order (fields in regen_backends),
+Output: `<run_dir>/regen/answers.jsonl`, one record a line in input order (fields in backends.py),
 then `_DONE.json`.
 """
 
@@ -57,14 +57,14 @@ from deepspec.models.errors import ConfigError, DataError
 from deepspec.models.target import load_tokenizer, resolve_source
 from deepspec.tasks import tracking
 from deepspec.tasks.config import config_hash, run_path
-from deepspec.tasks.regen_backends import (
+from deepspec.tasks.files import atomic_write_text, clear_done, mark_done, read_done
+from deepspec.tasks.regenerate.backends import (
     HFBackend,
     HTTPBackend,
     HTTPSettings,
     Rendering,
     Sampling,
 )
-from deepspec.tasks.stage_io import atomic_write_text, clear_done, mark_done, read_done
 
 log = logging.getLogger(__name__)
 
@@ -472,7 +472,9 @@ def _todo_runs(
 
 def _backend(cfg: DictConfig, endpoints: list[str] | None):
     if cfg.regen.backend == "hf":
-        from deepspec.tasks.cache import target_replica  # one target per process, shared with the cache stage
+        from deepspec.tasks.cache.stage import (
+            target_replica,  # one target per process, shared with the cache stage
+        )
 
         model, tokenizer = target_replica(cfg)
         return HFBackend(

@@ -14,7 +14,7 @@ Chosen by `storage.encoding`; the manifest and every shard record which one wrot
                    layer int6_rot + outliers    then the teacher's (the deepest) int6_rot + outliers
 
 For Qwen3-4B (5 captured layers x 2560 = 12,800 features) that is 25,600, 12,804, 13,200, 10,000,
-6,800, 7,200, 6,800 and 7,520 bytes a token; `cache_estimate.py` adds the ids and loss mask and
+6,800, 7,200, 6,800 and 7,520 bytes a token; `estimate.py` adds the ids and loss mask and
 compares with upstream (int4_mixed: 0.245x). Relative error per token, ||decoded - x|| / ||x||, on
 SmolLM2-135M's layers 1, 14 and 27 (mean, then over each row without its 1% largest features): fp8
 1.9% / 2.6%, int8 1.4% / 2.6%, int6 5.7% / 10%, int4 20% / 35%, int4_outliers 5.7% / 10%. The tests

@@ -26,7 +26,7 @@ Online mode (`storage.mode: online`) needs no storage: the stream renders `<run_
 exactly as the cache stage does and runs the target over a few upcoming samples at a time, in batches
 sorted by length; features are rounded through bfloat16, as the cache stores them, so both modes train on
 the same numbers. With `final_hidden=True` its samples also carry the target's final (normalised) hidden
-state, `final_hidden` [T, d], from the same forward: the teacher of Eagle3 and DSpark (`train.py`
+state, `final_hidden` [T, d], from the same forward: the teacher of Eagle3 and DSpark (`tasks/train`
 recomputes it from the cache in cached mode).
 
 `supervised_token_counts` counts the supervised tokens of the whole data set without reading features
@@ -50,8 +50,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from deepspec.models.chat import render_conversation
 from deepspec.models.errors import ConfigError, DataError
+from deepspec.tasks.cache.format import CacheDataset, open_fs, read_manifest, verify_shard
 from deepspec.tasks.config import run_path
-from deepspec.tasks.target_cache import CacheDataset, open_fs, read_manifest, verify_shard
 
 log = logging.getLogger(__name__)
 
@@ -446,7 +446,7 @@ class OnlineStream(_Streaming):
         final_hidden: bool = False,
     ):
         from deepspec.models.target import check_layer_ids
-        from deepspec.tasks.cache import read_answers
+        from deepspec.tasks.cache.stage import read_answers
 
         self.final_hidden = final_hidden
         self.answers = Path(answers)
@@ -556,7 +556,7 @@ def open_stream(
     if tokenizer is None:
         tokenizer = load_tokenizer(t.path, t.gguf_file, t.revision)
     if storage_mode(cfg) == "cached":
-        from deepspec.tasks.target_cache import expected_manifest_fields
+        from deepspec.tasks.cache.format import expected_manifest_fields
 
         return CacheStream(
             str(cfg.storage.url),
@@ -599,7 +599,7 @@ def supervised_token_counts(cfg: DictConfig, tokenizer, vocab_size: int) -> torc
         counts.add_(torch.bincount(supervised, minlength=vocab_size)[:vocab_size])
 
     if storage_mode(cfg) == "online":
-        from deepspec.tasks.cache import read_answers
+        from deepspec.tasks.cache.stage import read_answers
 
         options = render_options(cfg)
         for row in read_answers(answers_file(cfg)):
@@ -610,7 +610,7 @@ def supervised_token_counts(cfg: DictConfig, tokenizer, vocab_size: int) -> torc
 
     import pyarrow as pa
 
-    from deepspec.tasks.target_cache import SCHEMA
+    from deepspec.tasks.cache.format import SCHEMA
 
     url, options = str(cfg.storage.url), OmegaConf.to_container(cfg.storage.storage_options, resolve=True)
     fs, root = open_fs(url, options)

@@ -42,7 +42,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from deepspec.models.errors import CacheMismatchError, DataError
-from deepspec.tasks.cache_encoding import ENCODINGS, Encoding, get_encoding
+from deepspec.tasks.cache.encoding import ENCODINGS, Encoding, get_encoding
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ def _as_int_list(values) -> np.ndarray:
 def encode_features(
     features: torch.Tensor, encoding: str = "bf16", layer_ids: Sequence[int] | None = None
 ) -> bytes:
-    """[T, D] floats of the captured `layer_ids` as the bytes of `encoding` (see `cache_encoding.py`)."""
+    """[T, D] floats of the captured `layer_ids` as the bytes of `encoding` (see `encoding.py`)."""
     return get_encoding(encoding, layer_ids).encode(features)
 
 

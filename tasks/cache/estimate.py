@@ -4,7 +4,7 @@
     deepspec estimate-cache target=qwen3_4b --tokens 1.2e9  # or given
 
 A DeepSpec cache stores per token the input id (int32, 4 bytes), the loss mask (1 bit, packed) and the
-features of the captured layers in the chosen encoding (`cache_encoding.py`); the draft learns from the
+features of the captured layers in the chosen encoding (`encoding.py`); the draft learns from the
 target's own answer tokens, so no teacher distribution or final hidden state is stored. Upstream
 (deepseek-ai/DeepSpec) stores int32 ids, a uint8 attention mask, a uint8 loss mask and bf16 features of
 the L captured layers plus the final hidden state: 6 + 2 d (L + 1) bytes, 30,726 for Qwen3-4B
@@ -28,7 +28,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from deepspec.models.errors import ConfigError, DataError
-from deepspec.tasks.cache_encoding import ENCODINGS, get_encoding
+from deepspec.tasks.cache.encoding import ENCODINGS, get_encoding
 from deepspec.tasks.config import run_path
 
 log = logging.getLogger(__name__)

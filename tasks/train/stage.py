@@ -1,6 +1,6 @@
 """Train stage: a DFlash, Eagle3 or DSpark draft on the target cache, through a DeepSpeed engine.
 
-`train_task` (the Prefect wrapper) launches `torchrun -m deepspec.tasks.train <config>`; every rank runs
+`train_task` (the Prefect wrapper) launches `torchrun -m deepspec.tasks.train.stage <config>`; every rank runs
 `train_rank`, which streams its share of the samples (`cache_loader.py`: the target cache, or the target
 itself with `storage.mode=online`), steps the DeepSpeed engine and saves a resumable checkpoint every
 `train.save_every_steps`, the stream's position included, so a resumed run sees exactly the samples
@@ -8,7 +8,7 @@ and anchors the interrupted one would have seen next. Rank 0 writes the draft (`
 `model.safetensors`) and the completion marker last. The same entry point serves 1 CPU process,
 8 GPUs, or many nodes:
 
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:29500 -m deepspec.tasks.train LAUNCH.yaml
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:29500 -m deepspec.tasks.train.stage LAUNCH.yaml
 
 `algo.name` picks a recipe, the one place the algorithms differ (draft, micro-batch loss, saved files);
 engine, optimizer, schedule, checkpoints and resume are shared:
@@ -70,10 +70,10 @@ from deepspec.models.target import (
     resolve_dtype,
     resolve_source,
 )
-from deepspec.tasks import stage_io, tracking
-from deepspec.tasks.cache_loader import answers_file, open_stream, storage_mode, supervised_token_counts
+from deepspec.tasks import files, tracking
+from deepspec.tasks.cache.format import read_manifest
+from deepspec.tasks.cache.loader import answers_file, open_stream, storage_mode, supervised_token_counts
 from deepspec.tasks.config import config_hash, run_path
-from deepspec.tasks.target_cache import read_manifest
 
 log = logging.getLogger(__name__)
 STALE_LOCK_S = 15 * 60  # an op build takes minutes (DeepSpeed's CPU Adam: about 4 on 2 cores)
@@ -165,7 +165,7 @@ def cache_fingerprint(cfg: DictConfig) -> str:
 
 def check_done(cfg: DictConfig) -> dict | None:
     """The training record if a draft for this config and cache exists with the weights recorded."""
-    record = stage_io.read_done(stage_dir(cfg), train_hash(cfg))
+    record = files.read_done(stage_dir(cfg), train_hash(cfg))
     weights = draft_dir(cfg) / "model.safetensors"
     if record is None or not weights.is_file():
         return None
@@ -682,7 +682,7 @@ def train_rank(cfg: DictConfig) -> None:
         out = draft_dir(cfg)
         recipe.save(out)
         OmegaConf.save(cfg, stage_dir(cfg) / "config.yaml")
-        stage_io.mark_done(
+        files.mark_done(
             stage_dir(cfg),
             train_hash(cfg),
             weights_sha256=weights_sha256(out / "model.safetensors"),
@@ -708,7 +708,7 @@ def train(cfg: DictConfig) -> dict:
         return {**done, "skipped": True}
     out = stage_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    stage_io.clear_done(out)
+    files.clear_done(out)
     _discard_foreign_checkpoints(cfg)
     config_file = out / "launch.yaml"
     OmegaConf.save(cfg, config_file)
@@ -717,13 +717,13 @@ def train(cfg: DictConfig) -> dict:
         raise ConfigError(
             f"train.nnodes={cfg.train.nnodes}: start every node yourself with\n  torchrun --nnodes "
             f"{cfg.train.nnodes} --nproc_per_node {cfg.train.nproc_per_node} --rdzv_backend c10d "
-            f"--rdzv_endpoint HEAD_NODE:29500 -m deepspec.tasks.train {config_file}"
+            f"--rdzv_endpoint HEAD_NODE:29500 -m deepspec.tasks.train.stage {config_file}"
         )
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
         f"--nproc_per_node={cfg.train.nproc_per_node}",
         "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-        "-m", "deepspec.tasks.train", str(config_file),
+        "-m", "deepspec.tasks.train.stage", str(config_file),
     ]  # fmt: skip
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", _accelerator())}
     for lock, age_s in stale_build_locks():
@@ -768,7 +768,7 @@ def _discard_foreign_checkpoints(cfg: DictConfig) -> None:
         log.warning("discarding %s: saved for another configuration or other data", ckpt_dir)
         shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    stage_io.atomic_write_text(owner, json.dumps(identity))
+    files.atomic_write_text(owner, json.dumps(identity))
 
 
 @task(name="train", cache_policy=NO_CACHE)  # stages validate their own outputs

@@ -52,12 +52,12 @@ from deepspec.models.speculative import (
 from deepspec.models.target import input_embeddings, load_target, output_head
 from deepspec.tasks import tracking
 from deepspec.tasks.config import config_hash, run_path
-from deepspec.tasks.stage_io import atomic_write_text, mark_done, read_done
-from deepspec.tasks.train import algo_identity
+from deepspec.tasks.files import atomic_write_text, mark_done, read_done
+from deepspec.tasks.train.stage import algo_identity
 
 log = logging.getLogger(__name__)
 
-BUILTIN = Path(__file__).parent / "data" / "builtin_eval.jsonl"
+BUILTIN = Path(__file__).parents[1] / "data" / "builtin_eval.jsonl"
 RESULTS_FILE = "results.json"
 MAX_LISTED_ERRORS = 20
 
@@ -174,7 +174,7 @@ def _trained_draft(cfg: DictConfig) -> tuple[Path, Path]:
     """The draft directory and weights file the train stage of this run wrote, checked to be of algo.name."""
     from deepspec.models.drafts import draft_algo
     from deepspec.models.drafts.dflash import WEIGHTS_FILE
-    from deepspec.tasks.train import draft_dir
+    from deepspec.tasks.train.stage import draft_dir
 
     directory = draft_dir(cfg)
     weights = directory / WEIGHTS_FILE
