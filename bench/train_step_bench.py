@@ -1,8 +1,8 @@
-"""Peak memory and speed of one draft training step (forward + backward) before and after issue 4's
-index masks and chunked vocabulary losses, on a Qwen3-4B-shaped draft cut to one layer, on the CPU.
+"""Peak memory and speed of one draft training step (forward + backward), with and without the index
+masks and chunked vocabulary losses, on a Qwen3-4B-shaped draft cut to one layer, on the CPU.
 
     .venv/bin/python bench/train_step_bench.py --threads 1            # default grid: ~10 min, 2 cores, 3 GB
-    .venv/bin/python bench/train_step_bench.py --anchors 64 128 256   # the issue's grid: ~22 min, 9 GB
+    .venv/bin/python bench/train_step_bench.py --anchors 64 128 256   # a wider grid: ~22 min, 9 GB
     .venv/bin/python bench/train_step_bench.py --anchors 256 --skip-dspark --skip-eagle3   # ~11 min
     .venv/bin/python bench/train_step_bench.py --skip-dspark --skip-eagle3 --out runs/bench/step.json
 
@@ -19,7 +19,8 @@ set during that step: the kernel's high-water mark (VmHWM), reset through /proc/
 before it, minus the resident set at its start (weights, batch and warm-up leftovers excluded).
 
 - before: one attention call per layer with the dense [queries x keys] bool mask and logits for every
-  supervised row at once (autograd keeps them for the backward): what this repository did before.
+  supervised row at once (autograd keeps them for the backward): what this repository did before it
+  had index masks and chunked losses.
 - after: attention in chunks of `ATTENTION_CHUNK_ROWS` queries, each with the mask of the keys it can
   see, built from the index vectors of `PackedBlocks`; the loss in chunks of `LOSS_CHUNK_ROWS` rows.
 - upstream: the formula for deepseek-ai/DeepSpec at the same shapes and micro-batch:
@@ -29,9 +30,9 @@ before it, minus the resident set at its start (weights, batch and warm-up lefto
 DSpark: `DSparkDraft.forward` + `dspark_loss` against `block_states` + `chunked_dspark_loss` (rank-256
 vanilla Markov head, confidence head, teacher from the target's final states). Eagle3: `forward_train`
 (hard labels: one-hot teachers) against `ttt_hidden` + a chunked weighted CE. The loss column shows that
-each pair computes the same loss. Everything printed is measured when the command runs; the JSON at
-`--out` holds every figure and the machine's load average, since other work on the machine slows every
-timing here.
+each pair computes the same loss. Everything printed is measured when the command runs; the results
+JSON (bench/results/train_step-qwen3_4b-<date>.json, or `--out`) holds every figure, the command, commit
+and machine, and the load average, since other work on the machine slows every timing here.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import begin, say, write_results
 
 from deepspec.models.drafts.dflash import (
     ATTENTION_CHUNK_ROWS,
@@ -312,13 +314,16 @@ def main() -> None:
     parser.add_argument("--skip-dspark", action="store_true")
     parser.add_argument("--skip-eagle3", action="store_true")
     parser.add_argument("--timeout-s", type=int, default=1800, help="per configuration")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/train_step.json"))
+    parser.add_argument(
+        "--out", type=Path, help="results JSON (bench/results/train_step-qwen3_4b-<date>.json)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
+    begin("train_step")
     base = {"seq_len": args.seq_len, "prompt_len": args.prompt_len, "layers": args.layers,
             "threads": args.threads, "seed": 0}  # fmt: skip
     grid = [{**base, "algo": "dflash", "anchors": n, "batch": b} for b in args.batch for n in args.anchors]
@@ -328,8 +333,6 @@ def main() -> None:
         prompt = min(args.prompt_len, args.eagle3_len // 4)
         grid.append({**base, "algo": "eagle3", "anchors": 0, "batch": 1, "seq_len": args.eagle3_len,
                      "prompt_len": prompt})  # fmt: skip
-    load_before = os.getloadavg()
-    started = time.time()
     results = []
     for spec in grid:
         for variant in ("before", "after"):
@@ -340,10 +343,9 @@ def main() -> None:
                 "dense_mask_mib": dense_mask_mib(full),
             }
             results.append(result)
-            print(f"  {spec['algo']} anchors={spec['anchors']} batch={spec['batch']} {variant}: "
-                  f"{result.get('step_s', float('nan')):.1f} s, {result.get('peak_mib', float('nan')):.0f} MiB "
-                  f"{result.get('error', '')}", file=sys.stderr, flush=True)  # fmt: skip
-    load_after = os.getloadavg()
+            say(f"{spec['algo']} anchors={spec['anchors']} batch={spec['batch']} {variant}: "
+                f"{result.get('step_s', float('nan')):.1f} s, {result.get('peak_mib', float('nan')):.0f} MiB "
+                f"{result.get('error', '')}")  # fmt: skip
 
     header = (f"{'algo':7} {'T':>5} {'anchors':>7} {'batch':>5} {'variant':7} {'rows':>6} {'step s':>7} "
               f"{'rows/s':>7} {'tok/s':>7} {'peak MiB':>9} {'old mask MiB':>12} {'upstream MiB':>12} {'loss':>9}")  # fmt: skip
@@ -365,35 +367,20 @@ def main() -> None:
               f"{r['context_tokens_per_s']:>7.1f} {r['peak_mib']:>9.0f} {r['dense_mask_mib']:>12.1f} "
               f"{upstream:>12} {r['loss']:>9.5f}")  # fmt: skip
     print(
-        f"\nrows: supervised slots (Eagle3: supervised TTT rows); tok/s: context tokens a second; peak: the step's "
-        f"resident-set rise; old mask: the former packed bool mask; upstream: fp32 logits + bool mask by formula.\n"
-        f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after, on {os.cpu_count()} CPUs; "
-        f"{time.time() - started:.0f} s in all."
+        "\nrows: supervised slots (Eagle3: supervised TTT rows); tok/s: context tokens a second; peak: the step's "
+        "resident-set rise; old mask: the former packed bool mask; upstream: fp32 logits + bool mask by formula."
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "geometry": {
-                    "hidden": HIDDEN,
-                    "heads": HEADS,
-                    "kv_heads": KV_HEADS,
-                    "head_dim": HEAD_DIM,
-                    "intermediate": MLP,
-                    "vocab": VOCAB,
-                    "block": BLOCK,
-                    "layers": args.layers,
-                },
-                "attention_chunk_rows": ATTENTION_CHUNK_ROWS,
-                "loss_chunk_rows": LOSS_CHUNK_ROWS,
-                "load_average": {"before": load_before, "after": load_after},
-                "cpus": os.cpu_count(),
-                "results": results,
-            },
-            indent=2,
-        )  # fmt: skip
-    )
-    print(f"wrote {args.out}")
+    geometry = {
+        "hidden": HIDDEN, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "intermediate": MLP,
+        "vocab": VOCAB, "block": BLOCK, "layers": args.layers,
+    }  # fmt: skip
+    figures = {
+        "geometry": geometry,
+        "attention_chunk_rows": ATTENTION_CHUNK_ROWS,
+        "loss_chunk_rows": LOSS_CHUNK_ROWS,
+        "results": results,
+    }
+    write_results(figures, target="qwen3_4b", args=args, out=args.out)
 
 
 if __name__ == "__main__":

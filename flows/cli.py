@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "estimate-cache":
             p.add_argument("--tokens", type=_count, default=None,
                            help="tokens in the data set (e.g. 1.2e9); default: counted from "
-                                "<run_dir>/regen/answers.jsonl")  # fmt: skip
+                                "the run's regenerated answers")  # fmt: skip
     return parser
 
 

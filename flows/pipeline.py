@@ -34,13 +34,22 @@ from deepspec.tasks.regenerate.stage import (
     regen_task_runner,
     serving,
 )
+from deepspec.tasks.results import (
+    CacheResult,
+    EvalResult,
+    ExportResult,
+    PipelineResult,
+    PromptsResult,
+    RegenResult,
+    TrainResult,
+)
 from deepspec.tasks.summary import summary_task
 from deepspec.tasks.train.stage import train_task
 
 
 # Subflows take the composed config, not overrides: they run only inside the flows below.
 @flow(name="deepspec-regenerate-shards", validate_parameters=False)
-def regen_shards_flow(cfg: DictConfig) -> dict:
+def regen_shards_flow(cfg: DictConfig) -> RegenResult:
     """plan -> one regenerate-shard task per missing shard (servers up meanwhile) -> answers.jsonl."""
     plan = plan_regen_task(cfg)
     results = []
@@ -52,12 +61,12 @@ def regen_shards_flow(cfg: DictConfig) -> dict:
     return finalize_regen_task(cfg, plan, results)
 
 
-def regenerate_stage(cfg: DictConfig) -> dict:
+def regenerate_stage(cfg: DictConfig) -> RegenResult:
     return regen_shards_flow.with_options(task_runner=regen_task_runner(cfg))(cfg)
 
 
 @flow(name="deepspec-cache-build", validate_parameters=False)
-def cache_build_flow(cfg: DictConfig) -> dict:
+def cache_build_flow(cfg: DictConfig) -> CacheResult:
     """plan -> one build_shard task per missing shard, all submitted at once -> manifest."""
     plan = plan_cache_task(cfg)
     shards = build_shard_task.map(unmapped(cfg), plan.missing)
@@ -67,53 +76,54 @@ def cache_build_flow(cfg: DictConfig) -> dict:
     return finalize_cache_task(cfg, plan)
 
 
-def build_cache_stage(cfg: DictConfig) -> dict:
+def build_cache_stage(cfg: DictConfig) -> CacheResult:
     """The cache stage: `cache_build_flow` on the task runner the storage config asks for."""
     return cache_build_flow.with_options(task_runner=cache_task_runner(cfg))(cfg)
 
 
 @flow(name="deepspec-pipeline", log_prints=True)
-def pipeline(overrides: list[str] | None = None, config_name: str = "config") -> dict:
-    """prompts -> regenerate -> cache -> train -> evaluate -> export, then a summary of the figures."""
+def pipeline(overrides: list[str] | None = None, config_name: str = "config") -> PipelineResult:
+    """prompts -> regenerate -> cache -> train -> evaluate -> export, then a summary of the figures.
+    The config is composed and checked first, so a bad value fails before any stage runs."""
     cfg = compose(overrides, config_name)
-    results = {
-        "prompts": prompts_task(cfg),
-        "regenerate": regenerate_stage(cfg),
-        "cache": build_cache_stage(cfg),
-        "train": train_task(cfg),
-        "evaluate": evaluate_task(cfg),
-        "export": export_task(cfg),
-    }
+    results = PipelineResult(
+        prompts=prompts_task(cfg),
+        regenerate=regenerate_stage(cfg),
+        cache=build_cache_stage(cfg),
+        train=train_task(cfg),
+        evaluate=evaluate_task(cfg),
+        export=export_task(cfg),
+    )
     return summary_task(cfg, results)
 
 
 @flow(name="deepspec-prompts")
-def prompts_flow(overrides: list[str] | None = None, config_name: str = "config") -> dict:
+def prompts_flow(overrides: list[str] | None = None, config_name: str = "config") -> PromptsResult:
     return prompts_task(compose(overrides, config_name))
 
 
 @flow(name="deepspec-regenerate")
-def regenerate_flow(overrides: list[str] | None = None, config_name: str = "config") -> dict:
+def regenerate_flow(overrides: list[str] | None = None, config_name: str = "config") -> RegenResult:
     return regenerate_stage(compose(overrides, config_name))
 
 
 @flow(name="deepspec-cache")
-def cache_flow(overrides: list[str] | None = None, config_name: str = "config") -> dict:
+def cache_flow(overrides: list[str] | None = None, config_name: str = "config") -> CacheResult:
     return build_cache_stage(compose(overrides, config_name))
 
 
 @flow(name="deepspec-train")
-def train_flow(overrides: list[str] | None = None, config_name: str = "config") -> dict:
+def train_flow(overrides: list[str] | None = None, config_name: str = "config") -> TrainResult:
     return train_task(compose(overrides, config_name))
 
 
 @flow(name="deepspec-evaluate")
-def evaluate_flow(overrides: list[str] | None = None, config_name: str = "config") -> dict:
+def evaluate_flow(overrides: list[str] | None = None, config_name: str = "config") -> EvalResult:
     return evaluate_task(compose(overrides, config_name))
 
 
 @flow(name="deepspec-export")
-def export_flow(overrides: list[str] | None = None, config_name: str = "config") -> dict:
+def export_flow(overrides: list[str] | None = None, config_name: str = "config") -> ExportResult:
     return export_task(compose(overrides, config_name))
 
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +142,17 @@ def fingerprint(tokenizer) -> dict[str, str]:
     }
 
 
+def mask_token_id(tokenizer, configured: int | None = None) -> int:
+    """The token id a draft fills its block with: `configured` (target.mask_token_id), or the
+    tokenizer's pad, unk or eos token."""
+    if configured is not None:
+        return int(configured)
+    for candidate in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    raise ConfigError("target.mask_token_id: the tokenizer has no pad/unk/eos token; set it explicitly")
+
+
 @torch.no_grad()
 def capture_features(
     model: PreTrainedModel,
@@ -149,8 +161,70 @@ def capture_features(
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Residual stream after each layer in `layer_ids`, concatenated: [batch, seq, n_layers * hidden]."""
+    return _forward(model, input_ids, layer_ids, attention_mask)[0]
+
+
+def _forward(model, input_ids, layer_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """The captured features and the final normalised hidden state of one forward."""
     out = model.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-    return torch.cat([out.hidden_states[i + 1] for i in layer_ids], dim=-1)
+    return torch.cat([out.hidden_states[i + 1] for i in layer_ids], dim=-1), out.last_hidden_state
+
+
+def length_batches(lengths: list[int], tokens_per_batch: int) -> list[list[int]]:
+    """Indices sorted by length (longest first, ties by index), cut so that rows x longest <= the budget."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= tokens_per_batch:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+@dataclass
+class CapturedBatch:
+    """The target's features of some of the sequences `capture_batches` was given."""
+
+    indices: list[int]  # which sequences, in the order of the rows below
+    features: list[torch.Tensor]  # [T_i, n_layers * hidden] each, rounded to bfloat16, on CPU (copies)
+    final_hidden: list[torch.Tensor] | None  # [T_i, hidden] each in the target's dtype, on CPU
+
+
+@torch.no_grad()
+def capture_batches(
+    model: PreTrainedModel,
+    sequences: list[list[int]],
+    layer_ids: list[int],
+    *,
+    pad_id: int,
+    tokens_per_batch: int,
+    final_hidden: bool = False,
+) -> Iterator[CapturedBatch]:
+    """Run the target over token-id sequences in batches sorted by length (right padding, attention
+    mask, at most `tokens_per_batch` padded tokens a forward) and yield each batch's features.
+
+    The one forward-and-capture of the cache build, online training and the benches: features are
+    rounded to bfloat16, the precision the cache stores before any encoding, so a draft trained from
+    the cache and one trained online see the same numbers. With `final_hidden`, also the final
+    normalised state of the same forward (the teacher of Eagle3 and DSpark).
+    """
+    device = next(model.parameters()).device
+    for batch in length_batches([len(s) for s in sequences], tokens_per_batch):
+        width = len(sequences[batch[0]])
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        lengths = [len(sequences[i]) for i in batch]
+        for row, (i, n) in enumerate(zip(batch, lengths, strict=True)):
+            ids[row, :n] = torch.as_tensor(sequences[i], dtype=torch.long)
+            attention[row, :n] = 1
+        features, final = _forward(model, ids.to(device), layer_ids, attention.to(device))
+        features = features.to(device="cpu", dtype=torch.bfloat16)
+        final = final.cpu() if final_hidden else None
+        yield CapturedBatch(
+            indices=batch,
+            features=[features[row, :n].clone() for row, n in enumerate(lengths)],
+            final_hidden=None if final is None else [final[row, :n].clone() for row, n in enumerate(lengths)],
+        )
 
 
 @dataclass

@@ -1,15 +1,27 @@
-"""Typed schema of the whole DeepSpec configuration.
+"""The configuration: types here, values in `conf/` YAML, every check at compose time.
 
-The values live only in `conf/` YAML; these dataclasses give them types, so a misspelt key or a
-wrong type fails while composing, naming the key. `compose()` is the one way to build a config.
+One source of defaults. The values, and the comments saying what each means, live only in `conf/` YAML
+(`conf/config.yaml` and one folder per group). The dataclasses below give every field a type and no
+default, so a key the YAML does not set fails `compose` by name instead of falling back to a second,
+hidden default. The `algo` section is typed by the chosen algorithm's own settings class
+(`models/drafts/<algo>.py`, e.g. Eagle3's `ttt_steps`), so a key of another algorithm fails too.
+
+`compose()` is the one way to build a config. It reports every problem it finds at once: unknown keys,
+wrong types and values without a default (each section on its own), then every check that needs
+neither data nor weights (`config_problems`: algorithm settings, target layers per algorithm, dtypes,
+precision and batch arithmetic, storage mode, task runner, encodings, regeneration backends). So
+`deepspec pipeline ...` fails before its first stage, not hours later in training.
+
+Derived values are filled in while composing, so the composed config says what runs: `regen.api`,
+`regen.max_new_tokens` and `regen.temperature` left null take the backend's API and the target's values.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
-from pathlib import Path
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from hydra import compose as hydra_compose
@@ -19,163 +31,346 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from deepspec.models.drafts import DRAFTS, draft_spec
 from deepspec.models.errors import ConfigError
 
 
 @dataclass
 class TargetConfig:
-    name: str = "???"
-    path: str = "???"  # hub id or local directory
-    gguf_file: str | None = None  # a GGUF file inside `path`, dequantized on load
-    revision: str | None = None
-    dtype: str = "float32"
-    layer_ids: list[int] = field(default_factory=list)  # residual stream after these layers (0-based)
-    hidden_size: int | None = None  # None: read from the checkpoint's config (estimate-cache)
-    num_hidden_layers: int | None = None
-    use_chat_template: bool = True  # False for base models: prompt and answer are concatenated
-    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
-    system_prompt: str | None = None
-    mask_token_id: int | None = None  # None: the tokenizer's pad, unk or eos token
-    temperature: float = 0.7
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 512
+    name: str
+    path: str
+    gguf_file: str | None
+    revision: str | None
+    dtype: str
+    layer_ids: list[int]
+    hidden_size: int | None
+    num_hidden_layers: int | None
+    use_chat_template: bool
+    chat_template_kwargs: dict[str, Any]
+    system_prompt: str | None
+    mask_token_id: int | None
+    temperature: float
+    top_p: float
+    top_k: int
+    max_new_tokens: int
 
 
 @dataclass
 class PromptsConfig:
-    source: str = "mlabonne/open-perfectblend"  # HF dataset id, local .jsonl/.json/.parquet/.csv, builtin
-    split: str = "train"
-    max_samples: int | None = None
-    heldout_fraction: float = 0.0
-    seed: int = 0  # salts the hash that picks the held-out rows
+    source: str
+    split: str
+    max_samples: int | None
+    heldout_fraction: float
+    seed: int
 
 
 @dataclass
 class RegenConfig:
-    backend: str = "hf"  # hf (in process), vllm (servers DeepSpec launches, or `endpoints`), openai
-    max_new_tokens: int | None = None  # None: the target preset's value
-    temperature: float | None = None  # None: the target preset's value
-    seed: int = 0  # hf: batch seeds; vllm: the launched servers' --seed
-    shard_size: int = 256  # prompts a Prefect task answers and commits together
-    parallel_shards: int = 1  # shard tasks at once (threads of the flow's process)
-    allow_failures: int = 0  # prompts that may still fail after retries without failing the stage
-    batch_size: int = 8  # hf: rows per generate call
-    # vllm and openai: OpenAI-compatible HTTP
-    endpoints: list[str] = field(default_factory=list)  # base URLs ending in /v1
-    api: str | None = None  # completions (token ids) | chat (messages); None: completions for vllm
-    model: str | None = None  # served model name; None: the first one the server lists
-    api_key_env: str | None = "OPENAI_API_KEY"  # the environment variable holding the API key
-    concurrency: int = 64  # requests in flight over all replicas
-    max_retries: int = 5  # transient failures (refused, timeout, 429, 5xx) before a row fails
-    request_timeout_s: float = 600.0
-    extra_body: dict[str, Any] = field(default_factory=dict)  # more request fields, e.g. {top_k: 20}
-    # vllm without endpoints: servers launched and supervised by DeepSpec
-    replicas: int | None = None  # None: one per `gpus_per_replica` GPUs, or 1 on a CPU
-    gpus_per_replica: int | None = None  # tensor-parallel size; None: 1 with CUDA, 0 (CPU) without
-    vllm_python: str | None = None  # the vLLM environment's python; None: $DEEPSPEC_VLLM_PYTHON or .venv-vllm
-    server_dtype: str | None = None  # None: target.dtype
-    max_model_len: int | None = None
-    server_args: list[str] = field(default_factory=list)  # more `vllm serve` arguments
+    backend: str
+    max_new_tokens: int | None
+    temperature: float | None
+    seed: int
+    shard_size: int
+    parallel_shards: int
+    allow_failures: int
+    batch_size: int
+    endpoints: list[str]
+    api: str | None
+    model: str | None
+    api_key_env: str | None
+    concurrency: int
+    max_retries: int
+    request_timeout_s: float
+    extra_body: dict[str, Any]
+    replicas: int | None
+    gpus_per_replica: int | None
+    vllm_python: str | None
+    server_dtype: str | None
+    max_model_len: int | None
+    server_args: list[str]
 
 
 @dataclass
 class StorageConfig:
-    url: str = "???"  # any fsspec URL: a local path, file://, s3://bucket/prefix
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    samples_per_shard: int = 64
-    encoding: str = "bf16"
-    max_length: int = 4096
-    build_workers: int = 1  # shard tasks at once: threads sharing one target replica, or local Dask workers
-    task_runner: str = "thread"  # "thread" (this process) or "dask" (pip install deepspec[dask])
-    dask_address: str | None = None  # tcp://HOST:8786 of a Dask scheduler; None: a local cluster
-    mode: str = "cached"  # "cached": train from the cache at `url`; "online": run the target in training
-    verify: bool = False  # check every shard's sha256 when training opens it
-
-
-@dataclass
-class AlgoConfig:
-    name: str = "dflash"  # dflash | eagle3 | dspark; fields another algorithm uses stay null
-    block_size: int = 7  # DFlash, DSpark: slots a block drafts; Eagle3: training-time-test steps
-    num_layers: int = 5  # draft decoder layers (Eagle3: 1)
-    loss_decay: float | None = None  # DFlash, DSpark: slot k is weighted exp(-k / loss_decay)
-    anchors_per_sequence: int | None = None  # DFlash, DSpark: blocks trained per sequence
-    step_decay: float | None = None  # Eagle3: TTT step k is weighted step_decay^k
-    draft_vocab_size: int | None = None  # Eagle3: the N most frequent supervised tokens; null: all
-    markov_rank: int | None = None  # DSpark: rank of the sequential head; 0: none
-    markov_head_type: str | None = None  # DSpark: vanilla | gated | rnn
-    confidence_head: bool | None = None  # DSpark
-    confidence_head_with_markov: bool | None = None  # DSpark: the head also reads W1[x_{k-1}]
-    ce_weight: float | None = None  # DSpark loss: ce * CE + l1 * L1 + confidence * BCE
-    l1_weight: float | None = None
-    confidence_weight: float | None = None
+    url: str
+    storage_options: dict[str, Any]
+    samples_per_shard: int
+    encoding: str
+    max_length: int
+    build_workers: int
+    task_runner: str
+    dask_address: str | None
+    mode: str
+    verify: bool
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    lr: float = 6e-4
-    warmup_ratio: float = 0.04
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    global_batch: int = 512  # sequences per optimizer step, over all ranks
-    micro_batch: int = 1  # sequences per rank per forward
-    zero_stage: int = 1
-    precision: str = "bf16"  # bf16 on GPU; fp32 on CPU
-    nproc_per_node: int = 1
-    nnodes: int = 1
-    threads_per_rank: int | None = None  # None: CPU cores divided by ranks
-    log_every_steps: int = 10
-    save_every_steps: int = 500
-    seed: int = 0
+    epochs: int
+    lr: float
+    warmup_ratio: float
+    weight_decay: float
+    grad_clip: float
+    global_batch: int
+    micro_batch: int
+    zero_stage: int
+    precision: str
+    nproc_per_node: int
+    nnodes: int
+    threads_per_rank: int | None
+    log_every_steps: int
+    save_every_steps: int
+    seed: int
 
 
 @dataclass
 class EvalConfig:
-    benchmarks: list[str] = field(default_factory=list)
-    data_dir: str | None = None  # a directory of <benchmark>.jsonl; None: the built-in set
-    max_samples: int = 20  # per benchmark
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    seed: int = 0
+    benchmarks: list[str]
+    data_dir: str | None
+    max_samples: int
+    max_new_tokens: int
+    temperature: float
+    seed: int
 
 
 @dataclass
 class TrackingConfig:
-    uri: str | None = None  # None: an SQLite store in the run directory
-    experiment: str = "deepspec"
+    uri: str | None
+    experiment: str
 
 
 @dataclass
 class DeepSpecConfig:
-    run_dir: str = "runs/demo"
-    target: TargetConfig = field(default_factory=TargetConfig)
-    prompts: PromptsConfig = field(default_factory=PromptsConfig)
-    regen: RegenConfig = field(default_factory=RegenConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    algo: AlgoConfig = field(default_factory=AlgoConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run_dir: str
+    data_dir: str
+    target: TargetConfig
+    prompts: PromptsConfig
+    regen: RegenConfig
+    storage: StorageConfig
+    algo: Any  # typed by the chosen algorithm's settings class while composing
+    train: TrainConfig
+    eval: EvalConfig
+    tracking: TrackingConfig
+
+
+SECTIONS = {
+    "target": TargetConfig,
+    "prompts": PromptsConfig,
+    "regen": RegenConfig,
+    "storage": StorageConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "tracking": TrackingConfig,
+}
+REGEN_BACKENDS = ("hf", "vllm", "openai")
+REGEN_APIS = ("completions", "chat")
+STORAGE_MODES = ("cached", "online")  # train from the cache at storage.url, or run the target in training
+TASK_RUNNERS = ("thread", "dask")  # where the cache stage's shard tasks run
+PRECISIONS = ("bf16", "fp32")
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
-    """Compose `conf/<config_name>.yaml` with Hydra overrides and check it against the schema."""
+    """Compose `conf/<config_name>.yaml` with Hydra overrides, type it and check it; ConfigError listing
+    every problem otherwise."""
+    overrides = list(overrides or [])
+    try:
+        raw = _hydra(overrides, config_name)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_unknown_key(err, overrides, config_name) or f"bad configuration: {err}") from err
+    cfg, problems = _typed(raw)
+    if not problems:
+        try:
+            OmegaConf.resolve(cfg)
+        except OmegaConfBaseException as err:
+            problems.append(f"{_key_of(err)}: {_message(err)}")
+    if not problems:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        problems += [f"{key}: no value (set it, e.g. {key}=...)" for key in missing]
+    if not problems:
+        _fill_derived(cfg)
+        problems += config_problems(cfg)
+    if problems:
+        raise ConfigError(_report(problems))
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def _hydra(overrides: list[str], config_name: str) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="deepspec.conf", version_base="1.3"):
-            raw = hydra_compose(config_name=config_name, overrides=list(overrides or []))
-        cfg = OmegaConf.merge(OmegaConf.structured(DeepSpecConfig), raw)
-        OmegaConf.resolve(cfg)
-        missing = sorted(OmegaConf.missing_keys(cfg))
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(f"bad configuration: {err}") from err
+            return hydra_compose(config_name=config_name, overrides=overrides)
     finally:
         GlobalHydra.instance().clear()
-    if missing:
-        raise ConfigError(f"configuration keys without a value: {', '.join(missing)}")
-    OmegaConf.set_struct(cfg, True)
-    return cfg
+
+
+def _unknown_key(err: Exception, overrides: list[str], config_name: str) -> str | None:
+    """For Hydra's "Could not override 'algo.block_size'", the keys that section does take."""
+    match = re.search(r"Could not override '([^']+)'", str(err))
+    if match is None:
+        return None
+    key = match.group(1)
+    section = key.partition(".")[0]
+    schema = SECTIONS.get(section)
+    if section == "algo":
+        try:  # the algorithm the other overrides pick
+            raw = _hydra([o for o in overrides if not o.startswith(key)], config_name)
+            schema, section = DRAFTS[raw.algo.name].settings, f"algo={raw.algo.name}"
+        except (HydraException, OmegaConfBaseException, KeyError):
+            return None
+    if schema is None:
+        return None
+    keys = ", ".join(schema.__dataclass_fields__)
+    return f"bad configuration: {key} is not a setting of {section}; its keys: {keys}"
+
+
+def _typed(raw: DictConfig) -> tuple[DictConfig, list[str]]:
+    """`raw` typed section by section, so that every section's unknown keys and bad types are reported."""
+    problems = [
+        f"{key}: not a configuration key" for key in raw if key not in DeepSpecConfig.__dataclass_fields__
+    ]
+    sections: dict[str, Any] = {key: raw.get(key) for key in ("run_dir", "data_dir")}
+    schemas: dict[str, Any] = dict(SECTIONS)
+    algo_name = OmegaConf.select(raw, "algo.name", default=None)
+    if algo_name not in DRAFTS:
+        problems.append(f"algo.name={algo_name!r}: expected one of {list(DRAFTS)}")
+    else:
+        schemas["algo"] = DRAFTS[algo_name].settings
+    for key, schema in schemas.items():
+        try:
+            sections[key] = OmegaConf.merge(OmegaConf.structured(schema), raw.get(key) or {})
+        except OmegaConfBaseException as err:
+            known = (
+                f" (its keys: {', '.join(schema.__dataclass_fields__)})" if "not in" in _message(err) else ""
+            )
+            problems.append(f"{key}.{_key_of(err)}: {_message(err)}{known}")
+    if problems:
+        return OmegaConf.create({}), problems
+    root = OmegaConf.structured(DeepSpecConfig)
+    for key, section in sections.items():  # already typed: assigned, not merged again
+        root[key] = section
+    return root, problems
+
+
+def _key_of(err: OmegaConfBaseException) -> str:
+    return str(getattr(err, "full_key", "") or getattr(err, "key", "") or "")
+
+
+def _message(err: OmegaConfBaseException) -> str:
+    return str(getattr(err, "msg", None) or err).splitlines()[0]
+
+
+def _report(problems: list[str]) -> str:
+    if len(problems) == 1:
+        return f"bad configuration: {problems[0]}"
+    return f"bad configuration, {len(problems)} problems:\n  " + "\n  ".join(problems)
+
+
+def _fill_derived(cfg: DictConfig) -> None:
+    regen, target = cfg.regen, cfg.target
+    if regen.api is None:  # vLLM is sent the token ids DeepSpec renders; other servers, messages
+        regen.api = "chat" if regen.backend == "openai" else "completions"
+    if regen.max_new_tokens is None:
+        regen.max_new_tokens = target.max_new_tokens
+    if regen.temperature is None:
+        regen.temperature = target.temperature
+
+
+def config_problems(cfg: DictConfig) -> list[str]:
+    """Every problem a composed config shows without data or weights, each naming its key."""
+    from deepspec.models.target import DTYPES
+    from deepspec.tasks.cache.encoding import ENCODINGS
+
+    t, r, s, tr, e, p = cfg.target, cfg.regen, cfg.storage, cfg.train, cfg.eval, cfg.prompts
+    layer_ids = list(t.layer_ids)
+    n_layers = t.num_hidden_layers
+
+    def one_of(key: str, value: Any, choices) -> tuple[bool, str]:
+        return value in choices, f"{key}={value!r}: expected one of {list(choices)}"
+
+    checks: list[tuple[bool, str]] = [
+        # target
+        one_of("target.dtype", t.dtype, DTYPES),
+        (bool(layer_ids), "target.layer_ids is empty: the draft needs at least one target layer"),
+        (
+            all(b > a for a, b in zip(layer_ids, layer_ids[1:], strict=False))
+            and min(layer_ids, default=0) >= 0,
+            f"target.layer_ids={layer_ids}: expected layer indices in increasing order, from 0",
+        ),
+        (
+            n_layers is None or max(layer_ids, default=0) < n_layers,
+            f"target.layer_ids={layer_ids}: the target has {n_layers} layers (0..{(n_layers or 1) - 1})",
+        ),
+        (t.temperature >= 0, f"target.temperature={t.temperature}: expected 0 (greedy) or more"),
+        (0 < t.top_p <= 1, f"target.top_p={t.top_p}: expected a value in (0, 1]"),
+        (t.top_k >= 0, f"target.top_k={t.top_k}: expected 0 (off) or more"),
+        (t.max_new_tokens >= 1, f"target.max_new_tokens={t.max_new_tokens}: expected a positive count"),
+        # prompts
+        (
+            0 <= p.heldout_fraction < 1,
+            f"prompts.heldout_fraction={p.heldout_fraction}: expected a value in [0, 1)",
+        ),
+        (
+            p.max_samples is None or p.max_samples >= 1,
+            f"prompts.max_samples={p.max_samples}: expected a positive count or null",
+        ),
+        # regen
+        one_of("regen.backend", r.backend, REGEN_BACKENDS),
+        one_of("regen.api", r.api, REGEN_APIS),
+        (r.max_new_tokens >= 1, f"regen.max_new_tokens={r.max_new_tokens}: expected a positive count"),
+        (r.temperature >= 0, f"regen.temperature={r.temperature}: expected 0 (greedy) or more"),
+        *[
+            (r[key] >= 1, f"regen.{key}={r[key]}: expected a positive count")
+            for key in ("batch_size", "shard_size", "concurrency", "parallel_shards")
+        ],
+        (r.allow_failures >= 0, f"regen.allow_failures={r.allow_failures}: expected 0 or more"),
+        (r.max_retries >= 0, f"regen.max_retries={r.max_retries}: expected 0 or more"),
+        (
+            r.backend != "openai" or bool(r.endpoints),
+            "regen.backend=openai needs regen.endpoints=[https://HOST/v1, ...]",
+        ),
+        # storage
+        one_of("storage.mode", s.mode, STORAGE_MODES),
+        one_of("storage.encoding", s.encoding, ENCODINGS),
+        one_of("storage.task_runner", s.task_runner, TASK_RUNNERS),
+        (
+            s.task_runner == "dask" or not s.dask_address,
+            f"storage.dask_address={s.dask_address!r} needs storage.task_runner=dask",
+        ),
+        (s.build_workers >= 1, f"storage.build_workers={s.build_workers}: need at least 1"),
+        (s.samples_per_shard >= 1, f"storage.samples_per_shard={s.samples_per_shard}: need at least 1"),
+        (s.max_length >= 2, f"storage.max_length={s.max_length}: expected at least 2 tokens"),
+        # train
+        one_of("train.precision", tr.precision, PRECISIONS),
+        one_of("train.zero_stage", tr.zero_stage, (0, 1, 2, 3)),
+        (tr.epochs >= 1, f"train.epochs={tr.epochs}: expected at least 1"),
+        (tr.lr > 0, f"train.lr={tr.lr}: expected a positive learning rate"),
+        (0 <= tr.warmup_ratio < 1, f"train.warmup_ratio={tr.warmup_ratio}: expected a value in [0, 1)"),
+        *[
+            (tr[key] >= 1, f"train.{key}={tr[key]}: expected at least 1")
+            for key in ("micro_batch", "nproc_per_node", "nnodes", "log_every_steps", "save_every_steps")
+        ],
+        (
+            tr.global_batch % max(1, tr.micro_batch * tr.nproc_per_node * tr.nnodes) == 0,
+            f"train.global_batch={tr.global_batch} must be a multiple of train.micro_batch "
+            f"({tr.micro_batch}) x ranks ({tr.nproc_per_node * tr.nnodes}: nproc_per_node x nnodes)",
+        ),
+        # eval
+        (bool(e.benchmarks), "eval.benchmarks is empty"),
+        (e.max_samples >= 1, f"eval.max_samples={e.max_samples}: expected at least 1"),
+        (e.max_new_tokens >= 1, f"eval.max_new_tokens={e.max_new_tokens}: expected at least 1"),
+        (e.temperature >= 0, f"eval.temperature={e.temperature}: expected 0 (greedy) or more"),
+    ]
+    problems = [message for ok, message in checks if not ok]
+    # the algorithm, against the target's layers (export layouts included: Eagle3's fc reads three)
+    problems += algo_settings(cfg).problems(layer_ids, n_layers)
+    return problems
+
+
+def algo_settings(cfg: DictConfig):
+    """The `algo` section as an instance of its algorithm's settings class (`DraftSpec.settings`)."""
+    schema = draft_spec(str(cfg.algo.name)).settings
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg.algo))
 
 
 def config_hash(*parts: Any) -> str:
@@ -183,8 +378,3 @@ def config_hash(*parts: Any) -> str:
     plain = [OmegaConf.to_container(p, resolve=True) if isinstance(p, DictConfig) else p for p in parts]
     blob = json.dumps(plain, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def run_path(cfg: DictConfig, *names: str) -> Path:
-    """A path inside the run directory."""
-    return Path(cfg.run_dir).joinpath(*names)

@@ -12,15 +12,17 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from deepspec.models.errors import DataError
 
 log = logging.getLogger(__name__)
 
 DONE_FILE = "_DONE.json"
+T = TypeVar("T")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -42,23 +44,26 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def read_jsonl(path: Path, on_error: Callable[[str], None] | None = None) -> Iterator[tuple[int, Any]]:
+def read_jsonl(
+    path: Path, on_error: Callable[[int, str, str], None] | None = None
+) -> Iterator[tuple[int, Any]]:
     """(line number, value) of every non-blank line. A line that is not JSON raises DataError naming
-    `path:line`, or, with `on_error`, is handed to it as that message and skipped."""
+    `path:line`, or, with `on_error`, is handed to it as (line number, reason, text) and skipped."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
-            if not line.strip():
+            text = line.rstrip("\r\n")  # without it, a cut-off line's error points past its end
+            if not text.strip():
                 continue
             try:
-                value = json.loads(line)
+                value = json.loads(text)
             except json.JSONDecodeError as err:
-                message = f"{path}:{number}: not valid JSON ({err.msg})"
+                reason = f"not valid JSON ({err.msg} at column {err.colno})"
                 if on_error is None:
-                    raise DataError(message) from err
-                on_error(message)
+                    raise DataError(f"{path}:{number}: {reason}") from err
+                on_error(number, reason, text)
                 continue
             yield number, value
 
@@ -69,6 +74,24 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+_read_once_lock = threading.Lock()
+_read_once: dict[Callable, tuple[tuple, Any, str]] = {}  # parser -> (file identity, parsed, sha256)
+
+
+def read_once(path: Path, parse: Callable[[Path], T]) -> tuple[T, str]:
+    """`parse(path)` and the file's sha256, computed once per process while the file stays unchanged
+    (same path, size and modification time), and at most one file per parser. Shard tasks running in
+    threads of one process share it; the lock makes the first of them do the reading."""
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    with _read_once_lock:
+        held = _read_once.get(parse)
+        if held is None or held[0] != key:
+            held = (key, parse(Path(path)), sha256_file(path))
+            _read_once[parse] = held
+        return held[1], held[2]
 
 
 def mark_done(stage_dir: Path, config_hash: str, **info: Any) -> None:

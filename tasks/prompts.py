@@ -16,7 +16,8 @@ Every row is checked. A malformed row does not stop the stage: it goes to `rejec
 it came from (`source` and `line`, or `source`, `split` and `index`), the `reason`, naming the field,
 and the `raw` row; the stage goes on with the good rows and fails only when none remains.
 
-Output, in `<run_dir>/prompts/`: `prompts.jsonl` and `heldout.jsonl`, one row a line,
+Output, in `<data_dir>/prompts/<source>-<key>/` (named by the prompts settings; `tasks/paths.py`):
+`prompts.jsonl` and `heldout.jsonl`, one row a line,
 `{"id", "source", "category", "conversations"}`, keeping the system and user turns: the assistant's
 answers are dropped, since the regenerate stage writes the target's own. Rows with the same turns are
 kept once; `max_samples` keeps the first N distinct rows in source order; a row is held out when a
@@ -35,11 +36,14 @@ from typing import Any
 
 from omegaconf import DictConfig
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
-from deepspec.models.errors import ConfigError, DataError
+from deepspec.models.errors import DataError
 from deepspec.tasks import tracking
-from deepspec.tasks.config import config_hash, run_path
-from deepspec.tasks.files import atomic_write_text, clear_done, mark_done, read_done
+from deepspec.tasks.config import config_hash
+from deepspec.tasks.files import atomic_write_text, clear_done, mark_done, read_done, read_jsonl
+from deepspec.tasks.paths import run_paths
+from deepspec.tasks.results import PromptsResult, from_record, to_record
 
 log = logging.getLogger(__name__)
 
@@ -85,25 +89,19 @@ def load_conversations(source: str, split: str = "train", rejects: list[dict] | 
     return _from_dataset(source, split, rejects)
 
 
-def prepare_prompts(cfg: DictConfig) -> dict[str, Any]:
-    """Write `<run_dir>/prompts/{prompts,heldout,rejects}.jsonl`; returns the counts (and `skipped`)."""
+def prepare_prompts(cfg: DictConfig) -> PromptsResult:
+    """Write `prompts.jsonl`, `heldout.jsonl` and `rejects.jsonl` to the run's prompts folder
+    (`run_paths(cfg).prompts_dir`, named by the prompts settings); skipped when they are there."""
+    paths = run_paths(cfg)
+    stage_dir = paths.prompts_dir
     fraction, limit = float(cfg.prompts.heldout_fraction), cfg.prompts.max_samples
-    if not 0.0 <= fraction < 1.0:
-        raise ConfigError(f"prompts.heldout_fraction={fraction}: expected a value in [0, 1)")
-    if limit is not None and int(limit) < 1:
-        raise ConfigError(f"prompts.max_samples={limit}: expected a positive count or null")
-    stage_dir = run_path(cfg, "prompts")
     source, seed = str(cfg.prompts.source), int(cfg.prompts.seed)
-    outputs = {
-        "rows": stage_dir / "prompts.jsonl",
-        "heldout": stage_dir / "heldout.jsonl",
-        "rejected": stage_dir / "rejects.jsonl",
-    }
+    outputs = {"rows": paths.prompts, "heldout": paths.heldout, "rejected": paths.rejects}
     digest = config_hash(cfg.prompts)
     done = read_done(stage_dir, digest)
     if done and all(_count_lines(path) == done.get(count) for count, path in outputs.items()):
         log.info("prompts: %s already holds %d rows; skipping", outputs["rows"], done["rows"])
-        return {**{k: v for k, v in done.items() if k != "config_hash"}, "skipped": True}
+        return from_record(PromptsResult, done, skipped=True)
 
     rejects: list[dict] = []
     rows = load_conversations(source, str(cfg.prompts.split), rejects)
@@ -142,32 +140,27 @@ def prepare_prompts(cfg: DictConfig) -> dict[str, Any]:
     atomic_write_text(outputs["rows"], _jsonl(train))
     atomic_write_text(outputs["heldout"], _jsonl(heldout))
     counts = {"rows": len(train), "heldout": len(heldout), "rejected": len(rejects), "duplicates": duplicates}
-    info = {**counts, "source": source}
-    mark_done(stage_dir, digest, **info)
+    result = PromptsResult(path=str(outputs["rows"]), source=source, **counts)
+    mark_done(stage_dir, digest, **to_record(result))
     log.info(
         "prompts: %d rows, %d held out, %d malformed rows rejected, %d duplicates dropped -> %s",
         *counts.values(),
         outputs["rows"],
     )
     tracking.log_metrics(cfg, {f"prompts/{name}": value for name, value in counts.items()})
-    return {**info, "skipped": False}
+    return result
 
 
 def _from_jsonl(path: Path, default_source: str, rejects: list[dict] | None) -> list[dict]:
     rows: list[dict] = []
     bad: list[dict] = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where, text = {"source": str(path), "line": number}, line.rstrip("\r\n")
-            try:
-                raw = json.loads(text)
-            except json.JSONDecodeError as err:
-                reason = f"not valid JSON ({err.msg} at column {err.colno})"
-                bad.append({**where, "reason": reason, "raw": text})
-                continue
-            _collect(rows, bad, raw, where, f"{default_source}-{number:06d}", default_source)
+
+    def unreadable(number: int, reason: str, text: str) -> None:
+        bad.append({"source": str(path), "line": number, "reason": reason, "raw": text})
+
+    for number, raw in read_jsonl(path, on_error=unreadable):
+        where = {"source": str(path), "line": number}
+        _collect(rows, bad, raw, where, f"{default_source}-{number:06d}", default_source)
     _settle(rows, bad, rejects, str(path))
     return rows
 
@@ -229,9 +222,9 @@ def _settle(rows: list[dict], bad: list[dict], rejects: list[dict] | None, origi
 
 
 def _describe(reject: dict) -> str:
-    """`<file> line N: reason` or `<dataset>[split] row N: reason`."""
+    """`<file>:N: reason` or `<dataset>[split] row N: reason`."""
     if "line" in reject:
-        return f"{reject['source']} line {reject['line']}: {reject['reason']}"
+        return f"{reject['source']}:{reject['line']}: {reject['reason']}"
     return f"{reject['source']}[{reject['split']}] row {reject['index']}: {reject['reason']}"
 
 
@@ -321,6 +314,6 @@ def _count_lines(path: Path) -> int | None:
         return sum(1 for line in f if line.strip())
 
 
-@task(name="prompts")
-def prompts_task(cfg: DictConfig) -> dict[str, Any]:
+@task(name="prompts", cache_policy=NO_CACHE)  # stages validate their own outputs
+def prompts_task(cfg: DictConfig) -> PromptsResult:
     return prepare_prompts(cfg)

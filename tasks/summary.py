@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import replace
+from pathlib import Path
 
 from omegaconf import DictConfig
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from deepspec.tasks import tracking
-from deepspec.tasks.config import run_path
 from deepspec.tasks.files import atomic_write_text
+from deepspec.tasks.paths import run_paths
+from deepspec.tasks.results import PipelineResult
 
 
-def _num(value: Any, digits: int = 2) -> str:
+def _num(value: float | int | None, digits: int = 2) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, int):
@@ -21,59 +23,60 @@ def _num(value: Any, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
 
-def summary_rows(results: dict[str, dict]) -> list[tuple[str, str]]:
-    prompts, regen, cache = results["prompts"], results["regenerate"], results["cache"]
-    train, evaluation, export = results["train"], results["evaluate"], results["export"]
-    final = train.get("final_metrics", {})
-    tokens = cache.get("tokens") or 0
+def summary_rows(r: PipelineResult) -> list[tuple[str, str]]:
+    final, cache, evaluation = r.train.final_metrics, r.cache, r.evaluate
+    tokens = cache.tokens or 0
     rows = [
-        ("prompts", f"{_num(prompts.get('rows'))} rows ({_num(prompts.get('heldout'))} held out)"),
+        ("prompts", f"{_num(r.prompts.rows)} rows ({_num(r.prompts.heldout)} held out)"),
         (
             "regenerate",
-            f"{_num(regen.get('rows'))} answers, {_num(regen.get('output_tokens'))} tokens, "
-            f"{_num(regen.get('tokens_per_s'), 1)} tokens/s",
+            f"{_num(r.regenerate.rows)} answers, {_num(r.regenerate.output_tokens)} tokens, "
+            f"{_num(r.regenerate.tokens_per_s, 1)} tokens/s",
         ),
         (
             "cache",
-            f"{_num(cache.get('samples'))} samples, {_num(tokens)} tokens, "
-            f"{_num(cache.get('bytes', 0) / max(1, tokens), 0)} bytes/token",
+            f"{_num(cache.samples)} samples, {_num(tokens)} tokens, "
+            f"{_num(cache.bytes / max(1, tokens), 0)} bytes/token"
+            if cache.mode == "cached"
+            else "none (storage.mode=online: the target ran inside training)",
         ),
         (
             "train",
-            f"{_num(train.get('optimizer_steps'))} steps, loss {_num(final.get('train/loss'), 3)}, "
+            f"{_num(r.train.optimizer_steps)} steps, loss {_num(final.get('train/loss'), 3)}, "
             f"slot-0 accuracy {_num(final.get('train/acc_slot0'), 3)}",
         ),
     ]
-    source = "built-in prompts" if evaluation.get("builtin_eval") else evaluation.get("data_dir")
-    rows.append(
-        ("evaluate", f"block {evaluation.get('block_size')}, T={evaluation.get('temperature')}, {source}")
-    )
-    for name, figures in [*evaluation["benchmarks"].items(), ("overall", evaluation["overall"])]:
-        acceptance = " ".join(f"{a:.2f}" for a in figures.get("acceptance", []))
+    source = "built-in prompts" if evaluation.builtin_eval else evaluation.data_dir
+    rows.append(("evaluate", f"block {evaluation.block_size}, T={evaluation.temperature}, {source}"))
+    for name, figures in [*evaluation.benchmarks.items(), ("overall", evaluation.overall)]:
+        acceptance = " ".join(f"{a:.2f}" for a in figures.acceptance)
         rows.append(
             (
                 f"  {name}",
-                f"tau {_num(figures.get('tau'))}  speedup {_num(figures.get('speedup'))}x  "
-                f"greedy match {_num(figures.get('greedy_match'))}  per-position [{acceptance}]",
+                f"tau {_num(figures.tau)}  speedup {_num(figures.speedup)}x  "
+                f"greedy match {_num(figures.greedy_match)}  per-position [{acceptance}]",
             )
         )
-    rows.append(("export", str(export.get("path"))))
+    rows.append(("export", r.export.path))
     return rows
 
 
-def summarize(cfg: DictConfig, results: dict[str, dict]) -> dict[str, Any]:
+def summarize(cfg: DictConfig, results: PipelineResult) -> PipelineResult:
+    paths = run_paths(cfg)
     rows = summary_rows(results)
-    rows += [("run directory", str(run_path(cfg).resolve())),
-             ("mlflow", f"{tracking.tracking_uri(cfg)} run {tracking.run_id(cfg)}")]  # fmt: skip
+    rows += [
+        ("run directory", str(Path(paths.run_dir).resolve())),
+        ("data directory", str(Path(paths.data_dir).resolve())),
+        ("mlflow", f"{tracking.tracking_uri(cfg)} run {tracking.run_id(cfg)}"),
+    ]
     width = max(len(name) for name, _ in rows)
     table = "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
-    path = run_path(cfg, "summary.txt")
-    atomic_write_text(path, table + "\n")
-    tracking.log_artifact(cfg, path)
-    print(f"\nDeepSpec run summary\n{table}\n")
-    return {"table": table, "results": results}
+    atomic_write_text(paths.summary, table + "\n")
+    tracking.log_artifact(cfg, paths.summary)
+    print(f"\nDeepSpec run summary ({cfg.algo.name})\n{table}\n")
+    return replace(results, table=table)
 
 
 @task(name="summary", cache_policy=NO_CACHE)
-def summary_task(cfg: DictConfig, results: dict[str, dict]) -> dict[str, Any]:
+def summary_task(cfg: DictConfig, results: PipelineResult) -> PipelineResult:
     return summarize(cfg, results)

@@ -1,8 +1,9 @@
-"""MLflow tracking: every stage of a run logs to one MLflow run.
+"""MLflow tracking: every stage of a run and algorithm logs to one MLflow run.
 
-The run id is kept in `<run_dir>/mlflow_run.json`, so a stage re-run alone joins the same run. The
-client is used explicitly with that id (not MLflow's thread-local active run), so Prefect threads and
-training subprocesses can all log to it.
+The run id is kept in `<run_dir>/mlflow_run-<algo>.json`, so a stage re-run alone joins the same run,
+and the algorithms trained in one run directory each have theirs (their parameters differ). The client
+is used explicitly with that id (not MLflow's thread-local active run), so Prefect threads and training
+subprocesses can all log to it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-RUN_FILE = "mlflow_run.json"
+from deepspec.tasks.paths import run_paths
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -27,7 +28,7 @@ def tracking_uri(cfg: DictConfig) -> str:
 
 def run_id(cfg: DictConfig) -> str:
     """The run's MLflow run id, created (with the resolved config logged) on first use."""
-    record = Path(cfg.run_dir) / RUN_FILE
+    record = run_paths(cfg).mlflow_record
     uri = tracking_uri(cfg)
     if record.is_file():
         saved = json.loads(record.read_text())
@@ -38,7 +39,7 @@ def run_id(cfg: DictConfig) -> str:
     experiment_id = (
         experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.experiment)
     )
-    run = client.create_run(experiment_id, run_name=Path(cfg.run_dir).name)
+    run = client.create_run(experiment_id, run_name=f"{Path(cfg.run_dir).name}/{cfg.algo.name}")
     flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
     params = [Param(key, str(value)[:6000]) for key, value in flat.items()]
     for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch

@@ -3,16 +3,14 @@ a real S3 server (`rclone serve s3`) and a real vLLM server (`make vllm`, `make 
 
 from __future__ import annotations
 
-import http.client
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+import torch
+from support.s3 import S3Server
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +20,15 @@ def assets_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"offline test assets not found at {path}; set DEEPSPEC_ASSETS to their folder")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: on tiny models threads cost more than they save."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -37,63 +44,6 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
-
-
-class S3Server:
-    """`rclone serve s3` over a local directory: a real S3 endpoint on 127.0.0.1 that tests may stop and
-    start again (same directory, same port). Buckets are the directories under `root`."""
-
-    key, secret = "deepspec-test", "deepspec-test-secret"
-
-    def __init__(self, binary: str, root: Path, log: Path):
-        self.binary, self.root, self.log = binary, root, log
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.endpoint_url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def storage_options(self) -> dict:
-        """s3fs options: the endpoint and keys, and one attempt per request so a dead server fails fast."""
-        return {
-            "key": self.key,
-            "secret": self.secret,
-            "endpoint_url": self.endpoint_url,
-            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2},
-        }
-
-    def start(self, timeout_s: float = 30.0) -> None:
-        args = [self.binary, "serve", "s3", "--addr", f"127.0.0.1:{self.port}"]
-        args += ["--auth-key", f"{self.key},{self.secret}", str(self.root)]
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"rclone serve s3 exited ({self.process.returncode}): {self.log.read_text()}"
-                )
-            try:  # any HTTP answer (403 without a signature) means it serves
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
-                conn.request("GET", "/")
-                conn.getresponse().read()
-                conn.close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"rclone serve s3 did not answer within {timeout_s} s: {self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
 
 
 @pytest.fixture(scope="session")

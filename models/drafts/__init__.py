@@ -1,56 +1,50 @@
-"""Draft architectures, one per file, and `load_draft`, which picks the file from a saved draft's
-`config.json`: its `architectures[0]` names the model class, as the serving engines read it.
+"""The drafts, one module per algorithm, and the table of them.
 
-    draft = load_draft("runs/x/train/draft", embed_weight, head_weight)   # DFlash, Eagle3 or DSpark
+    spec = draft_spec("dflash")                       # DFlash, Eagle3 or DSpark: a `DraftSpec`
+    draft = load_draft("runs/x/train/dflash/draft", embed_weight, head_weight)
+
+Every draft module (`dflash.py`, `eagle3.py`, `dspark.py`) ends with its `SPEC` (`spec.py` says what each
+field is): its settings schema, build, one micro-batch's training loss, save and load, export and the
+export's validator. Layers they share are in `layers.py`, reading and writing their files in `files.py`.
+A saved draft's `config.json` names its model class in `architectures[0]`, as the serving engines read
+it, and that picks the module back (`draft_algo`).
+
+To add an algorithm: a module exposing a `SPEC`, a line in `DRAFTS`, and `conf/algo/<name>.yaml`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from deepspec.models.drafts import dflash, dspark, eagle3
+from deepspec.models.drafts.files import read_config
+from deepspec.models.drafts.spec import DraftSpec
 from deepspec.models.errors import ConfigError
 
-ALGOS = ("dflash", "eagle3", "dspark")
-ARCHITECTURES = {  # architectures[0] of a saved draft -> its algorithm
-    "DFlashDraftModel": "dflash",
-    "LlamaForCausalLMEagle3": "eagle3",
-    "Qwen3DSparkModel": "dspark",
-    "Gemma4DSparkModel": "dspark",
-}
+DRAFTS: dict[str, DraftSpec] = {spec.name: spec for spec in (dflash.SPEC, eagle3.SPEC, dspark.SPEC)}
 
 
-def check_algo_name(name: str) -> str:
-    if name not in ALGOS:
-        raise ConfigError(f"algo.name={name!r}: expected one of {list(ALGOS)}")
-    return name
+def draft_spec(name: str) -> DraftSpec:
+    if name not in DRAFTS:
+        raise ConfigError(f"algo.name={name!r}: expected one of {list(DRAFTS)}")
+    return DRAFTS[name]
 
 
 def draft_algo(draft_dir: str | Path) -> str:
     """The algorithm of the draft saved in `draft_dir`, from its `config.json`."""
-    config_file = Path(draft_dir) / "config.json"
-    try:
-        architectures = json.loads(config_file.read_text()).get("architectures") or []
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{config_file}: cannot read the draft's config ({err})") from err
-    for name in architectures:
-        if name in ARCHITECTURES:
-            return ARCHITECTURES[name]
+    architectures = read_config(Path(draft_dir)).get("architectures") or []
+    for spec in DRAFTS.values():
+        if set(architectures) & set(spec.architectures):
+            return spec.name
+    known = sorted(a for spec in DRAFTS.values() for a in spec.architectures)
     raise ConfigError(
-        f"{config_file}: architectures={architectures}, expected one of {sorted(ARCHITECTURES)}"
+        f"{Path(draft_dir) / 'config.json'}: architectures={architectures}, expected one of {known}"
     )
 
 
 def load_draft(draft_dir: str | Path, embed_weight: torch.Tensor, head_weight: torch.Tensor) -> nn.Module:
     """A saved draft (training output or export) of any algorithm, on the target's embedding and LM head."""
-    algo = draft_algo(draft_dir)
-    if algo == "dflash":
-        from deepspec.models.drafts.dflash import load_draft as load
-    elif algo == "eagle3":
-        from deepspec.models.drafts.eagle3 import load_draft as load
-    else:
-        from deepspec.models.drafts.dspark import load_dspark as load
-    return load(Path(draft_dir), embed_weight, head_weight)
+    return DRAFTS[draft_algo(draft_dir)].load(Path(draft_dir), embed_weight, head_weight)

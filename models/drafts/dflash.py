@@ -18,21 +18,60 @@ released DFlash checkpoints (`fc`, `hidden_norm`, `layers.N.self_attn.q_proj`, .
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from deepspec.models.drafts.files import (
+    load_weights,
+    missing_fields,
+    read_config,
+    read_export,
+    read_weights,
+    tensor_problems,
+    write_draft_files,
+)
+from deepspec.models.drafts.layers import MLP, GroupedQueryProjections, RMSNorm, apply_rotary, rotary
+from deepspec.models.drafts.spec import DraftInputs, DraftSpec, Samples, Stats
 from deepspec.models.errors import ConfigError
+from deepspec.models.losses import block_labels, slot_weights, weighted_block_cross_entropy
 
+NAME = "dflash"
 ARCHITECTURE = "DFlashDraftModel"
-WEIGHTS_FILE = "model.safetensors"
 ATTENTION_CHUNK_ROWS = 1024  # block rows (queries) per attention call in training; rounded to whole blocks
+SHARED = ("embed_tokens.", "lm_head.")  # the target's embedding and LM head: never saved with the draft
+
+
+@dataclass
+class DFlashSettings:
+    """`algo=dflash`: the values and their meaning are in conf/algo/dflash.yaml."""
+
+    name: str
+    block_size: int
+    num_layers: int
+    loss_decay: float
+    anchors_per_sequence: int
+
+    def problems(self, layer_ids: list[int], num_hidden_layers: int | None) -> list[str]:
+        return block_problems(self)
+
+
+def block_problems(settings) -> list[str]:
+    """What DFlash and DSpark, which share the block backbone, need of their settings."""
+    checks = [
+        (settings.block_size >= 1, f"algo.block_size={settings.block_size}: expected at least 1"),
+        (settings.num_layers >= 1, f"algo.num_layers={settings.num_layers}: expected at least 1"),
+        (settings.loss_decay > 0, f"algo.loss_decay={settings.loss_decay}: expected a positive decay"),
+        (
+            settings.anchors_per_sequence >= 1,
+            f"algo.anchors_per_sequence={settings.anchors_per_sequence}: expected at least 1",
+        ),
+    ]
+    return [message for ok, message in checks if not ok]
 
 
 @dataclass
@@ -53,7 +92,6 @@ class DFlashConfig:
     embed_scale: float = 1.0  # Gemma scales embeddings by sqrt(hidden_size)
     target_model_type: str = "llama"
     target_num_hidden_layers: int = 0
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_target(
@@ -90,7 +128,6 @@ class DFlashConfig:
     def to_hf_dict(self) -> dict:
         """The `config.json` that DFlash loaders read (architecture, block size, dflash_config)."""
         body = asdict(self)
-        body.pop("extra")
         return {
             "architectures": [ARCHITECTURE],
             "model_type": self.target_model_type,
@@ -104,52 +141,23 @@ class DFlashConfig:
             raise ConfigError(
                 f"config.json architectures={data.get('architectures')}: expected {ARCHITECTURE}"
             )
-        names = set(cls.__dataclass_fields__) - {"extra"}
+        names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+class DFlashAttention(GroupedQueryProjections):
+    """Block queries over the context's projected features and the block itself, as keys and values."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
-def rotary(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of rotate-half RoPE for integer positions: each [n, head_dim]."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [heads, n, head_dim]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
-
-
-class DFlashAttention(nn.Module):
     def __init__(self, cfg: DFlashConfig):
-        super().__init__()
-        self.cfg = cfg
-        d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(d, h * hd, bias=False)
-        self.k_proj = nn.Linear(d, kv * hd, bias=False)
-        self.v_proj = nn.Linear(d, kv * hd, bias=False)
-        self.o_proj = nn.Linear(h * hd, d, bias=False)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
-
-    def _heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
-        return x.view(x.shape[0], n_heads, self.cfg.head_dim).transpose(0, 1)  # [heads, n, hd]
+        super().__init__(
+            cfg.hidden_size,
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            qk_norm=cfg.qk_norm,
+            eps=cfg.rms_norm_eps,
+        )
 
     def forward(
         self,
@@ -159,14 +167,8 @@ class DFlashAttention(nn.Module):
         context_rope: tuple[torch.Tensor, torch.Tensor],
         chunks: list[AttentionChunk],
     ) -> torch.Tensor:
-        cfg = self.cfg
-        q = self._heads(self.q_proj(block), cfg.num_attention_heads)
-        kv_input = torch.cat([context, block], dim=0)
-        k = self._heads(self.k_proj(kv_input), cfg.num_key_value_heads)
-        v = self._heads(self.v_proj(kv_input), cfg.num_key_value_heads)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rotary(q, *block_rope)
+        q = apply_rotary(self.queries(block), *block_rope)
+        k, v = self.keys_values(torch.cat([context, block], dim=0))
         k = apply_rotary(
             k, torch.cat([context_rope[0], block_rope[0]]), torch.cat([context_rope[1], block_rope[1]])
         )
@@ -183,19 +185,7 @@ class DFlashAttention(nn.Module):
                 q[None, :, chunk.queries], k_chunk[None], v_chunk[None], attn_mask=chunk.mask, enable_gqa=True
             )
             outputs.append(out[0])
-        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-        return self.o_proj(out.transpose(0, 1).reshape(block.shape[0], -1))
-
-
-class DFlashMLP(nn.Module):
-    def __init__(self, cfg: DFlashConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.output(outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1))
 
 
 class DFlashLayer(nn.Module):
@@ -204,7 +194,7 @@ class DFlashLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = DFlashAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = DFlashMLP(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, context, block_rope, context_rope, chunks):
         x = x + self.self_attn(self.input_layernorm(x), context, block_rope, context_rope, chunks)
@@ -415,23 +405,122 @@ class DFlashDraft(nn.Module):
         return self.lm_head(self.hidden(packed)).float()
 
 
-def save_draft(model: DFlashDraft, out_dir: Path) -> None:
-    """Write `config.json` and `model.safetensors` (trainable weights only), each atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state_dict().items()}
-    tmp = out_dir / f".{WEIGHTS_FILE}.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out_dir / WEIGHTS_FILE)
-    tmp_cfg = out_dir / ".config.json.tmp"
-    tmp_cfg.write_text(json.dumps(model.cfg.to_hf_dict(), indent=2))
-    tmp_cfg.replace(out_dir / "config.json")
+# ----------------------------------------------------------------------------------------------------
+# Building and training
 
 
-def load_draft(draft_dir: Path, embed_weight: torch.Tensor, head_weight: torch.Tensor) -> DFlashDraft:
-    cfg = DFlashConfig.from_hf_dict(json.loads((Path(draft_dir) / "config.json").read_text()))
-    model = DFlashDraft(cfg, embed_weight, head_weight)
-    missing, unexpected = model.load_state_dict(load_file(str(Path(draft_dir) / WEIGHTS_FILE)), strict=False)
-    missing = [k for k in missing if not k.startswith(("embed_tokens.", "lm_head."))]
-    if missing or unexpected:
-        raise ConfigError(f"{draft_dir}/{WEIGHTS_FILE}: missing weights {missing}, unexpected {unexpected}")
-    return model.eval()
+def build(settings: DFlashSettings, inputs: DraftInputs) -> DFlashDraft:
+    cfg = DFlashConfig.from_target(
+        inputs.target_config,
+        num_layers=settings.num_layers,
+        block_size=settings.block_size,
+        layer_ids=inputs.layer_ids,
+        mask_token_id=inputs.mask_token_id,
+    )
+    return DFlashDraft(cfg, inputs.embed, inputs.head)
+
+
+def anchor_blocks(
+    samples: Samples, anchors_per_sequence: int, block_size: int, mask_token_id: int, generator, device
+) -> tuple[list[torch.Tensor], PackedBlocks, torch.Tensor]:
+    """Anchors drawn in each sample, their blocks packed for one pass (on `device`), and the labels of
+    every slot [n_anchors, block_size]: the shared first half of a DFlash and a DSpark micro-step."""
+    anchors = [sample_anchors(s["loss_mask"], anchors_per_sequence, generator) for s in samples]
+    packed = pack_blocks(
+        [(s["input_ids"], s["features"]) for s in samples], anchors, block_size, mask_token_id
+    )
+    labels = torch.cat(
+        [
+            block_labels(s["input_ids"], s["loss_mask"], a, block_size)
+            for s, a in zip(samples, anchors, strict=True)
+        ]
+    )
+    return anchors, packed.to(device), labels.to(device)
+
+
+def training_loss(
+    forward, model: DFlashDraft, samples: Samples, settings: DFlashSettings, teacher, generator
+) -> tuple[torch.Tensor, Stats]:
+    """Blocks at sampled anchors, cross-entropy against the data's next tokens, slot k weighted
+    exp(-k / loss_decay). DFlash learns from the data alone: `teacher` is unused."""
+    device = model.fc.weight.device
+    block = model.cfg.block_size
+    _, packed, labels = anchor_blocks(
+        samples, settings.anchors_per_sequence, block, model.cfg.mask_token_id, generator, device
+    )
+    weights = slot_weights(block, settings.loss_decay, device=device)
+    return weighted_block_cross_entropy(forward(packed), model.lm_head.weight, labels, weights)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files: the trained draft is already the engines' layout
+
+
+def save(model: DFlashDraft, out_dir: Path) -> None:
+    """`config.json` and `model.safetensors` (the draft's own weights only), each atomically."""
+    write_draft_files(out_dir, model.cfg.to_hf_dict(), model.trainable_state_dict())
+
+
+def load(draft_dir: Path, embed_weight: torch.Tensor, head_weight: torch.Tensor) -> DFlashDraft:
+    model = DFlashDraft(DFlashConfig.from_hf_dict(read_config(draft_dir)), embed_weight, head_weight)
+    return load_weights(model, read_weights(draft_dir), draft_dir, shared=SHARED)
+
+
+def export(model: DFlashDraft, out_dir: Path, target_config) -> str:
+    """`DFlashDraftModel`: `config.json` with `block_size` and `dflash_config` (`mask_token_id`,
+    `target_layer_ids`, 0-based: engines read hidden state `id + 1`), and only the draft's own weights
+    (the engine shares the target's embedding and LM head)."""
+    save(model, out_dir)
+    return ARCHITECTURE
+
+
+REQUIRED_CONFIG = ("architectures", "block_size", "hidden_size", "num_hidden_layers", "vocab_size")
+
+
+def validate_export(path: Path) -> list[str]:
+    """Problems that would stop an engine from loading the draft at `path`; empty when it is loadable."""
+    config, shapes, problems = read_export(path)
+    if config is None:
+        return problems
+    problems += missing_fields(config, REQUIRED_CONFIG)
+    dflash = config.get("dflash_config", {})
+    problems += [
+        f"config.json: missing field 'dflash_config.{k}'"
+        for k in ("mask_token_id", "target_layer_ids")
+        if k not in dflash
+    ]
+    if config.get("architectures") != [ARCHITECTURE]:
+        problems.append(
+            f"config.json: architectures={config.get('architectures')}, expected [{ARCHITECTURE!r}]"
+        )
+    expected: dict[str, tuple[int, ...] | None] = {
+        "fc.weight": None,
+        "hidden_norm.weight": None,
+        "norm.weight": None,
+    }
+    for i in range(config.get("num_hidden_layers", 0)):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            expected[f"layers.{i}.self_attn.{name}.weight"] = None
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            expected[f"layers.{i}.mlp.{name}.weight"] = None
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            expected[f"layers.{i}.{name}.weight"] = None
+        if config.get("qk_norm"):
+            for name in ("q_norm", "k_norm"):
+                expected[f"layers.{i}.self_attn.{name}.weight"] = None
+    problems += tensor_problems(shapes, expected)
+    return problems
+
+
+SPEC = DraftSpec(
+    name=NAME,
+    settings=DFlashSettings,
+    architectures=(ARCHITECTURE,),
+    needs_teacher=False,
+    build=build,
+    training_loss=training_loss,
+    save=save,
+    load=load,
+    export=export,
+    validate_export=validate_export,
+)

@@ -48,27 +48,77 @@ Weight names and `config.json` keys follow their `Qwen3DSparkModel`/`Gemma4DSpar
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deepspec.models.drafts.dflash import WEIGHTS_FILE, DFlashConfig, DFlashDraft, PackedBlocks, pack_blocks
+from deepspec.models.drafts.dflash import (
+    DFlashConfig,
+    DFlashDraft,
+    PackedBlocks,
+    anchor_blocks,
+    block_problems,
+    pack_blocks,
+)
+from deepspec.models.drafts.files import (
+    load_weights,
+    missing_fields,
+    read_config,
+    read_export,
+    read_weights,
+    tensor_problems,
+    write_draft_files,
+)
+from deepspec.models.drafts.spec import DraftInputs, DraftSpec, Samples, Stats
 from deepspec.models.errors import ConfigError
-from deepspec.models.losses import supervised_prefix
+from deepspec.models.losses import chunked_dspark_loss, slot_weights, supervised_prefix
 
+NAME = "dspark"
 QWEN3_ARCHITECTURE = "Qwen3DSparkModel"
 GEMMA4_ARCHITECTURE = "Gemma4DSparkModel"
 ARCHITECTURES = (QWEN3_ARCHITECTURE, GEMMA4_ARCHITECTURE)
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 TARGET_WEIGHTS = ("embed_tokens.", "lm_head.")  # the target's, frozen; exported because upstream loads them
 INIT_STD = 0.02  # upstream's initializer_range for the new heads (HF `_init_weights`)
+
+
+@dataclass
+class DSparkSettings:
+    """`algo=dspark`: the values and their meaning are in conf/algo/dspark.yaml."""
+
+    name: str
+    block_size: int
+    num_layers: int
+    loss_decay: float
+    anchors_per_sequence: int
+    markov_rank: int
+    markov_head_type: str
+    confidence_head: bool
+    confidence_head_with_markov: bool
+    ce_weight: float
+    l1_weight: float
+    confidence_weight: float
+
+    def problems(self, layer_ids: list[int], num_hidden_layers: int | None) -> list[str]:
+        problems = block_problems(self)
+        if self.markov_rank < 0:
+            problems.append(f"algo.markov_rank={self.markov_rank}: expected 0 (no head) or a positive rank")
+        if self.markov_rank > 0 and self.markov_head_type not in MARKOV_HEAD_TYPES:
+            problems.append(
+                f"algo.markov_head_type={self.markov_head_type!r}: expected one of {list(MARKOV_HEAD_TYPES)}"
+            )
+        if self.confidence_head and self.confidence_head_with_markov and self.markov_rank == 0:
+            problems.append(
+                "algo.confidence_head_with_markov=true needs a Markov head (algo.markov_rank > 0)"
+            )
+        for key in ("ce_weight", "l1_weight", "confidence_weight"):
+            if getattr(self, key) < 0:
+                problems.append(f"algo.{key}={getattr(self, key)}: expected a weight of 0 or more")
+        return problems
 
 
 @dataclass
@@ -505,9 +555,7 @@ class DSparkDraft(nn.Module):
         packed = pack_blocks(
             [(ids, features)], [torch.tensor([p])], self.block_size, self.cfg.backbone.mask_token_id
         )
-        device = self.backbone.fc.weight.device
-        packed = PackedBlocks(**{f.name: getattr(packed, f.name).to(device) for f in fields(packed)})
-        return self.backbone.hidden(packed)
+        return self.backbone.hidden(packed.to(self.backbone.fc.weight.device))
 
     @torch.no_grad()
     def propose(
@@ -569,55 +617,86 @@ class DSparkDraft(nn.Module):
         return self.propose(context_features, anchor_token, temperature=0.0).logits
 
 
-def save_dspark(
-    model: DSparkDraft,
-    out_dir: Path,
-    *,
-    include_target_weights: bool = False,
-    target_config: dict | None = None,
-) -> None:
-    """Write `config.json` and `model.safetensors`, each atomically.
+# ----------------------------------------------------------------------------------------------------
+# Building and training
 
-    Without the target's weights the directory is the trained draft (`load_dspark` takes them from the
-    target); with them (`include_target_weights=True`) it is the export upstream's `from_pretrained`
-    loads, which would otherwise leave the embedding and LM head at random values. `target_config`,
-    the target's `config.json` as a dict, becomes the base of the draft's, as upstream builds it.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state, storages = {}, set()
-    for k, v in model.export_state_dict(include_target_weights).items():
-        v = v.detach().contiguous().cpu()
-        storage = (v.device, v.untyped_storage().data_ptr())
-        # a tied target's LM head is its embedding: safetensors refuses two names for one memory
-        state[k] = v.clone() if storage in storages else v
-        storages.add(storage)
-    tmp = out_dir / f".{WEIGHTS_FILE}.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out_dir / WEIGHTS_FILE)
+
+def build(settings: DSparkSettings, inputs: DraftInputs) -> DSparkDraft:
+    """q/k norms for every target family and the target's logit cap come with the config."""
+    cfg = DSparkConfig.from_target(
+        inputs.target_config,
+        num_layers=settings.num_layers,
+        block_size=settings.block_size,
+        layer_ids=inputs.layer_ids,
+        mask_token_id=inputs.mask_token_id,
+        markov_rank=settings.markov_rank,
+        markov_head_type=settings.markov_head_type,
+        confidence_head=settings.confidence_head,
+        confidence_head_with_markov=settings.confidence_head_with_markov,
+        num_anchors=settings.anchors_per_sequence,
+    )
+    return DSparkDraft(cfg, inputs.embed, inputs.head)
+
+
+def training_loss(
+    forward, model: DSparkDraft, samples: Samples, settings: DSparkSettings, teacher, generator
+) -> tuple[torch.Tensor, Stats]:
+    """DFlash's blocks plus each slot's previous token, against the target's distribution:
+    ce_weight CE + l1_weight L1 + confidence_weight BCE, slot k weighted exp(-k / loss_decay)."""
+    device = model.backbone.fc.weight.device
+    block = model.block_size
+    anchors, packed, labels = anchor_blocks(
+        samples, settings.anchors_per_sequence, block, model.cfg.backbone.mask_token_id, generator, device
+    )
+    pairs = list(zip(samples, anchors, strict=True))
+    prev = torch.cat([block_rows(s["input_ids"], a, block) for s, a in pairs])
+    final = torch.cat([block_rows(teacher.final_hidden(s), a, block) for s, a in pairs])
+    # the kept slots' states, not logits: the loss applies the frozen head (capped as the target caps
+    # it) and the Markov head's W2 to a chunk of rows at a time, on both sides
+    rows = forward(packed, prev.to(device), labels, target_hidden=final, chunked=True)
+    markov = None if rows.codes is None else (rows.codes, model.markov_head.markov_w2.weight)
+    return chunked_dspark_loss(
+        rows.hidden, model.backbone.lm_head.weight, rows.labels, rows.slots, rows.confidence_logits,
+        slot_weights(block, settings.loss_decay, device=device), target_hidden=rows.target_hidden,
+        markov=markov, target_softcap=model.cfg.final_logit_softcapping, ce_weight=settings.ce_weight,
+        l1_weight=settings.l1_weight, confidence_weight=settings.confidence_weight,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files
+
+
+def _write(
+    model: DSparkDraft, out_dir: Path, include_target_weights: bool, target_config: dict | None
+) -> None:
     config = model.cfg.to_hf_dict(target_config)
     config["dtype"] = str(model.backbone.fc.weight.dtype).removeprefix("torch.")
-    tmp_cfg = out_dir / ".config.json.tmp"
-    tmp_cfg.write_text(json.dumps(config, indent=2))
-    tmp_cfg.replace(out_dir / "config.json")
+    write_draft_files(out_dir, config, model.export_state_dict(include_target_weights))
 
 
-def load_dspark(draft_dir: Path, embed_weight: torch.Tensor, head_weight: torch.Tensor) -> DSparkDraft:
+def save(model: DSparkDraft, out_dir: Path) -> None:
+    """Training output: `config.json` and the draft's own weights (`load` takes the target's from it)."""
+    _write(model, out_dir, include_target_weights=False, target_config=None)
+
+
+def export(model: DSparkDraft, out_dir: Path, target_config) -> str:
+    """`Qwen3DSparkModel`/`Gemma4DSparkModel` as upstream's `from_pretrained` loads it: the target's
+    `config.json` overlaid with the draft's (upstream builds it so), and the target's embedding and LM
+    head in the weights, which that loader would otherwise leave at random values."""
+    _write(model, out_dir, include_target_weights=True, target_config=target_config.to_dict())
+    return model.cfg.architecture
+
+
+def load(draft_dir: Path, embed_weight: torch.Tensor, head_weight: torch.Tensor) -> DSparkDraft:
     """A saved draft or export; the target's embedding and LM head always come from the arguments."""
-    draft_dir = Path(draft_dir)
-    cfg = DSparkConfig.from_hf_dict(json.loads((draft_dir / "config.json").read_text()))
-    model = DSparkDraft(cfg, embed_weight, head_weight)
-    state = load_file(str(draft_dir / WEIGHTS_FILE))
-    own = {k: v for k, v in state.items() if not k.startswith(TARGET_WEIGHTS)}
+    model = DSparkDraft(DSparkConfig.from_hf_dict(read_config(draft_dir)), embed_weight, head_weight)
+    own = {k: v for k, v in read_weights(draft_dir).items() if not k.startswith(TARGET_WEIGHTS)}
     renamed = {
         k if k.startswith(("markov_head.", "confidence_head.")) else f"backbone.{k}": v
         for k, v in own.items()
     }
-    missing, unexpected = model.load_state_dict(renamed, strict=False)
-    missing = [k for k in missing if not k.removeprefix("backbone.").startswith(TARGET_WEIGHTS)]
-    if missing or unexpected:
-        raise ConfigError(f"{draft_dir}/{WEIGHTS_FILE}: missing weights {missing}, unexpected {unexpected}")
-    return model.eval()
+    return load_weights(model, renamed, draft_dir, shared=[f"backbone.{k}" for k in TARGET_WEIGHTS])
 
 
 def expected_weights(config: dict) -> dict[str, tuple[int, ...] | None]:
@@ -663,16 +742,13 @@ def expected_weights(config: dict) -> dict[str, tuple[int, ...] | None]:
     return names
 
 
-def validate_dspark_export(path: Path) -> list[str]:
+def validate_export(path: Path) -> list[str]:
     """Problems that would stop upstream's `Qwen3DSparkModel`/`Gemma4DSparkModel.from_pretrained` from
     loading the draft at `path` as trained; empty when it loads. Their loader asserts the DSpark keys
     and silently re-initialises missing tensors, so both are checked here."""
-    path = Path(path)
-    config_file, weights_file = path / "config.json", path / WEIGHTS_FILE
-    if not config_file.is_file() or not weights_file.is_file():
-        return [f"{path} needs config.json and {WEIGHTS_FILE}"]
-    config = json.loads(config_file.read_text())
-    problems: list[str] = []
+    config, shapes, problems = read_export(path)
+    if config is None:
+        return problems
     architectures = config.get("architectures")
     if (
         not isinstance(architectures, list)
@@ -693,7 +769,7 @@ def validate_dspark_export(path: Path) -> list[str]:
         ]  # fmt: skip
     else:
         required.append("layer_types")  # Qwen3 attention indexes it per layer
-    problems += [f"config.json: missing field '{k}'" for k in required if k not in config]
+    problems += missing_fields(config, required)
     rank = config.get("markov_rank", 0)
     if not isinstance(rank, int) or rank < 0:
         problems.append(f"config.json: markov_rank={rank!r}, expected an integer >= 0")
@@ -702,11 +778,8 @@ def validate_dspark_export(path: Path) -> list[str]:
         kind = config.get("markov_head_type")
         problems.append(f"config.json: markov_head_type={kind!r}, expected one of {MARKOV_HEAD_TYPES}")
     if config.get("enable_confidence_head"):
-        if "confidence_head_with_markov" not in config:
-            problems.append(
-                "config.json: missing field 'confidence_head_with_markov' (confidence head enabled)"
-            )
-        elif config["confidence_head_with_markov"] and rank == 0:
+        problems += missing_fields(config, ["confidence_head_with_markov"], " (confidence head enabled)")
+        if config.get("confidence_head_with_markov") and rank == 0:
             problems.append("config.json: confidence_head_with_markov=true needs markov_rank > 0")
     n_layers = config.get("num_hidden_layers")
     if "layer_types" in config and len(config["layer_types"]) != n_layers:
@@ -718,18 +791,21 @@ def validate_dspark_export(path: Path) -> list[str]:
         problems.append(f"config.json: target_layer_ids={layer_ids} must increase strictly, from -1 up")
     if layer_ids and n_target and layer_ids[-1] >= n_target:
         problems.append(f"config.json: target_layer_ids={layer_ids} exceed num_target_layers={n_target}")
-    with safe_open(str(weights_file), framework="pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    expected = expected_weights(config)
-    problems += [f"{WEIGHTS_FILE}: missing tensor '{k}'" for k in expected if k not in shapes]
-    problems += [
-        f"{WEIGHTS_FILE}: unexpected tensor '{k}'"
-        for k in sorted(shapes)
-        if k not in expected and not k.endswith(".layer_scalar")  # a Gemma4 buffer, ones when absent
-    ]
-    problems += [
-        f"{WEIGHTS_FILE}: '{k}' has shape {list(shapes[k])}, expected {list(shape)}"
-        for k, shape in expected.items()
-        if shape is not None and k in shapes and shapes[k] != shape
-    ]
+    # a Gemma4 buffer, ones when absent
+    scalars = [k for k in shapes if k.endswith(".layer_scalar")]
+    problems += tensor_problems(shapes, expected_weights(config), may_have=scalars)
     return problems
+
+
+SPEC = DraftSpec(
+    name=NAME,
+    settings=DSparkSettings,
+    architectures=ARCHITECTURES,
+    needs_teacher=True,
+    build=build,
+    training_loss=training_loss,
+    save=save,
+    load=load,
+    export=export,
+    validate_export=validate_export,
+)

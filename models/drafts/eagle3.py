@@ -33,7 +33,7 @@ Weight names are those vLLM's and SGLang's `LlamaForCausalLMEagle3` load: `fc`, 
 
 from __future__ import annotations
 
-import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,16 +41,28 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deepspec.models.drafts.dflash import DFlashMLP, RMSNorm, apply_rotary, rotary
+from deepspec.models.drafts.files import (
+    WEIGHTS_FILE,
+    load_weights,
+    missing_fields,
+    read_config,
+    read_export,
+    read_weights,
+    tensor_problems,
+    write_draft_files,
+)
+from deepspec.models.drafts.layers import MLP, GroupedQueryProjections, RMSNorm, apply_rotary, rotary
+from deepspec.models.drafts.spec import DraftInputs, DraftSpec, Samples, Stats
 from deepspec.models.errors import ConfigError
 from deepspec.models.losses import LOSS_CHUNK_ROWS, chunked_linear_loss
 from deepspec.models.target import check_layer_ids
 
+log = logging.getLogger(__name__)
+
+NAME = "eagle3"
 ARCHITECTURE = "LlamaForCausalLMEagle3"
-WEIGHTS_FILE = "model.safetensors"
 NUM_FEATURE_LAYERS = 3  # the engines' fc is [d, 3 * target_hidden_size]
 
 
@@ -61,6 +73,40 @@ def default_layer_ids(num_layers: int) -> list[int]:
     clamped so that shallow test targets still get valid ids.
     """
     return [min(max(i, 0), num_layers - 1) for i in (1, num_layers // 2 - 1, num_layers - 4)]
+
+
+@dataclass
+class Eagle3Settings:
+    """`algo=eagle3`: the values and their meaning are in conf/algo/eagle3.yaml."""
+
+    name: str
+    ttt_steps: int
+    step_decay: float
+    draft_vocab_size: int | None
+
+    def problems(self, layer_ids: list[int], num_hidden_layers: int | None) -> list[str]:
+        problems = []
+        if self.ttt_steps < 1:
+            problems.append(f"algo.ttt_steps={self.ttt_steps}: expected at least one training-time test step")
+        if not 0 < self.step_decay <= 1:
+            problems.append(f"algo.step_decay={self.step_decay}: expected a weight in (0, 1]")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
+            problems.append(
+                f"algo.draft_vocab_size={self.draft_vocab_size}: expected a positive size or null"
+            )
+        if len(layer_ids) != NUM_FEATURE_LAYERS:
+            usual = ",".join(map(str, default_layer_ids(num_hidden_layers))) if num_hidden_layers else ""
+            hint = (
+                f"for this {num_hidden_layers}-layer target pass 'target.layer_ids=[{usual}]'"
+                if len(set(usual.split(","))) == NUM_FEATURE_LAYERS
+                else "EAGLE3 takes layers 1, L/2 - 1 and L - 4 of an L-layer target"
+            )
+            problems.append(
+                f"target.layer_ids={list(layer_ids)}: Eagle3 fuses exactly {NUM_FEATURE_LAYERS} target "
+                f"layers (low, mid, high), as the engines' fc reads them; {hint}, or add a "
+                "conf/target_algo/<target>_eagle3.yaml preset"
+            )
+        return problems
 
 
 @dataclass
@@ -96,7 +142,7 @@ class Eagle3Config:
         check_layer_ids(list(layer_ids), text.num_hidden_layers)
         if ttt_steps < 1:
             raise ConfigError(
-                f"algo.block_size={ttt_steps}: Eagle3 needs at least one training-time test step"
+                f"algo.ttt_steps={ttt_steps}: Eagle3 needs at least one training-time test step"
             )
         draft_vocab = text.vocab_size if draft_vocab_size is None else draft_vocab_size
         if not 1 <= draft_vocab <= text.vocab_size:
@@ -281,21 +327,13 @@ class TTTCache:
             self.diag_v.append(v)
 
 
-class Eagle3Attention(nn.Module):
+class Eagle3Attention(GroupedQueryProjections):
     """Llama attention whose q/k/v read the 2d-wide [embedding; hidden] input."""
 
     def __init__(self, cfg: Eagle3Config):
-        super().__init__()
-        self.cfg = cfg
-        d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(2 * d, h * hd, bias=False)
-        self.k_proj = nn.Linear(2 * d, kv * hd, bias=False)
-        self.v_proj = nn.Linear(2 * d, kv * hd, bias=False)
-        self.o_proj = nn.Linear(h * hd, d, bias=False)
-
-    def _heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, n_heads, self.cfg.head_dim).transpose(1, 2)  # [B, heads, n, hd]
+        d = cfg.hidden_size
+        heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        super().__init__(2 * d, d, heads, kv_heads, cfg.head_dim)
 
     def forward(
         self,
@@ -304,15 +342,12 @@ class Eagle3Attention(nn.Module):
         q_index: torch.Tensor,  # [n]
         cache: TTTCache,
     ) -> torch.Tensor:
-        cfg = self.cfg
-        groups = cfg.num_attention_heads // cfg.num_key_value_heads
-        q = apply_rotary(self._heads(self.q_proj(x), cfg.num_attention_heads), *rope)
-        k = apply_rotary(self._heads(self.k_proj(x), cfg.num_key_value_heads), *rope)
-        v = self._heads(self.v_proj(x), cfg.num_key_value_heads)
+        groups = self.num_heads // self.num_kv_heads
+        q = apply_rotary(self.queries(x), *rope)
+        k, v = self.keys_values(x)
         # query head h reads kv head h // groups, as HF's repeat_kv and SDPA's enable_gqa do
-        cache.add(k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1))
-        out = ttt_attend(q, cache.k0, cache.v0, cache.diag_k, cache.diag_v, q_index)
-        return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+        cache.add(apply_rotary(k, *rope).repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1))
+        return self.output(ttt_attend(q, cache.k0, cache.v0, cache.diag_k, cache.diag_v, q_index))
 
 
 class Eagle3Layer(nn.Module):
@@ -322,7 +357,7 @@ class Eagle3Layer(nn.Module):
         self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # on the fused / fed-back hidden
         self.self_attn = Eagle3Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = DFlashMLP(cfg)  # the same SwiGLU MLP, same weight names
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, embeds, hidden, rope, q_index, cache: TTTCache) -> torch.Tensor:
         x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
@@ -663,44 +698,76 @@ class Eagle3Draft(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Checkpoints and export
+# Building and training
 
 
-def _write_atomic(out_dir: Path, config: dict, state: dict[str, torch.Tensor]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{WEIGHTS_FILE}.tmp"
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata={"format": "pt"}
+def build(settings: Eagle3Settings, inputs: DraftInputs) -> Eagle3Draft:
+    """The draft; with a reduced vocabulary, its `draft_vocab_size` most supervised tokens of the data."""
+    cfg = Eagle3Config.from_target(
+        inputs.target_config,
+        layer_ids=inputs.layer_ids,
+        ttt_steps=settings.ttt_steps,
+        draft_vocab_size=settings.draft_vocab_size,
     )
-    tmp.replace(out_dir / WEIGHTS_FILE)
-    tmp_cfg = out_dir / ".config.json.tmp"
-    tmp_cfg.write_text(json.dumps(config, indent=2))
-    tmp_cfg.replace(out_dir / "config.json")
+    d2t = None
+    if cfg.reduced_vocab:
+        if inputs.token_counts is None:
+            raise ConfigError(f"algo.draft_vocab_size={cfg.draft_vocab_size} needs the data's token counts")
+        counts = inputs.token_counts()
+        d2t, _ = build_draft_vocab(counts, cfg.draft_vocab_size)
+        kept = counts[torch.arange(cfg.draft_vocab_size) + d2t].sum() / counts.sum().clamp(min=1)
+        log.info("draft vocabulary: %d tokens cover %.1f%% of supervised tokens", d2t.numel(), 100 * kept)
+    return Eagle3Draft(cfg, inputs.embed, inputs.head, d2t=d2t)
 
 
-def save_draft(model: Eagle3Draft, out_dir: Path) -> None:
-    """Training checkpoint: `config.json` and the trainable weights plus d2t/t2d, each written atomically."""
-    _write_atomic(Path(out_dir), model.cfg.to_hf_dict(), model.trainable_state_dict())
+def training_loss(
+    forward, model: Eagle3Draft, samples: Samples, settings: Eagle3Settings, teacher, generator
+) -> tuple[torch.Tensor, Stats]:
+    """Whole sequences, right-padded; the training-time test against the target's distribution, step k
+    weighted step_decay^k (`forward_train`). `generator` is unused: nothing is sampled."""
+    device = model.fc.weight.device
+    length = max(int(s["input_ids"].shape[0]) for s in samples)
+    width = samples[0]["features"].shape[1]
+    features = torch.zeros(len(samples), length, width, device=device)  # where the stream decoded
+    ids = torch.zeros(len(samples), length, dtype=torch.long)
+    mask = torch.zeros(len(samples), length, dtype=torch.bool)
+    # the target's final states, not its logits: the draft applies the head to supervised rows only,
+    # a chunk at a time (the law of token t is row t - 1; rows nothing reads stay zero)
+    head = teacher.head
+    final = torch.zeros(len(samples), length, head.shape[1], device=device, dtype=head.dtype)
+    for b, s in enumerate(samples):
+        n = s["input_ids"].shape[0]
+        features[b, :n], ids[b, :n], mask[b, :n] = s["features"], s["input_ids"], s["loss_mask"]
+        if bool(s["loss_mask"][2:].any()):  # a token t >= 2 some step predicts
+            final[b, :n] = teacher.final_hidden(s).to(device=device, dtype=head.dtype)
+    return forward(
+        features, ids.to(device), mask.to(device), target_hidden=final, target_head=head,
+        target_softcap=teacher.softcap, step_decay=settings.step_decay,
+    )  # fmt: skip
 
 
-def load_draft(draft_dir: Path, embed_weight: torch.Tensor, head_weight: torch.Tensor) -> Eagle3Draft:
-    """A draft saved by `save_draft` (or exported), on the target's embedding and LM head."""
-    draft_dir = Path(draft_dir)
-    cfg = Eagle3Config.from_hf_dict(json.loads((draft_dir / "config.json").read_text()))
-    state = load_file(str(draft_dir / WEIGHTS_FILE))
+# ---------------------------------------------------------------------------------------------------------
+# Files
+
+
+def save(model: Eagle3Draft, out_dir: Path) -> None:
+    """Training output: `config.json` and the trainable weights plus d2t/t2d, each written atomically."""
+    write_draft_files(out_dir, model.cfg.to_hf_dict(), model.trainable_state_dict())
+
+
+def load(draft_dir: Path, embed_weight: torch.Tensor, head_weight: torch.Tensor) -> Eagle3Draft:
+    """A draft saved by `save` (or exported), on the target's embedding and LM head."""
+    cfg = Eagle3Config.from_hf_dict(read_config(draft_dir))
+    state = read_weights(draft_dir)
     model = Eagle3Draft(cfg, embed_weight, head_weight, d2t=state.get("d2t") if cfg.reduced_vocab else None)
     if not cfg.reduced_vocab:
         state.pop("lm_head.weight", None)  # an export carries the target head; we use the one passed in
-    missing, unexpected = model.load_state_dict(state, strict=False)
     # with the full vocabulary the maps are the identity: an export leaves them out (vLLM refuses them)
-    allowed = ("embed_tokens.",) if cfg.reduced_vocab else ("embed_tokens.", "lm_head.", "d2t", "t2d")
-    missing = [k for k in missing if not k.startswith(allowed)]
-    if missing or unexpected:
-        raise ConfigError(f"{draft_dir}/{WEIGHTS_FILE}: missing weights {missing}, unexpected {unexpected}")
-    return model.eval()
+    shared = ("embed_tokens.",) if cfg.reduced_vocab else ("embed_tokens.", "lm_head.", "d2t", "t2d")
+    return load_weights(model, state, draft_dir, shared=shared)
 
 
-def save_eagle3_export(model: Eagle3Draft, out_dir: Path, target_config) -> None:
+def export(model: Eagle3Draft, out_dir: Path, target_config) -> str:
     """The draft as vLLM and SGLang load `LlamaForCausalLMEagle3`: `config.json` and `model.safetensors`.
 
     The file always holds `lm_head.weight` (with the full vocabulary, the target's head); `d2t`/`t2d` only
@@ -720,8 +787,10 @@ def save_eagle3_export(model: Eagle3Draft, out_dir: Path, target_config) -> None
     # `torch_dtype` for engines on transformers 4, `dtype` for transformers 5
     config["torch_dtype"] = config["dtype"] = str(model.fc.weight.dtype).removeprefix("torch.")
     skip = ("embed_tokens.",) if cfg.reduced_vocab else ("embed_tokens.", "d2t", "t2d")
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
-    _write_atomic(Path(out_dir), config, state)
+    write_draft_files(
+        out_dir, config, {k: v for k, v in model.state_dict().items() if not k.startswith(skip)}
+    )
+    return ARCHITECTURE
 
 
 def expected_export_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -766,66 +835,59 @@ REQUIRED_CONFIG_KEYS = (
 )
 
 
-def validate_eagle3_export(path: Path) -> list[str]:
+def validate_export(path: Path) -> list[str]:
     """Problems that would stop vLLM or SGLang loading the export, or make it draft wrongly; [] if none."""
-    path = Path(path)
-    config_file, weights_file = path / "config.json", path / WEIGHTS_FILE
-    if not config_file.is_file():
-        return [f"{config_file}: missing"]
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        return [f"{config_file}: not JSON ({err})"]
-    problems = []
+    config, shapes, problems = read_export(path)
+    if config is None:
+        return problems
     if ARCHITECTURE not in config.get("architectures", []):
         problems.append(
-            f"{config_file}: architectures={config.get('architectures')}, expected [{ARCHITECTURE!r}]"
+            f"config.json: architectures={config.get('architectures')}, expected [{ARCHITECTURE!r}]"
         )
-    problems += [f"{config_file}: missing key {key!r}" for key in REQUIRED_CONFIG_KEYS if key not in config]
+    problems += missing_fields(config, REQUIRED_CONFIG_KEYS)
     if problems:
         return problems
     if config["num_hidden_layers"] != 1:
         problems.append(
-            f"{config_file}: num_hidden_layers={config['num_hidden_layers']}, the export has one layer"
+            f"config.json: num_hidden_layers={config['num_hidden_layers']}, the export has one layer"
         )
     if config.get("tie_word_embeddings", True):
-        problems.append(f"{config_file}: tie_word_embeddings must be false (SGLang would tie lm_head to it)")
+        problems.append("config.json: tie_word_embeddings must be false (SGLang would tie lm_head to it)")
     top = config["eagle_aux_hidden_state_layer_ids"]
     nested = (config["eagle_config"] or {}).get("eagle_aux_hidden_state_layer_ids")
     if len(top) != NUM_FEATURE_LAYERS:
-        problems.append(
-            f"{config_file}: eagle_aux_hidden_state_layer_ids={top}: need {NUM_FEATURE_LAYERS} ids"
-        )
+        problems.append(f"config.json: eagle_aux_hidden_state_layer_ids={top}: need {NUM_FEATURE_LAYERS} ids")
     if nested is None or [i + 1 for i in nested] != list(top):
         problems.append(
-            f"{config_file}: eagle_config.eagle_aux_hidden_state_layer_ids={nested} must be the top-level "
+            f"config.json: eagle_config.eagle_aux_hidden_state_layer_ids={nested} must be the top-level "
             f"ids {top} minus one (SGLang adds one, vLLM does not)"
         )
-    if not weights_file.is_file():
-        return [*problems, f"{weights_file}: missing"]
     expected = expected_export_shapes(config)
-    with safe_open(str(weights_file), framework="pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        d2t = f.get_tensor("d2t") if "d2t" in shapes else None
-        t2d = f.get_tensor("t2d") if "t2d" in shapes else None
-    for key, shape in expected.items():
-        if key not in shapes:
-            problems.append(f"{weights_file}: missing tensor {key!r} {list(shape)}")
-        elif shapes[key] != shape:
-            problems.append(f"{weights_file}: {key} has shape {list(shapes[key])}, expected {list(shape)}")
     # vLLM looks every name up in its own parameters; only embed_tokens may ride along
-    unexpected = sorted(set(shapes) - set(expected) - {"embed_tokens.weight"})
-    problems += [f"{weights_file}: unexpected tensor {k!r}" for k in unexpected]
-    maps = (expected.get("d2t"), expected.get("t2d"))  # absent with the full vocabulary
-    if d2t is not None and t2d is not None and (d2t.shape, t2d.shape) == maps:
+    problems += tensor_problems(shapes, expected, may_have=("embed_tokens.weight",))
+    if {"d2t", "t2d"} <= set(expected) and all(shapes.get(k) == expected[k] for k in ("d2t", "t2d")):
+        with safe_open(str(Path(path) / WEIGHTS_FILE), framework="pt") as f:
+            d2t, t2d = f.get_tensor("d2t"), f.get_tensor("t2d").bool()
         ids = torch.arange(d2t.shape[0]) + d2t.long()
         in_range = bool(ids.min() >= 0) and bool(ids.max() < t2d.shape[0])
-        if not in_range or ids.unique().numel() != ids.numel() or not bool(t2d.bool()[ids].all()):
+        if not in_range or ids.unique().numel() != ids.numel() or not bool(t2d[ids].all()):
             problems.append(
-                f"{weights_file}: d2t does not map draft ids onto distinct target ids marked in t2d"
+                f"{WEIGHTS_FILE}: d2t does not map draft ids onto distinct target ids marked in t2d"
             )
-        elif int(t2d.bool().sum()) != d2t.shape[0]:
-            problems.append(
-                f"{weights_file}: t2d marks {int(t2d.bool().sum())} tokens, d2t maps {d2t.shape[0]}"
-            )
+        elif int(t2d.sum()) != d2t.shape[0]:
+            problems.append(f"{WEIGHTS_FILE}: t2d marks {int(t2d.sum())} tokens, d2t maps {d2t.shape[0]}")
     return problems
+
+
+SPEC = DraftSpec(
+    name=NAME,
+    settings=Eagle3Settings,
+    architectures=(ARCHITECTURE,),
+    needs_teacher=True,
+    build=build,
+    training_loss=training_loss,
+    save=save,
+    load=load,
+    export=export,
+    validate_export=validate_export,
+)

@@ -19,7 +19,7 @@ compares with upstream (int4_mixed: 0.245x). Relative error per token, ||decoded
 SmolLM2-135M's layers 1, 14 and 27 (mean, then over each row without its 1% largest features): fp8
 1.9% / 2.6%, int8 1.4% / 2.6%, int6 5.7% / 10%, int4 20% / 35%, int4_outliers 5.7% / 10%. The tests
 pin bounds on stories260k for every encoding (int4_rot about 0.6x int4's error; int4_mixed's teacher
-layer about int6's); `bench/cache_bench.py` measures what each encoding does to the teacher.
+layer about int6's); `bench/cache_fidelity.py` measures what each encoding does to the teacher.
 
 fp8 scales each token row by its absolute maximum (scale = absmax / 448, the largest e4m3fn value), so
 one outlier channel costs a row precision but never overflows. The integer encodings are symmetric
@@ -41,7 +41,7 @@ distribution from the deepest captured layer (`train.Teacher`), whose error reac
 through only a few layers and the LM head, while the other layers are inputs to a draft that is
 trained on them. So that layer gets int6_rot with outliers kept apart (`WithOutliers`) and the others
 int4_rot: top-1 agreement of the recomputed teacher with the target's own 0.9934 on SmolLM2 (fp8:
-0.9872, int4_outliers: 0.9734; `bench/cache_bench.py`), at 0.245x upstream's bytes for Qwen3-4B.
+0.9872, int4_outliers: 0.9734; `bench/cache_fidelity.py`), at 0.245x upstream's bytes for Qwen3-4B.
 It needs the layer ids (`get_encoding(name, layer_ids)`), which each shard records; without them the
 row is one layer, the teacher's.
 

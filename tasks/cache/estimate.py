@@ -1,6 +1,6 @@
 """How large a target cache will be, per token and in total, before anything is built.
 
-    deepspec estimate-cache target=qwen3_4b                 # tokens from <run_dir>/regen/answers.jsonl
+    deepspec estimate-cache target=qwen3_4b                 # tokens from the run's answers.jsonl
     deepspec estimate-cache target=qwen3_4b --tokens 1.2e9  # or given
 
 A DeepSpec cache stores per token the input id (int32, 4 bytes), the loss mask (1 bit, packed) and the
@@ -19,17 +19,16 @@ are estimated at `CHARS_PER_TOKEN` characters a token, and the result says so.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from deepspec.models.errors import ConfigError, DataError
+from deepspec.models.errors import ConfigError
+from deepspec.tasks.cache.answers import read_answers, render, render_options
 from deepspec.tasks.cache.encoding import ENCODINGS, get_encoding
-from deepspec.tasks.config import run_path
+from deepspec.tasks.paths import run_paths
 
 log = logging.getLogger(__name__)
 
@@ -121,31 +120,13 @@ def estimate(cfg: DictConfig, tokens: int | None = None, samples: int | None = N
 # Counting tokens
 
 
-def _read_conversations(path: Path) -> list[tuple[int, list[dict[str, str]]]]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            turns = row.get("conversations") if isinstance(row, dict) else None
-            if not isinstance(turns, list) or not all(
-                isinstance(t, dict) and isinstance(t.get("content"), str) for t in turns
-            ):
-                raise DataError(f"{path}:{lineno}: field 'conversations' must be a list of {{role, content}}")
-            rows.append((lineno, turns))
-    return rows
-
-
 def count_tokens(cfg: DictConfig, max_rows: int = MAX_ROWS_TOKENIZED) -> dict[str, Any] | None:
-    """{tokens, samples, how} for `<run_dir>/regen/answers.jsonl`, or None when it does not exist."""
-    path = run_path(cfg, "regen", "answers.jsonl")
+    """{tokens, samples, how} for the run's answers (`run_paths(cfg).answers`), or None when they do not
+    exist yet."""
+    path = run_paths(cfg).answers
     if not path.is_file():
         return None
-    rows = _read_conversations(path)
+    rows = read_answers(path)
     max_length = int(cfg.storage.max_length)
     if not rows:
         return {"tokens": 0, "samples": 0, "how": f"{path} is empty"}
@@ -156,7 +137,7 @@ def count_tokens(cfg: DictConfig, max_rows: int = MAX_ROWS_TOKENIZED) -> dict[st
             str(cfg.target.path), gguf_file=cfg.target.gguf_file, revision=cfg.target.revision
         )
     except Exception as err:  # no network, no such directory, ...
-        chars = [sum(len(t["content"]) for t in turns) for _, turns in rows]
+        chars = [sum(len(t["content"]) for t in row["conversations"]) for row in rows]
         tokens = sum(min(max_length, math.ceil(c / CHARS_PER_TOKEN)) for c in chars)
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         return {
@@ -165,26 +146,14 @@ def count_tokens(cfg: DictConfig, max_rows: int = MAX_ROWS_TOKENIZED) -> dict[st
             "how": f"estimated at {CHARS_PER_TOKEN} characters a token from {path}: the target tokenizer "
             f"could not be loaded ({reason[:200]})",
         }
-    from deepspec.models.chat import render_conversation
-
     step = max(1, math.ceil(len(rows) / max_rows))
     chosen = rows[::step]
-    kwargs = OmegaConf.to_container(cfg.target.chat_template_kwargs, resolve=True) or None
+    options = render_options(cfg)
     tokens = kept = 0
-    for lineno, turns in chosen:
-        try:
-            rendered = render_conversation(
-                tokenizer,
-                turns,
-                use_chat_template=bool(cfg.target.use_chat_template),
-                chat_template_kwargs=kwargs,
-                system_prompt=cfg.target.system_prompt,
-                max_length=max_length,
-            )
-        except DataError as err:
-            raise DataError(f"{path}:{lineno}: {err}") from err
-        if any(rendered.loss_mask):  # the cache stage drops conversations with nothing to learn
-            tokens += len(rendered.input_ids)
+    for row in chosen:
+        input_ids, loss_mask = render(tokenizer, row, options, path)
+        if any(loss_mask):  # the cache stage drops conversations with nothing to learn
+            tokens += len(input_ids)
             kept += 1
     how = f"{path}, rendered with the target tokenizer"
     if step > 1:
@@ -219,7 +188,7 @@ def format_table(result: dict[str, Any], how: str | None = None) -> str:
         f"{result['feature_dim']:,} features a token",
         f"tokens: {result['tokens']:,}" + (f" ({how})" if how else "")
         if result["tokens"] is not None
-        else "tokens: unknown (no regen/answers.jsonl in run_dir; pass --tokens N for totals)",
+        else "tokens: unknown (no answers for this run yet; pass --tokens N for totals)",
         f"DeepSpec stores per token: input id {ID_BYTES} B (int32), loss mask {MASK_BYTES} B (1 bit), "
         "features in the encoding below",
         f"upstream: 6 + 2 d (L + 1) = 6 + 2 x {result['hidden_size']:,} x ({len(result['layer_ids'])} + 1) "

@@ -22,11 +22,12 @@ in the consumer. Training decodes features in its own thread, on its own device 
 thread decoding beside it would wait for the GIL at every torch call. `verify=True` hashes each shard
 the first time the stream opens it, and a corrupt shard raises DataError naming it.
 
-Online mode (`storage.mode: online`) needs no storage: the stream renders `<run_dir>/regen/answers.jsonl`
-exactly as the cache stage does and runs the target over a few upcoming samples at a time, in batches
-sorted by length; features are rounded through bfloat16, as the cache stores them, so both modes train on
-the same numbers. With `final_hidden=True` its samples also carry the target's final (normalised) hidden
-state, `final_hidden` [T, d], from the same forward: the teacher of Eagle3 and DSpark (`tasks/train`
+Online mode (`storage.mode: online`) needs no storage: the stream renders the run's answers exactly as
+the cache stage does (`answers.py`) and runs the target over a few upcoming samples at a time through
+the same forward-and-capture function (`models.target.capture_batches`: batches sorted by length,
+features rounded to bfloat16 as the cache stores them), so both modes train on the same numbers. With
+`final_hidden=True` its samples also carry the target's final (normalised) hidden state,
+`final_hidden` [T, d], from the same forward: the teacher of Eagle3 and DSpark (`models/teacher.py`
 recomputes it from the cache in cached mode).
 
 `supervised_token_counts` counts the supervised tokens of the whole data set without reading features
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+import posixpath
 import queue
 import threading
 import time
@@ -45,37 +47,29 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from deepspec.models.chat import render_conversation
 from deepspec.models.errors import ConfigError, DataError
-from deepspec.tasks.cache.format import CacheDataset, open_fs, read_manifest, verify_shard
-from deepspec.tasks.config import run_path
+from deepspec.models.target import capture_batches, check_layer_ids, load_target, load_tokenizer
+from deepspec.tasks.cache.answers import read_answers, render, render_options
+from deepspec.tasks.cache.format import (
+    SCHEMA,
+    CacheDataset,
+    expected_manifest_fields,
+    open_fs,
+    read_manifest,
+    verify_shard,
+)
+from deepspec.tasks.paths import run_paths
 
 log = logging.getLogger(__name__)
 
-MODES = ("cached", "online")
 SHUFFLE_BUFFER = 1024  # sample indices; a buffer spans about this many samples' worth of shards
 PREFETCH = 16  # samples read ahead of the consumer
 ONLINE_TOKENS_PER_BATCH = 8192  # padded tokens per target forward in online mode
 ONLINE_LOOKAHEAD = 32  # samples rendered and run together, sorted by length, in online mode
-
-
-def storage_mode(cfg: DictConfig) -> str:
-    mode = str(cfg.storage.get("mode", "cached"))
-    if mode not in MODES:
-        raise ConfigError(f"storage.mode={mode!r} is not one of {list(MODES)}")
-    return mode
-
-
-def cache_needed(cfg: DictConfig) -> bool:
-    """Whether training reads a target cache (cached mode), so the cache stage must build one."""
-    return storage_mode(cfg) == "cached"
-
-
-def answers_file(cfg: DictConfig) -> Path:
-    return run_path(cfg, "regen", "answers.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -327,7 +321,7 @@ class CacheStream(_Streaming):
     With `decode_device` the prefetch thread only reads, and features are decoded as the consumer takes
     each sample, on that device: training's GPU, or the CPU in the training thread itself. A decoding
     thread beside training competes with it for the GIL at every torch call, and at Qwen3-4B's width one
-    CPU thread decodes only 5,000-50,000 tokens/s (`bench/cache_bench.py`).
+    CPU thread decodes only 5,000-50,000 tokens/s (`bench/cache_throughput.py`).
     """
 
     def __init__(
@@ -398,33 +392,12 @@ class CacheStream(_Streaming):
 # Online mode
 
 
-def render_options(cfg: DictConfig) -> dict[str, Any]:
-    """The `render_conversation` arguments the cache stage uses, so both modes see the same tokens."""
-    return {
-        "use_chat_template": bool(cfg.target.use_chat_template),
-        "chat_template_kwargs": OmegaConf.to_container(cfg.target.chat_template_kwargs, resolve=True) or None,
-        "system_prompt": cfg.target.system_prompt,
-        "max_length": int(cfg.storage.max_length),
-    }
-
-
-def _length_batches(lengths: list[int], tokens_per_batch: int) -> list[list[int]]:
-    """Indices sorted by length (longest first), cut so that rows x longest <= the token budget."""
-    batches: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= tokens_per_batch:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
 class OnlineStream(_Streaming):
     """This rank's samples computed by the target during training, in the dicts `CacheStream` yields.
 
     `answers` is the regenerated answers file; `model` the target (on the device to run it on),
-    `render` the `render_conversation` keyword arguments (see `render_options`). Conversations without a
-    supervised token are dropped, as the cache stage drops them.
+    `render` the `render_conversation` keyword arguments (`answers.render_options`). Conversations
+    without a supervised token are dropped, as the cache stage drops them.
     """
 
     def __init__(
@@ -445,9 +418,6 @@ class OnlineStream(_Streaming):
         features_dtype: torch.dtype = torch.float32,
         final_hidden: bool = False,
     ):
-        from deepspec.models.target import check_layer_ids
-        from deepspec.tasks.cache.stage import read_answers
-
         self.final_hidden = final_hidden
         self.answers = Path(answers)
         self.tokenizer, self.model = tokenizer, model
@@ -469,11 +439,7 @@ class OnlineStream(_Streaming):
         )
 
     def _render(self, row: dict[str, Any]) -> tuple[list[int], list[int]]:
-        try:
-            rendered = render_conversation(self.tokenizer, row["conversations"], **self.render)
-        except DataError as err:
-            raise DataError(f"{self.answers}:{row['line']} (id {row['id']}): {err}") from err
-        return rendered.input_ids, rendered.loss_mask
+        return render(self.tokenizer, row, self.render, self.answers)
 
     def _read(self, items: Iterable[int]) -> Iterator[dict[str, Any]]:
         window: list[int] = []
@@ -486,48 +452,30 @@ class OnlineStream(_Streaming):
             yield from self._run(window)
 
     def _run(self, items: list[int]) -> list[dict[str, Any]]:
-        from deepspec.models.target import capture_features
-
         rows = [self._rows[i] for i in items]
         rendered = [self._render(row) for row in rows]
-        device = next(self.model.parameters()).device
         out: list[dict[str, Any] | None] = [None] * len(items)
-        for batch in _length_batches([len(ids) for ids, _ in rendered], self.tokens_per_batch):
-            width = len(rendered[batch[0]][0])
-            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for j, i in enumerate(batch):
-                n = len(rendered[i][0])
-                ids[j, :n] = torch.tensor(rendered[i][0], dtype=torch.long)
-                attention[j, :n] = 1
-            final = None
-            if self.final_hidden:
-                features, final = _features_and_final(self.model, ids.to(device), self.layer_ids, attention)
-                final = final.to(device="cpu", dtype=self.features_dtype)
-            else:
-                features = capture_features(self.model, ids.to(device), self.layer_ids, attention.to(device))
-            features = features.to(device="cpu", dtype=torch.bfloat16).to(self.features_dtype)
-            for j, i in enumerate(batch):
-                n = len(rendered[i][0])
+        batches = capture_batches(
+            self.model,
+            [ids for ids, _ in rendered],
+            self.layer_ids,
+            pad_id=self.pad_id,
+            tokens_per_batch=self.tokens_per_batch,
+            final_hidden=self.final_hidden,
+        )
+        for batch in batches:
+            for j, i in enumerate(batch.indices):
+                ids, mask = rendered[i]
                 out[i] = {
                     "sample_id": rows[i]["id"],
-                    "input_ids": ids[j, :n].clone(),
-                    "loss_mask": torch.tensor(rendered[i][1], dtype=torch.bool),
-                    "features": features[j, :n].clone(),
-                    "num_tokens": n,
+                    "input_ids": torch.tensor(ids, dtype=torch.long),
+                    "loss_mask": torch.tensor(mask, dtype=torch.bool),
+                    "features": batch.features[j].to(self.features_dtype),
+                    "num_tokens": len(ids),
                 }
-                if final is not None:
-                    out[i]["final_hidden"] = final[j, :n].clone()
+                if batch.final_hidden is not None:
+                    out[i]["final_hidden"] = batch.final_hidden[j].to(self.features_dtype)
         return out
-
-
-@torch.no_grad()
-def _features_and_final(model, input_ids, layer_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """`capture_features` and the final normalised hidden state [batch, seq, d] of the same forward."""
-    out = model.model(
-        input_ids=input_ids, attention_mask=attention_mask.to(input_ids.device), output_hidden_states=True
-    )
-    return torch.cat([out.hidden_states[i + 1] for i in layer_ids], dim=-1), out.last_hidden_state
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -545,21 +493,17 @@ def open_stream(
     verify: bool = False,
     final_hidden: bool = False,
 ) -> CacheStream | OnlineStream:
-    """The stream `storage.mode` asks for: the cache at `storage.url` (validated against the config) or
+    """The stream `storage.mode` asks for: the run's cache (validated against the config) or
     the target run online over the regenerated answers. `device` is where features come to be: the
     target runs there (online), or the cache's bytes are decoded there as training takes each sample
     (cached; None: in the prefetch thread, on the CPU). `final_hidden` adds the target's final hidden
     state to online samples; the cache does not hold it."""
-    from deepspec.models.target import load_target, load_tokenizer
-
     t = cfg.target
     if tokenizer is None:
         tokenizer = load_tokenizer(t.path, t.gguf_file, t.revision)
-    if storage_mode(cfg) == "cached":
-        from deepspec.tasks.cache.format import expected_manifest_fields
-
+    if cfg.storage.mode == "cached":
         return CacheStream(
-            str(cfg.storage.url),
+            run_paths(cfg).cache_url,
             OmegaConf.to_container(cfg.storage.storage_options, resolve=True),
             rank=rank,
             world_size=world_size,
@@ -573,7 +517,7 @@ def open_stream(
     if device is not None:
         model.to(device)
     return OnlineStream(
-        answers_file(cfg),
+        run_paths(cfg).answers,
         tokenizer,
         model,
         list(t.layer_ids),
@@ -598,21 +542,13 @@ def supervised_token_counts(cfg: DictConfig, tokenizer, vocab_size: int) -> torc
         supervised = torch.as_tensor(np.asarray(ids, dtype=np.int64)[np.asarray(mask, dtype=bool)])
         counts.add_(torch.bincount(supervised, minlength=vocab_size)[:vocab_size])
 
-    if storage_mode(cfg) == "online":
-        from deepspec.tasks.cache.stage import read_answers
-
-        options = render_options(cfg)
-        for row in read_answers(answers_file(cfg)):
-            rendered = render_conversation(tokenizer, row["conversations"], **options)
-            add(rendered.input_ids, rendered.loss_mask)
+    if cfg.storage.mode == "online":
+        answers, options = run_paths(cfg).answers, render_options(cfg)
+        for row in read_answers(answers):
+            add(*render(tokenizer, row, options, answers))
         return counts
-    import posixpath
-
-    import pyarrow as pa
-
-    from deepspec.tasks.cache.format import SCHEMA
-
-    url, options = str(cfg.storage.url), OmegaConf.to_container(cfg.storage.storage_options, resolve=True)
+    url = run_paths(cfg).cache_url
+    options = OmegaConf.to_container(cfg.storage.storage_options, resolve=True)
     fs, root = open_fs(url, options)
     columns = ["input_ids", "loss_mask", "num_tokens"]
     only = pa.ipc.IpcReadOptions(included_fields=[SCHEMA.get_field_index(c) for c in columns])

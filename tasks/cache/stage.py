@@ -2,9 +2,10 @@
 
     deepspec cache target=stories260k target.path=../shared/assets/models/stories260k
 
-Reads `<run_dir>/regen/answers.jsonl`, renders each conversation to token ids and a loss mask, and
-writes shards of `samples_per_shard` rows (row i goes to shard i // samples_per_shard) to
-`storage.url` in the format of `format.py`. The build is three steps, each a plain function with
+Reads the run's `answers.jsonl`, renders each conversation to token ids and a loss mask
+(`answers.py`), and writes shards of `samples_per_shard` rows (row i goes to shard i //
+samples_per_shard) to the run's cache URL, a folder of `storage.url` named by what the cache holds
+(`tasks/paths.py`), in the format of `format.py`. The build is three steps, each a plain function with
 a thin Prefect task beside it, so the flow can run one task per shard on any task runner:
 
     plan_cache(cfg)          what is there and what is missing; writes `build.json` before any shard
@@ -14,9 +15,9 @@ a thin Prefect task beside it, so the flow can run one task per shard on any tas
 `build_cache(cfg)` runs them in sequence in this process. The build is resumable: committed shards are
 kept, so a killed build loses only the shards it was writing. `build.json` records what the cache is for,
 so a resumed build never mixes shards of two configurations, and every shard task checks it before
-writing. A complete cache that matches the config is skipped without loading the target; a cache made
-for another target, tokenizer, layer set, rendering or answers file raises CacheMismatchError instead of
-being overwritten.
+writing. A complete cache that matches the config is skipped without loading the target. Caches for
+other layers or encodings get folders of their own; one whose tokenizer, rendering or answers file
+changed under the same name raises CacheMismatchError instead of being overwritten.
 
 Each process running shard tasks loads the target once and keeps it (`target_replica`) for the shards
 that follow; `finalize_cache` and `build_cache` drop it. Within a shard, samples are run in batches
@@ -26,12 +27,10 @@ features, never a whole shard.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,16 +40,16 @@ from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from deepspec.models.chat import render_conversation
 from deepspec.models.errors import CacheMismatchError, ConfigError, DataError, DeepSpecError
 from deepspec.models.target import (
-    capture_features,
+    capture_batches,
     check_layer_ids,
     load_target,
     load_tokenizer,
     resolve_source,
 )
 from deepspec.tasks import tracking
+from deepspec.tasks.cache.answers import read_answers, render, render_options
 from deepspec.tasks.cache.format import (
     BUILD_FILE,
     MANIFEST_FILE,
@@ -67,86 +66,28 @@ from deepspec.tasks.cache.format import (
     write_json_atomic,
     write_manifest,
 )
-from deepspec.tasks.cache.loader import cache_needed
-from deepspec.tasks.config import run_path
-
-__all__ = [
-    "CachePlan",
-    "build_cache",
-    "build_shard",
-    "build_shard_task",
-    "cache_task_runner",
-    "expected_manifest_fields",
-    "finalize_cache",
-    "finalize_cache_task",
-    "plan_cache",
-    "plan_cache_task",
-]
+from deepspec.tasks.files import read_once
+from deepspec.tasks.paths import run_paths
+from deepspec.tasks.results import CacheResult
 
 log = logging.getLogger(__name__)
 
 # Padded tokens per target forward. Sorting by length keeps padding small; this bounds activation memory.
 TOKENS_PER_BATCH = 16384
-TASK_RUNNERS = ("thread", "dask")  # storage.task_runner: where the shard tasks run
-
-
-def answers_path(cfg: DictConfig) -> Path:
-    return run_path(cfg, "regen", "answers.jsonl")
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def read_answers(path: Path) -> list[dict[str, Any]]:
-    """Rows {id, conversations: [{role, content}, ...]}; DataError naming the line and field otherwise."""
-    if not path.is_file():
-        raise DataError(f"{path} does not exist: run the regenerate stage first")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            turns = row.get("conversations") if isinstance(row, dict) else None
-            if not isinstance(turns, list) or not all(
-                isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str)
-                for t in turns
-            ):
-                raise DataError(
-                    f"{path}:{lineno}: field 'conversations' must be a list of {{role, content}} strings"
-                )
-            rows.append({"id": str(row.get("id", f"line-{lineno}")), "line": lineno, "conversations": turns})
-    return rows
 
 
 # Per-process state kept between shard tasks: the parsed answers file and one target replica. Shard
 # tasks of one process may run in threads at once, so both are filled under a lock.
-_answers_lock = threading.Lock()
-_answers: dict[str, Any] = {}
 _replica_lock = threading.Lock()
 _replica: dict[str, Any] = {}
 
 
 def load_answers(cfg: DictConfig) -> tuple[list[dict[str, Any]], str]:
     """The answers file's rows and sha256, parsed once per process while the file stays unchanged."""
-    path = answers_path(cfg)
+    path = run_paths(cfg).answers
     if not path.is_file():
         raise DataError(f"{path} does not exist: run the regenerate stage first")
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    with _answers_lock:
-        if _answers.get("key") != key:
-            _answers.clear()
-            _answers.update(key=key, rows=read_answers(path), sha256=_sha256_file(path))
-        return _answers["rows"], _answers["sha256"]
+    return read_once(path, read_answers)
 
 
 def target_replica(cfg: DictConfig):
@@ -177,10 +118,8 @@ def build_fields(cfg: DictConfig, tokenizer, source_sha256: str) -> dict[str, An
     return {
         **expected_manifest_fields(cfg, tokenizer),
         "render": {
-            "use_chat_template": bool(cfg.target.use_chat_template),
+            **render_options(cfg),
             "chat_template_kwargs": OmegaConf.to_container(cfg.target.chat_template_kwargs, resolve=True),
-            "system_prompt": cfg.target.system_prompt,
-            "max_length": int(cfg.storage.max_length),
         },
         "samples_per_shard": int(cfg.storage.samples_per_shard),
         "source_sha256": source_sha256,
@@ -195,63 +134,25 @@ def _read_build_record(fs, root: str) -> dict[str, Any] | None:
         return None
 
 
-def _samples_per_shard(cfg: DictConfig) -> int:
-    per_shard = int(cfg.storage.samples_per_shard)
-    if per_shard < 1:
-        raise ConfigError(f"storage.samples_per_shard={per_shard}: need at least 1")
-    return per_shard
-
-
 def _storage(cfg: DictConfig):
-    url = str(cfg.storage.url)
+    url = run_paths(cfg).cache_url
     fs, root = open_fs(url, OmegaConf.to_container(cfg.storage.storage_options, resolve=True))
     return url, fs, root
-
-
-def _render(cfg: DictConfig, tokenizer, row: dict[str, Any]):
-    kwargs = OmegaConf.to_container(cfg.target.chat_template_kwargs, resolve=True) or None
-    return render_conversation(
-        tokenizer,
-        row["conversations"],
-        use_chat_template=bool(cfg.target.use_chat_template),
-        chat_template_kwargs=kwargs,
-        system_prompt=cfg.target.system_prompt,
-        max_length=int(cfg.storage.max_length),
-    )
-
-
-def _batches(lengths: list[int], tokens_per_batch: int) -> list[list[int]]:
-    """Indices sorted by length (longest first, ties by index), cut so rows * longest <= the budget."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= tokens_per_batch:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
 
 
 def _write_shard(
     fs, root, name, samples, model, layer_ids, pad_id, tokens_per_batch, encoding
 ) -> dict[str, Any]:
-    """Run the target over one shard's samples and commit the shard, its features in `encoding`."""
-    device = next(model.parameters()).device
+    """Run the target over one shard's samples and commit the shard, its features in `encoding`.
+    Samples are stored in the order the target ran them (longest first), one batch in memory at a time."""
     with ShardWriter(fs, root, name, encoding=encoding, layer_ids=layer_ids) as writer:
-        for batch in _batches([len(s["input_ids"]) for s in samples], tokens_per_batch):
-            width = len(samples[batch[0]]["input_ids"])
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                n = len(samples[i]["input_ids"])
-                ids[row, :n] = torch.tensor(samples[i]["input_ids"], dtype=torch.long)
-                attention[row, :n] = 1
-            features = capture_features(model, ids.to(device), layer_ids, attention.to(device))
-            features = features.to(dtype=torch.bfloat16, device="cpu")
-            for row, i in enumerate(batch):
+        sequences = [s["input_ids"] for s in samples]
+        for batch in capture_batches(
+            model, sequences, layer_ids, pad_id=pad_id, tokens_per_batch=tokens_per_batch
+        ):
+            for i, features in zip(batch.indices, batch.features, strict=True):
                 s = samples[i]
-                n = len(s["input_ids"])
-                writer.add(s["sample_id"], s["input_ids"], s["loss_mask"], features[row, :n])
+                writer.add(s["sample_id"], s["input_ids"], s["loss_mask"], features)
     return writer.info
 
 
@@ -271,15 +172,15 @@ class CachePlan:
 
 
 def plan_cache(cfg: DictConfig) -> CachePlan:
-    """Validate what `storage.url` holds against the config and list the shards still to build.
+    """Validate what the run's cache URL holds against the config and list the shards still to build.
 
     Reads the answers and the tokenizer, never the model. Before any shard exists it writes
     `build.json`; it removes an incomplete manifest and the temporary files of killed writers (one build
     per cache at a time), so shard tasks only ever add shards.
     """
-    if not cache_needed(cfg):  # storage.mode=online: training runs the target itself
-        return CachePlan(url=str(cfg.storage.url), shards=[], skipped=True)
-    per_shard = _samples_per_shard(cfg)
+    if cfg.storage.mode == "online":  # training runs the target itself
+        return CachePlan(url=run_paths(cfg).cache_url, shards=[], skipped=True)
+    per_shard = int(cfg.storage.samples_per_shard)
     url, fs, root = _storage(cfg)
     rows, source_sha256 = load_answers(cfg)
     tokenizer = load_tokenizer(cfg.target.path, cfg.target.gguf_file, cfg.target.revision)
@@ -319,12 +220,13 @@ def build_shard(cfg: DictConfig, index: int, *, tokens_per_batch: int = TOKENS_P
     Runs in any process that reads the answers file and reaches `storage.url`, after `plan_cache`.
     The process keeps its target replica for its next shard. A rebuilt shard has the same bytes.
     """
-    per_shard = _samples_per_shard(cfg)
+    per_shard = int(cfg.storage.samples_per_shard)
     url, fs, root = _storage(cfg)
     rows, source_sha256 = load_answers(cfg)
+    answers = run_paths(cfg).answers
     count = (len(rows) + per_shard - 1) // per_shard
     if not 0 <= index < count:
-        raise ValueError(f"shard {index} does not exist: {answers_path(cfg)} makes {count} shards")
+        raise ValueError(f"shard {index} does not exist: {answers} makes {count} shards")
     name = shard_name(index)
     model, tokenizer = target_replica(cfg)
     layer_ids = check_layer_ids(list(cfg.target.layer_ids), model.config.num_hidden_layers)
@@ -334,18 +236,13 @@ def build_shard(cfg: DictConfig, index: int, *, tokens_per_batch: int = TOKENS_P
         if record is None:
             raise DataError(f"cache at {url} has no {BUILD_FILE}: plan the build first (run the cache stage)")
         check_fields(record, build_fields(cfg, tokenizer, source_sha256), url)
-        samples, dropped = [], 0
+        samples, dropped, options = [], 0, render_options(cfg)
         for row in rows[index * per_shard : (index + 1) * per_shard]:
-            try:
-                rendered = _render(cfg, tokenizer, row)
-            except DataError as err:
-                raise DataError(f"{answers_path(cfg)}:{row['line']} (id {row['id']}): {err}") from err
-            if not any(rendered.loss_mask):  # nothing to learn (e.g. the answer was cut by max_length)
+            input_ids, loss_mask = render(tokenizer, row, options, answers)
+            if not any(loss_mask):  # nothing to learn (e.g. the answer was cut by max_length)
                 dropped += 1
                 continue
-            samples.append(
-                {"sample_id": row["id"], "input_ids": rendered.input_ids, "loss_mask": rendered.loss_mask}
-            )
+            samples.append({"sample_id": row["id"], "input_ids": input_ids, "loss_mask": loss_mask})
         encoding = str(cfg.storage.encoding)
         info = _write_shard(fs, root, name, samples, model, layer_ids, pad_id, tokens_per_batch, encoding)
     except DeepSpecError:
@@ -361,16 +258,13 @@ def build_shard(cfg: DictConfig, index: int, *, tokens_per_batch: int = TOKENS_P
     return info
 
 
-def finalize_cache(cfg: DictConfig, plan: CachePlan) -> dict[str, Any]:
+def finalize_cache(cfg: DictConfig, plan: CachePlan) -> CacheResult:
     """Write `manifest.json` from the committed shards (last: the cache is complete), log the figures.
-
-    Also frees this process's target replica. Returns {skipped, url, samples, tokens, bytes, shards,
-    shards_built}.
-    """
+    Also frees this process's target replica."""
     release_target_replica()
-    if not cache_needed(cfg):
+    if cfg.storage.mode == "online":
         log.info("storage.mode=online: no cache to build; training computes the target's features")
-        return {"skipped": True, "mode": "online", "url": None, "samples": 0, "tokens": 0, "bytes": 0}
+        return CacheResult(mode="online", url=None, skipped=True)
     url, fs, root = _storage(cfg)
     if plan.skipped:
         manifest = load_manifest(fs, root, url)
@@ -400,8 +294,8 @@ def finalize_cache(cfg: DictConfig, plan: CachePlan) -> dict[str, Any]:
     return _summary(manifest, skipped=False, built=len(plan.missing))
 
 
-def build_cache(cfg: DictConfig, *, tokens_per_batch: int = TOKENS_PER_BATCH) -> dict[str, Any]:
-    """Build (or finish, or validate and skip) the target cache at `cfg.storage.url`, in this process."""
+def build_cache(cfg: DictConfig, *, tokens_per_batch: int = TOKENS_PER_BATCH) -> CacheResult:
+    """Build (or finish, or validate and skip) the run's target cache, in this process."""
     plan = plan_cache(cfg)
     try:
         for k in tqdm(plan.missing, desc="cache shards", unit="shard", disable=not plan.missing):
@@ -418,16 +312,17 @@ def _hidden_size(cfg: DictConfig) -> int:
     return int(config.get_text_config().hidden_size)
 
 
-def _summary(manifest: CacheManifest, *, skipped: bool, built: int) -> dict[str, Any]:
-    return {
-        "skipped": skipped,
-        "url": manifest.url,
-        "samples": manifest.num_samples,
-        "tokens": manifest.num_tokens,
-        "bytes": manifest.num_bytes,
-        "shards": len(manifest.shards),
-        "shards_built": built,
-    }
+def _summary(manifest: CacheManifest, *, skipped: bool, built: int) -> CacheResult:
+    return CacheResult(
+        mode="cached",
+        url=manifest.url,
+        samples=manifest.num_samples,
+        tokens=manifest.num_tokens,
+        bytes=manifest.num_bytes,
+        shards=len(manifest.shards),
+        shards_built=built,
+        skipped=skipped,
+    )
 
 
 def _log_metrics(cfg: DictConfig, manifest: CacheManifest) -> None:
@@ -449,30 +344,20 @@ def cache_task_runner(cfg: DictConfig):
     cluster at `dask_address` (each worker process keeps its own replica), or without an address a local
     cluster of `build_workers` single-threaded worker processes.
     """
-    kind, workers, address = (
-        str(cfg.storage.task_runner),
-        int(cfg.storage.build_workers),
-        cfg.storage.dask_address,
-    )
-    if workers < 1:
-        raise ConfigError(f"storage.build_workers={workers}: need at least 1")
-    if kind == "thread":
-        if address:
-            raise ConfigError(f"storage.dask_address={address!r} needs storage.task_runner=dask")
+    workers, address = int(cfg.storage.build_workers), cfg.storage.dask_address
+    if cfg.storage.task_runner == "thread":
         from prefect.task_runners import ThreadPoolTaskRunner
 
         return ThreadPoolTaskRunner(max_workers=workers)
-    if kind == "dask":
-        try:
-            from prefect_dask import DaskTaskRunner
-        except ImportError as err:
-            raise ConfigError(
-                "storage.task_runner=dask needs the prefect-dask package: pip install deepspec[dask]"
-            ) from err
-        if address:
-            return DaskTaskRunner(address=str(address))
-        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1})
-    raise ConfigError(f"storage.task_runner={kind!r} is not one of {list(TASK_RUNNERS)}")
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as err:
+        raise ConfigError(
+            "storage.task_runner=dask needs the prefect-dask package: pip install deepspec[dask]"
+        ) from err
+    if address:
+        return DaskTaskRunner(address=str(address))
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1})
 
 
 # Thin Prefect tasks. No result caching: every step validates what storage holds itself.
@@ -495,5 +380,5 @@ def build_shard_task(cfg: DictConfig, index: int) -> dict[str, Any]:
 
 
 @task(name="finalize_cache", cache_policy=NO_CACHE)
-def finalize_cache_task(cfg: DictConfig, plan: CachePlan) -> dict[str, Any]:
+def finalize_cache_task(cfg: DictConfig, plan: CachePlan) -> CacheResult:
     return finalize_cache(cfg, plan)

@@ -4,8 +4,8 @@
     deepspec evaluate eval.data_dir=../shared/assets/eval eval.max_samples=20 eval.temperature=0.0
 
 Each benchmark is `<eval.data_dir>/<name>.jsonl`, one `{"turns": [str, ...]}` a line; only the first turn
-is answered. With `eval.data_dir` unset, a small built-in set (`tasks/data/builtin_eval.jsonl`, 2-3
-prompts a benchmark) is used instead, with a warning and `builtin_eval: true` in the results: its
+is answered (`benchmarks.py`). With `eval.data_dir` unset, a small built-in set (2-3 prompts a
+benchmark) is used instead, with a warning and `builtin_eval: true` in the results: its
 figures say the pipeline works, not how good the draft is.
 
 For every prompt the draft and target run `speculative_generate` at `eval.temperature`, and the target
@@ -20,19 +20,17 @@ The draft is the one the train stage wrote, DFlash, Eagle3 or DSpark, as its sav
 names it (`models.drafts.load_draft`); it must be of `algo.name`. Eagle3 also reads the context's token
 ids and DSpark samples its own chain at temperatures above 0 (`models/speculative.py`).
 
-Output: `<run_dir>/eval/results.json`, then `_DONE.json` with the hash of the target, algo and eval
+Output: `<run_dir>/eval/<algo>/results.json`, then `_DONE.json` with the hash of the target, algo and eval
 config and of the draft weights file; a re-run with both unchanged skips the stage.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -41,7 +39,7 @@ from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
 from deepspec.models.chat import end_of_turn_ids, render_prompt
-from deepspec.models.errors import ConfigError, DataError, DeepSpecError
+from deepspec.models.errors import ConfigError, DeepSpecError
 from deepspec.models.speculative import (
     Drafter,
     SpecResult,
@@ -51,74 +49,15 @@ from deepspec.models.speculative import (
 )
 from deepspec.models.target import input_embeddings, load_target, output_head
 from deepspec.tasks import tracking
-from deepspec.tasks.config import config_hash, run_path
-from deepspec.tasks.files import atomic_write_text, mark_done, read_done
-from deepspec.tasks.train.stage import algo_identity
+from deepspec.tasks.config import config_hash
+from deepspec.tasks.evaluate.benchmarks import BUILTIN, load_benchmark
+from deepspec.tasks.files import atomic_write_text, mark_done, read_done, sha256_file
+from deepspec.tasks.paths import run_paths
+from deepspec.tasks.results import BenchmarkFigures, EvalResult, to_record
 
 log = logging.getLogger(__name__)
 
-BUILTIN = Path(__file__).parents[1] / "data" / "builtin_eval.jsonl"
 RESULTS_FILE = "results.json"
-MAX_LISTED_ERRORS = 20
-
-
-def load_benchmark(name: str, data_dir: str | Path | None) -> list[list[str]]:
-    """The turns of every prompt of one benchmark: `<data_dir>/<name>.jsonl`, or the built-in set.
-
-    Every line is checked; all bad lines are reported at once, each naming file, line and field.
-    """
-    builtin = data_dir is None
-    path = BUILTIN if builtin else Path(data_dir) / f"{name}.jsonl"
-    if not path.is_file():
-        found = sorted(p.stem for p in path.parent.glob("*.jsonl")) if path.parent.is_dir() else []
-        raise DataError(
-            f"eval.data_dir: benchmark {name!r} needs {path}, which does not exist "
-            f"(benchmarks found there: {', '.join(found) or 'none'})"
-        )
-    prompts: list[list[str]] = []
-    errors: list[str] = []
-    names: set[str] = set()
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                errors.append(f"{path}:{line_no}: not valid JSON ({err.msg})")
-                continue
-            if not isinstance(row, dict):
-                errors.append(f"{path}:{line_no}: expected an object with a 'turns' field")
-                continue
-            if builtin:
-                names.add(str(row.get("benchmark")))
-                if row.get("benchmark") != name:
-                    continue
-            turns = row.get("turns")
-            if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
-                errors.append(
-                    f"{path}:{line_no}: field 'turns': expected a non-empty list of strings, "
-                    f"got {json.dumps(turns)[:80] if turns is not None else 'nothing'}"
-                )
-                continue
-            prompts.append(turns)
-    if errors:
-        more = f"\n... and {len(errors) - MAX_LISTED_ERRORS} more" if len(errors) > MAX_LISTED_ERRORS else ""
-        raise DataError(
-            f"{len(errors)} bad line(s) in {path}:\n" + "\n".join(errors[:MAX_LISTED_ERRORS]) + more
-        )
-    if not prompts:
-        choices = f" (built-in benchmarks: {', '.join(sorted(names))})" if builtin else ""
-        raise DataError(f"{path}: no prompts for benchmark {name!r}{choices}")
-    return prompts
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def stop_token_ids(cfg: DictConfig, tokenizer) -> set[int]:
@@ -138,45 +77,42 @@ def stop_token_ids(cfg: DictConfig, tokenizer) -> set[int]:
     return ids
 
 
-def _summary(results: list[SpecResult], plain: list[list[int]], spec_s: float, plain_s: float, greedy: bool):
+def _figures(results: list[SpecResult], plain: list[list[int]], spec_s: float, plain_s: float, greedy: bool):
     stats = acceptance_stats(results)
     plain_tokens = sum(len(t) for t in plain)
     spec_rate = stats["tokens"] / spec_s if spec_s > 0 else 0.0
     plain_rate = plain_tokens / plain_s if plain_s > 0 else 0.0
     matches = sum(r.tokens == t for r, t in zip(results, plain, strict=True))
-    return {
-        "samples": stats["samples"],
-        "new_tokens": stats["tokens"],
-        "target_new_tokens": plain_tokens,
-        "verify_steps": stats["steps"],
-        "tau": stats["tau"],
-        "acceptance": stats["acceptance"],
-        "spec_time_s": spec_s,
-        "target_time_s": plain_s,
-        "spec_tokens_per_s": spec_rate,
-        "target_tokens_per_s": plain_rate,
-        "speedup": spec_rate / plain_rate if plain_rate > 0 else None,
-        "greedy_match": matches / len(results) if greedy and results else None,
-    }
+    return BenchmarkFigures(
+        samples=stats["samples"],
+        new_tokens=stats["tokens"],
+        target_new_tokens=plain_tokens,
+        verify_steps=stats["steps"],
+        tau=stats["tau"],
+        acceptance=stats["acceptance"],
+        spec_time_s=spec_s,
+        target_time_s=plain_s,
+        spec_tokens_per_s=spec_rate,
+        target_tokens_per_s=plain_rate,
+        speedup=spec_rate / plain_rate if plain_rate > 0 else None,
+        greedy_match=matches / len(results) if greedy and results else None,
+    )
 
 
-def _valid_results(path: Path, benchmarks: list[str]) -> dict | None:
+def _valid_results(path: Path, benchmarks: list[str]) -> EvalResult | None:
     try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        result = EvalResult.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError):  # missing, not JSON, or not the fields we write
         return None
-    if sorted(results.get("benchmarks", {})) != sorted(benchmarks) or "overall" not in results:
-        return None
-    return results
+    return result if sorted(result.benchmarks) == sorted(benchmarks) else None
 
 
 def _trained_draft(cfg: DictConfig) -> tuple[Path, Path]:
     """The draft directory and weights file the train stage of this run wrote, checked to be of algo.name."""
     from deepspec.models.drafts import draft_algo
-    from deepspec.models.drafts.dflash import WEIGHTS_FILE
-    from deepspec.tasks.train.stage import draft_dir
+    from deepspec.models.drafts.files import WEIGHTS_FILE
 
-    directory = draft_dir(cfg)
+    directory = run_paths(cfg).draft_dir
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise DeepSpecError(f"evaluate: no trained draft at {weights}; run `deepspec train` first")
@@ -193,7 +129,7 @@ def evaluate(
     cfg: DictConfig,
     draft_loader: Callable[[], Drafter] | None = None,
     draft_file: str | Path | None = None,
-) -> dict[str, Any]:
+) -> EvalResult:
     """Run the benchmarks with speculative and plain decoding; write and return the results.
 
     `draft_loader()` returns the draft to evaluate and `draft_file` is its weights file (hashed, so a new
@@ -204,15 +140,16 @@ def evaluate(
         draft_path, draft_file = _trained_draft(cfg)
     elif draft_file is None:
         raise DeepSpecError("evaluate: a draft_loader needs the draft_file it loads, to tell drafts apart")
-    draft_sha = file_sha256(draft_file)
-    stage = run_path(cfg, "eval")
+    draft_sha = sha256_file(draft_file)
+    stage = run_paths(cfg).eval_dir
     results_path = stage / RESULTS_FILE
     benchmarks = list(cfg.eval.benchmarks)
-    done_hash = config_hash(cfg.target, algo_identity(cfg), cfg.eval, {"draft_sha256": draft_sha})
+    done_hash = config_hash(cfg.target, cfg.algo, cfg.eval, {"draft_sha256": draft_sha})
     if read_done(stage, done_hash) is not None:
         results = _valid_results(results_path, benchmarks)
         if results is not None:
             log.info("evaluate: %s is up to date; skipping", results_path)
+            results.skipped = True
             return results
         log.warning("evaluate: %s is missing or incomplete; evaluating again", results_path)
 
@@ -258,7 +195,7 @@ def evaluate(
     speculative_generate(model, layer_ids, drafter, warm, **{**decode, "max_new_tokens": 2})
     target_generate(model, layer_ids, warm, **{**decode, "max_new_tokens": 2})
 
-    per_bench: dict[str, dict] = {}
+    per_bench: dict[str, BenchmarkFigures] = {}
     pooled: dict[str, list] = {"spec": [], "plain": [], "spec_s": [], "plain_s": []}
     index = 0
     for name, rows in prompts.items():
@@ -281,45 +218,46 @@ def evaluate(
                 )
             )
             plain_s += time.perf_counter() - start
-        per_bench[name] = _summary(spec, plain, spec_s, plain_s, greedy)
+        per_bench[name] = _figures(spec, plain, spec_s, plain_s, greedy)
         pooled["spec"] += spec
         pooled["plain"] += plain
         pooled["spec_s"].append(spec_s)
         pooled["plain_s"].append(plain_s)
+        figures = per_bench[name]
         log.info(
             "eval %s: tau %s, speedup %s over %d prompts",
             name,
-            _fmt(per_bench[name]["tau"]),
-            _fmt(per_bench[name]["speedup"]),
+            _fmt(figures.tau),
+            _fmt(figures.speedup),
             len(rows),
         )
-    overall = _summary(pooled["spec"], pooled["plain"], sum(pooled["spec_s"]), sum(pooled["plain_s"]), greedy)
+    overall = _figures(pooled["spec"], pooled["plain"], sum(pooled["spec_s"]), sum(pooled["plain_s"]), greedy)
 
-    results = {
-        "builtin_eval": builtin,
-        "data_dir": cfg.eval.data_dir,
-        "target": cfg.target.name,
-        "algo": cfg.algo.name,
-        "block_size": int(drafter.block_size),
-        "temperature": temperature,
-        "max_new_tokens": cfg.eval.max_new_tokens,
-        "seed": cfg.eval.seed,
-        "draft_file": str(draft_file),
-        "draft_sha256": draft_sha,
-        "benchmarks": per_bench,
-        "overall": overall,
-    }
-    atomic_write_text(results_path, json.dumps(results, indent=2))
+    result = EvalResult(
+        builtin_eval=builtin,
+        data_dir=cfg.eval.data_dir,
+        target=str(cfg.target.name),
+        algo=str(cfg.algo.name),
+        block_size=int(drafter.block_size),
+        temperature=temperature,
+        max_new_tokens=int(cfg.eval.max_new_tokens),
+        seed=int(cfg.eval.seed),
+        draft_file=str(draft_file),
+        draft_sha256=draft_sha,
+        benchmarks=per_bench,
+        overall=overall,
+    )
+    atomic_write_text(results_path, json.dumps(to_record(result), indent=2))
     metrics: dict[str, float] = {}
-    for name, summary in [*per_bench.items(), ("overall", overall)]:
+    for name, figures in [*per_bench.items(), ("overall", overall)]:
         for key in ("tau", "speedup", "greedy_match"):
-            if summary[key] is not None:
-                metrics[f"eval/{name}/{key}"] = summary[key]
-        for k, rate in enumerate(summary["acceptance"], start=1):
+            if getattr(figures, key) is not None:
+                metrics[f"eval/{name}/{key}"] = getattr(figures, key)
+        for k, rate in enumerate(figures.acceptance, start=1):
             metrics[f"eval/{name}/accept_{k}"] = rate
     tracking.log_metrics(cfg, metrics)
     mark_done(stage, done_hash, results=RESULTS_FILE, draft_sha256=draft_sha, benchmarks=benchmarks)
-    return results
+    return result
 
 
 def _fmt(value: float | None) -> str:
@@ -327,5 +265,5 @@ def _fmt(value: float | None) -> str:
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)  # stages validate their own outputs
-def evaluate_task(cfg: DictConfig) -> dict[str, Any]:
+def evaluate_task(cfg: DictConfig) -> EvalResult:
     return evaluate(cfg)

@@ -28,19 +28,18 @@ Failures. A row whose requests fail for good (`backends.HTTPBackend`) is committ
 `shards/part-K.errors.jsonl` and asked for again by the next run; the stage ends with `errors.jsonl`
 listing them all and fails when there are more than `regen.allow_failures`.
 
-Output: `<run_dir>/regen/answers.jsonl`, one record a line in input order (fields in backends.py),
-then `_DONE.json`.
+Output: `answers.jsonl` in the answers folder (`<data_dir>/answers/<target>-<key>/`, named by the
+prompts, the target and its sampling; `tasks/paths.py`), one record a line in input order (fields in
+backends.py), then `_DONE.json`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,8 +55,17 @@ from tqdm import tqdm
 from deepspec.models.errors import ConfigError, DataError
 from deepspec.models.target import load_tokenizer, resolve_source
 from deepspec.tasks import tracking
-from deepspec.tasks.config import config_hash, run_path
-from deepspec.tasks.files import atomic_write_text, clear_done, mark_done, read_done
+from deepspec.tasks.config import config_hash
+from deepspec.tasks.files import (
+    atomic_write_text,
+    clear_done,
+    mark_done,
+    read_done,
+    read_jsonl,
+    read_once,
+    write_jsonl_atomic,
+)
+from deepspec.tasks.paths import answers_key, run_paths
 from deepspec.tasks.regenerate.backends import (
     HFBackend,
     HTTPBackend,
@@ -65,10 +73,10 @@ from deepspec.tasks.regenerate.backends import (
     Rendering,
     Sampling,
 )
+from deepspec.tasks.results import RegenResult, from_record, to_record
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("hf", "vllm", "openai")
 PLAN_FILE = "plan.json"
 SHARDS_DIR = "shards"
 
@@ -89,24 +97,14 @@ class RegenPlan:
 
 
 def sampling_of(cfg: DictConfig) -> Sampling:
+    """The target's sampling, with regen.* where set (compose fills the nulls in from the target)."""
     regen, target = cfg.regen, cfg.target
-    sampling = Sampling(
-        max_new_tokens=int(
-            regen.max_new_tokens if regen.max_new_tokens is not None else target.max_new_tokens
-        ),
-        temperature=float(regen.temperature if regen.temperature is not None else target.temperature),
+    return Sampling(
+        max_new_tokens=int(regen.max_new_tokens),
+        temperature=float(regen.temperature),
         top_p=float(target.top_p),
         top_k=int(target.top_k),
     )
-    if sampling.max_new_tokens < 1:
-        raise ConfigError(f"regen.max_new_tokens={sampling.max_new_tokens}: expected a positive count")
-    if sampling.temperature < 0:
-        raise ConfigError(f"regen.temperature={sampling.temperature}: expected 0 (greedy) or more")
-    if not 0 < sampling.top_p <= 1:
-        raise ConfigError(f"target.top_p={sampling.top_p}: expected a value in (0, 1]")
-    if sampling.top_k < 0:
-        raise ConfigError(f"target.top_k={sampling.top_k}: expected 0 (off) or more")
-    return sampling
 
 
 def rendering_of(cfg: DictConfig) -> Rendering:
@@ -117,42 +115,10 @@ def rendering_of(cfg: DictConfig) -> Rendering:
     )
 
 
-def api_of(cfg: DictConfig) -> str:
-    """`regen.api`, or the backend's natural one: token ids for vLLM, messages for any other server."""
-    return str(cfg.regen.api or ("chat" if cfg.regen.backend == "openai" else "completions"))
-
-
-def _checked_settings(cfg: DictConfig) -> None:
-    backend = str(cfg.regen.backend)
-    if backend not in BACKENDS:
-        raise ConfigError(f"regen.backend={backend!r}: expected one of {', '.join(BACKENDS)}")
-    sampling_of(cfg)
-    for key in ("batch_size", "shard_size", "concurrency", "parallel_shards"):
-        if int(cfg.regen[key]) < 1:
-            raise ConfigError(f"regen.{key}={cfg.regen[key]}: expected a positive count")
-    if backend == "openai" and not cfg.regen.endpoints:
-        raise ConfigError("regen.backend=openai needs regen.endpoints=[https://HOST/v1, ...]")
-    if api_of(cfg) not in ("completions", "chat"):
-        raise ConfigError(f"regen.api={cfg.regen.api!r}: expected completions or chat")
-
-
 def answers_digest(cfg: DictConfig, prompts_sha256: str) -> str:
-    """What the answers depend on. Throughput settings (endpoints, concurrency, replicas) do not count."""
-    r = cfg.regen
-    return config_hash(
-        cfg.target,
-        {
-            "backend": r.backend,
-            "api": api_of(cfg),
-            "model": r.model,
-            "sampling": sampling_of(cfg).__dict__,
-            "extra_body": r.extra_body,
-            "shard_size": r.shard_size,
-            "batch_size": r.batch_size if r.backend == "hf" else None,  # it sets the hf seeds
-            "seed": r.seed,
-        },
-        prompts_sha256,
-    )
+    """What the committed shards depend on: what the answers depend on (`paths.answers_key`), the shard
+    layout, and the prompts' bytes."""
+    return config_hash(answers_key(cfg), int(cfg.regen.shard_size), prompts_sha256)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -160,11 +126,7 @@ def answers_digest(cfg: DictConfig, prompts_sha256: str) -> str:
 
 
 def stage_dir(cfg: DictConfig) -> Path:
-    return run_path(cfg, "regen")
-
-
-def answers_path(cfg: DictConfig) -> Path:
-    return stage_dir(cfg) / "answers.jsonl"
+    return run_paths(cfg).answers_dir
 
 
 def _shard_paths(cfg: DictConfig, k: int) -> tuple[Path, Path, Path]:
@@ -189,43 +151,16 @@ def complete_rows(path: Path) -> list[dict]:
     return rows
 
 
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    """Through a temporary file, fsynced, then renamed: the file is either whole or absent."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-_prompts_lock = threading.Lock()
-_prompts: dict[str, Any] = {}
-
-
 def load_prompts(cfg: DictConfig) -> tuple[list[dict], str]:
     """The prompts file's rows and sha256, read once per process while the file stays unchanged."""
-    path = run_path(cfg, "prompts", "prompts.jsonl")
+    path = run_paths(cfg).prompts
     if not path.is_file():
         raise DataError(f"{path}: no such file; run the prompts stage first (deepspec prompts)")
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    with _prompts_lock:
-        if _prompts.get("key") != key:
-            data = path.read_bytes()
-            rows = []
-            for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise DataError(
-                        f"{path} line {number}: not valid JSON ({err.msg}); rerun the prompts stage"
-                    ) from err
-            _prompts.clear()
-            _prompts.update(key=key, rows=rows, sha256=hashlib.sha256(data).hexdigest())
-        return _prompts["rows"], _prompts["sha256"]
+    return read_once(path, _prompt_rows)
+
+
+def _prompt_rows(path: Path) -> list[dict]:
+    return [row for _, row in read_jsonl(path)]
 
 
 # A terminal progress bar over all rows, when shard tasks run in the process that planned them.
@@ -238,10 +173,9 @@ _bar: dict[str, tqdm] = {}
 
 def plan_regen(cfg: DictConfig) -> RegenPlan:
     """Which shards still need answers. A run for another configuration or other prompts is discarded."""
-    _checked_settings(cfg)
     prompts, prompts_sha = load_prompts(cfg)
     if not prompts:
-        raise DataError(f"{run_path(cfg, 'prompts', 'prompts.jsonl')} holds no prompts")
+        raise DataError(f"{run_paths(cfg).prompts} holds no prompts")
     digest = answers_digest(cfg, prompts_sha)
     size = int(cfg.regen.shard_size)
     plan = RegenPlan(len(prompts), size, -(-len(prompts) // size), [], digest)
@@ -251,9 +185,9 @@ def plan_regen(cfg: DictConfig) -> RegenPlan:
     if (
         done
         and done.get("prompts") == len(prompts)
-        and len(complete_rows(answers_path(cfg))) == done.get("rows")
+        and len(complete_rows(run_paths(cfg).answers)) == done.get("rows")
     ):
-        log.info("regenerate: %s already holds %d answers; skipping", answers_path(cfg), done["rows"])
+        log.info("regenerate: %s already holds %d answers; skipping", run_paths(cfg).answers, done["rows"])
         plan.done = done
         return plan
     clear_done(out)
@@ -308,7 +242,7 @@ def regen_shard(cfg: DictConfig, k: int, endpoints: list[str] | None = None) -> 
     unit = "batch" if cfg.regen.backend == "hf" else "row"  # hf seeds whole batches; see HFBackend
     todo_runs = _todo_runs(rows, answered, unit, int(cfg.regen.batch_size))
     # The log keeps exactly the answers carried over, so a torn line or a stale part batch goes now.
-    _write_jsonl_atomic(log_path, rows_in_order(rows, answered))
+    write_jsonl_atomic(log_path, rows_in_order(rows, answered))
     bar = _bar.get("bar")
     if bar is not None and answered:
         bar.update(len(answered))  # the plan counted only shards committed without failures
@@ -337,9 +271,9 @@ def regen_shard(cfg: DictConfig, k: int, endpoints: list[str] | None = None) -> 
             backend.answer(run, first + offset, emit)  # type: ignore[union-attr]
     ended = time.time()
 
-    _write_jsonl_atomic(part, rows_in_order(rows, answered))  # the commit
+    write_jsonl_atomic(part, rows_in_order(rows, answered))  # the commit
     if failures:
-        _write_jsonl_atomic(errors_path, [failures[r["id"]] for r in rows if r["id"] in failures])
+        write_jsonl_atomic(errors_path, [failures[r["id"]] for r in rows if r["id"] in failures])
     else:
         errors_path.unlink(missing_ok=True)
     log_path.unlink()
@@ -359,13 +293,14 @@ def regen_shard(cfg: DictConfig, k: int, endpoints: list[str] | None = None) -> 
     }
 
 
-def finalize_regen(cfg: DictConfig, plan: RegenPlan, results: list[dict] | None = None) -> dict[str, Any]:
+def finalize_regen(cfg: DictConfig, plan: RegenPlan, results: list[dict] | None = None) -> RegenResult:
     """`answers.jsonl` and `errors.jsonl` from the committed shards, then `_DONE.json`; the counts."""
     bar = _bar.pop("bar", None)
     if bar is not None:
         bar.close()
     if plan.done is not None:
-        return {**{k: v for k, v in plan.done.items() if k != "config_hash"}, "skipped": True}
+        return from_record(RegenResult, plan.done, skipped=True)
+    answers_file = run_paths(cfg).answers
     prompts, _ = load_prompts(cfg)
     answers: list[dict] = []
     failed: list[dict] = []
@@ -381,33 +316,34 @@ def finalize_regen(cfg: DictConfig, plan: RegenPlan, results: list[dict] | None 
     if got != [i for i in expected if i not in failed_ids] or len(got) + len(failed_ids) != len(expected):
         raise DataError(f"regenerate: the committed shards in {stage_dir(cfg) / SHARDS_DIR} do not cover the "
                         "prompts exactly once; delete that folder and run the stage again")  # fmt: skip
-    _write_jsonl_atomic(answers_path(cfg), answers)
+    write_jsonl_atomic(answers_file, answers)
     errors_file = stage_dir(cfg) / "errors.jsonl"
     if failed:
-        _write_jsonl_atomic(errors_file, failed)
+        write_jsonl_atomic(errors_file, failed)
     else:
         errors_file.unlink(missing_ok=True)
 
     timed = [r for r in results or [] if r.get("began") is not None]
     wall = max((r["ended"] for r in timed), default=0.0) - min((r["began"] for r in timed), default=0.0)
     new_tokens = sum(r["new_tokens"] for r in timed)
-    info = {
-        "prompts": len(prompts),
-        "rows": len(answers),
-        "failed": len(failed),
-        "output_tokens": sum(r["completion_tokens"] for r in answers),
-        "truncated": sum(bool(r.get("truncated")) for r in answers),
-        "tokens_per_s": new_tokens / wall if wall > 0 else 0.0,  # of this run's answers; kept for re-runs
-        "backend": str(cfg.regen.backend),
-    }
+    result = RegenResult(
+        path=str(answers_file),
+        prompts=len(prompts),
+        rows=len(answers),
+        failed=len(failed),
+        output_tokens=sum(r["completion_tokens"] for r in answers),
+        truncated=sum(bool(r.get("truncated")) for r in answers),
+        tokens_per_s=new_tokens / wall if wall > 0 else 0.0,  # of this run's answers; kept for re-runs
+        backend=str(cfg.regen.backend),
+    )
     tracking.log_metrics(
         cfg,
         {
-            "regen/rows": info["rows"],
-            "regen/failed": info["failed"],
-            "regen/output_tokens": info["output_tokens"],
-            "regen/tokens_per_s": info["tokens_per_s"],
-            "regen/truncated": info["truncated"],
+            "regen/rows": result.rows,
+            "regen/failed": result.failed,
+            "regen/output_tokens": result.output_tokens,
+            "regen/tokens_per_s": result.tokens_per_s,
+            "regen/truncated": result.truncated,
         },
     )
     if len(failed) > int(cfg.regen.allow_failures):
@@ -415,20 +351,20 @@ def finalize_regen(cfg: DictConfig, plan: RegenPlan, results: list[dict] | None 
             f"regenerate: {len(failed)} prompts failed (listed with the reason in {errors_file}); run the "
             f"stage again to retry them, or allow them with regen.allow_failures={len(failed)}"
         )
-    mark_done(stage_dir(cfg), plan.digest, **info)
+    mark_done(stage_dir(cfg), plan.digest, **to_record(result))
     log.info(
         "regenerate: %d answers, %d tokens (%d cut at max_new_tokens), %d failed, %.1f tokens/s -> %s",
-        info["rows"],
-        info["output_tokens"],
-        info["truncated"],
-        info["failed"],
-        info["tokens_per_s"],
-        answers_path(cfg),
+        result.rows,
+        result.output_tokens,
+        result.truncated,
+        result.failed,
+        result.tokens_per_s,
+        answers_file,
     )
-    return {**info, "skipped": False}
+    return result
 
 
-def regenerate(cfg: DictConfig) -> dict[str, Any]:
+def regenerate(cfg: DictConfig) -> RegenResult:
     """The whole stage in this process: plan, every missing shard in turn, finalize."""
     plan = plan_regen(cfg)
     results = []
@@ -489,7 +425,7 @@ def _backend(cfg: DictConfig, endpoints: list[str] | None):
         raise ConfigError(
             f"regen.backend={cfg.regen.backend}: no endpoints (regen.endpoints, or launched servers)"
         )
-    api = api_of(cfg)
+    api = str(cfg.regen.api)
     key_env = cfg.regen.api_key_env
     settings = HTTPSettings(
         endpoints=list(endpoints),
@@ -581,7 +517,7 @@ def regen_shard_task(cfg: DictConfig, k: int, endpoints: list[str] | None, plan:
 
 
 @task(name="finalize-regenerate", cache_policy=NO_CACHE)
-def finalize_regen_task(cfg: DictConfig, plan: RegenPlan, results: list[dict]) -> dict[str, Any]:
+def finalize_regen_task(cfg: DictConfig, plan: RegenPlan, results: list[dict]) -> RegenResult:
     return finalize_regen(cfg, plan, results)
 
 

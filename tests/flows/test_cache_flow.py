@@ -3,45 +3,25 @@ on threads or on a Dask cluster, and the task runner chosen by the storage confi
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
+from support.stories import STORIES, stories_overrides, write_answers
 
 from deepspec.flows.pipeline import cache_flow
 from deepspec.models.errors import ConfigError
 from deepspec.tasks.cache.format import read_manifest, shard_name
 from deepspec.tasks.cache.stage import cache_task_runner
 from deepspec.tasks.config import compose
-
-STORIES = [
-    ("Once upon a time, there was a little dog", " named Max. Max loved to play with his toys."),
-    ("Lily went to the park", " and saw a big red ball. She was very happy."),
-    ("The cat sat on the mat", " and looked at the bird."),
-    ("Tom had a small boat", " that he took to the lake every day."),
-    ("A bird sang in the tree", " and the sun was warm."),
-]
+from deepspec.tasks.paths import run_paths
 
 
 def overrides(assets_dir: Path, run_dir: Path, tracking_uri: str, *extra: str) -> list[str]:
-    (run_dir / "regen").mkdir(parents=True, exist_ok=True)
-    rows = [
-        {
-            "id": f"story-{i}",
-            "conversations": [{"role": "user", "content": p}, {"role": "assistant", "content": a}],
-        }
-        for i, (p, a) in enumerate(STORIES)
-    ]
-    (run_dir / "regen" / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return [
-        "target=stories260k",
-        f"target.path={assets_dir / 'models' / 'stories260k'}",
-        f"run_dir={run_dir}",
-        "storage.samples_per_shard=2",  # five stories: three shards
-        f"tracking.uri={tracking_uri}",
-        *extra,
-    ]
+    """A stories260k run with its answers written: five stories, two a shard, so three shards."""
+    args = stories_overrides(assets_dir, run_dir, f"tracking.uri={tracking_uri}", *extra)
+    write_answers(args)
+    return args
 
 
 def build_shard_runs(parent_flow_run_id) -> dict[str, str]:
@@ -68,15 +48,15 @@ def build_shard_runs(parent_flow_run_id) -> dict[str, str]:
 def test_each_missing_shard_is_one_task_run(assets_dir, prefect_server, tracking_uri, tmp_path):
     args = overrides(assets_dir, tmp_path, tracking_uri, "storage.build_workers=2")
     state = cache_flow(overrides=args, return_state=True)
-    assert state.result()["shards_built"] == 3
+    assert state.result().shards_built == 3
     runs = build_shard_runs(state.state_details.flow_run_id)
     assert runs == {f"build_shard-{k}": "COMPLETED" for k in range(3)}
 
-    root = tmp_path / "cache"  # lose one shard: the next run has one shard task
+    root = Path(run_paths(compose(args)).cache_url)  # lose one shard: the next run has one shard task
     for name in (shard_name(1), shard_name(1) + ".committed", "manifest.json"):
         (root / name).unlink()
     state = cache_flow(overrides=args, return_state=True)
-    assert state.result()["shards_built"] == 1
+    assert state.result().shards_built == 1
     assert build_shard_runs(state.state_details.flow_run_id) == {"build_shard-1": "COMPLETED"}
     assert read_manifest(str(root)).num_samples == len(STORIES)
 
@@ -96,7 +76,7 @@ def test_shard_tasks_run_on_a_dask_cluster(assets_dir, prefect_server, tracking_
             f"storage.dask_address={cluster.scheduler_address}",
         )
         state = cache_flow(overrides=args, return_state=True)
-    assert state.result()["shards_built"] == 3
+    assert state.result().shards_built == 3
     assert build_shard_runs(state.state_details.flow_run_id) == {
         f"build_shard-{k}": "COMPLETED" for k in range(3)
     }
@@ -107,10 +87,10 @@ def test_task_runner_follows_the_storage_config(monkeypatch):
 
     runner = cache_task_runner(compose(["storage.build_workers=3"]))
     assert isinstance(runner, ThreadPoolTaskRunner) and runner._max_workers == 3
-    with pytest.raises(ConfigError, match="storage.task_runner='ray' is not one of"):
-        cache_task_runner(compose(["storage.task_runner=ray"]))
+    with pytest.raises(ConfigError, match="storage.task_runner='ray': expected one of"):
+        compose(["storage.task_runner=ray"])
     with pytest.raises(ConfigError, match="needs storage.task_runner=dask"):
-        cache_task_runner(compose(["storage.dask_address=tcp://10.0.0.1:8786"]))
+        compose(["storage.dask_address=tcp://10.0.0.1:8786"])
     monkeypatch.setitem(sys.modules, "prefect_dask", None)  # as if the [dask] extra were not installed
     with pytest.raises(ConfigError, match=r"pip install deepspec\[dask\]"):
         cache_task_runner(compose(["storage.task_runner=dask"]))

@@ -1,19 +1,31 @@
 """The whole pipeline on the tiny real model stories260k, through a real Prefect server, a real MLflow
-store, the fsspec cache and DeepSpeed ranks under torchrun; then re-runs that must skip finished stages."""
+store, the fsspec cache and DeepSpeed ranks under torchrun; then the other algorithms in the same run,
+which reuse its prompts, answers and cache, and re-runs that must skip finished stages."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
-from deepspec.flows.pipeline import cache_flow, evaluate_flow, export_flow, pipeline, train_flow
-from deepspec.models.errors import CacheMismatchError
+from deepspec.flows.pipeline import cache_flow, export_flow, pipeline, train_flow
+from deepspec.models.drafts import DRAFTS
+from deepspec.models.errors import ConfigError
 from deepspec.tasks.config import compose
-from deepspec.tasks.export import validate_dflash_export
+from deepspec.tasks.paths import run_paths
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+# each algorithm small enough for a CPU; DSpark from a cache of layers 0..2, so its teacher runs the
+# target's layers 3 and 4 on layer 2 (DFlash and Eagle3 share the cache of layers 0, 2, 4)
+ALGOS = {
+    "dflash": ["algo.num_layers=1", "algo.block_size=4"],
+    "eagle3": ["algo=eagle3", "algo.ttt_steps=3", "algo.draft_vocab_size=128", "train.epochs=4"],
+    "dspark": ["algo=dspark", "algo.num_layers=1", "algo.block_size=4", "algo.markov_rank=32",
+               "train.epochs=4", "target.layer_ids=[0,1,2]"],
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -27,83 +39,191 @@ def run(assets_dir, prefect_server, tmp_path_factory):
         "prompts.max_samples=12",
         "regen.max_new_tokens=32",
         "storage.samples_per_shard=4",
-        "algo.num_layers=1",
-        "algo.block_size=4",
         "train=cpu_demo",
         "train.epochs=8",
         "eval=demo",
         "eval.max_samples=1",
         "eval.max_new_tokens=16",
     ]
-    summary = pipeline(overrides=overrides)
-    return {"dir": run_dir, "overrides": overrides, "summary": summary}
+    summary = pipeline(overrides=[*overrides, *ALGOS["dflash"]])
+    return {
+        "dir": run_dir,
+        "base": overrides,
+        "overrides": [*overrides, *ALGOS["dflash"]],
+        "summary": summary,
+    }
+
+
+class Work:
+    """Counts the work the stages do, not what they skip: prompts loaded, shards answered, cache shards
+    built, training launches, targets loaded to evaluate, exports written."""
+
+    def __init__(self, monkeypatch):
+        import deepspec.tasks.cache.stage as cache
+        import deepspec.tasks.evaluate.stage as evaluate
+        import deepspec.tasks.export as export
+        import deepspec.tasks.prompts as prompts
+        import deepspec.tasks.regenerate.stage as regenerate
+        import deepspec.tasks.train.stage as train
+
+        self.calls: dict[str, int] = {}
+        for name, module, function in [
+            ("prompts", prompts, "load_conversations"),
+            ("regenerate", regenerate, "regen_shard"),
+            ("cache", cache, "build_shard"),
+            ("train", train, "launch_ranks"),
+            ("evaluate", evaluate, "load_target"),
+            ("export", export, "write_export"),
+        ]:
+            monkeypatch.setattr(module, function, self._counted(name, getattr(module, function)))
+
+    def _counted(self, name, function):
+        def counted(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return function(*args, **kwargs)
+
+        return counted
+
+    def take(self) -> dict[str, int]:
+        calls, self.calls = self.calls, {}
+        return calls
+
+
+@pytest.fixture(scope="module")
+def all_algos(run):
+    """Eagle3 and DSpark through the whole pipeline in the same run directory, then DFlash again, with
+    the work each did counted."""
+    with pytest.MonkeyPatch.context() as patch:
+        work = Work(patch)
+        summaries, done = {}, {}
+        for algo in ("eagle3", "dspark"):
+            summaries[algo] = pipeline(overrides=[*run["base"], *ALGOS[algo]])
+            done[algo] = work.take()
+        again = pipeline(overrides=run["overrides"])
+        done["dflash again"] = work.take()
+    return {"summaries": summaries, "again": again, "work": done}
 
 
 def test_every_stage_leaves_validated_outputs(run):
-    d = run["dir"]
-    assert len((d / "prompts" / "prompts.jsonl").read_text().splitlines()) == 12
-    assert len((d / "regen" / "answers.jsonl").read_text().splitlines()) == 12
-    manifest = json.loads((d / "cache" / "manifest.json").read_text())
+    paths = run_paths(compose(run["overrides"]))
+    assert paths.prompts_dir.parent == run["dir"] / "data" / "prompts"
+    assert len(paths.prompts.read_text().splitlines()) == 12
+    assert len(paths.answers.read_text().splitlines()) == 12
+    manifest = json.loads((Path(paths.cache_url) / "manifest.json").read_text())
     assert manifest["layer_ids"] == [0, 2, 4] and manifest["num_samples"] == 12
-    assert validate_dflash_export(d / "export" / "dflash") == []
-    assert "tau" in run["summary"]["table"] and "mlflow" in run["summary"]["table"]
+    assert paths.export_dir == run["dir"] / "export" / "dflash"
+    assert DRAFTS["dflash"].validate_export(paths.export_dir) == []
+    assert "tau" in run["summary"].table and "mlflow" in run["summary"].table
 
 
 def test_greedy_speculative_output_equals_target_output(run):
-    results = json.loads((run["dir"] / "eval" / "results.json").read_text())
-    assert results["temperature"] == 0.0 and results["builtin_eval"] is True
-    assert results["overall"]["greedy_match"] == 1.0
-    assert 1.0 <= results["overall"]["tau"] <= results["block_size"] + 1
-    assert set(results["benchmarks"]) == set(compose().eval.benchmarks)
+    results = run["summary"].evaluate
+    assert results.temperature == 0.0 and results.builtin_eval is True
+    assert results.overall.greedy_match == 1.0
+    assert 1.0 <= results.overall.tau <= results.block_size + 1
+    assert set(results.benchmarks) == set(compose().eval.benchmarks)
+    on_disk = json.loads((run["dir"] / "eval" / "dflash" / "results.json").read_text())
+    assert on_disk["overall"]["tau"] == results.overall.tau
 
 
-def test_all_stages_log_to_one_mlflow_run(run):
+def test_all_stages_log_to_the_runs_mlflow_run(run):
     from mlflow.tracking import MlflowClient
 
-    record = json.loads((run["dir"] / "mlflow_run.json").read_text())
+    record = json.loads((run["dir"] / "mlflow_run-dflash.json").read_text())
     run_data = MlflowClient(record["tracking_uri"]).get_run(record["run_id"]).data
     metrics = run_data.metrics
     stage_keys = ["prompts/rows", "regen/output_tokens", "cache/bytes_per_token", "train/loss"]
     for key in [*stage_keys, "eval/overall/tau"]:
         assert key in metrics, key
+    assert run_data.params["algo.name"] == "dflash"
 
 
 def test_flow_run_is_recorded_by_the_prefect_server(run):
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
 
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs()
-        names = {client.read_flow(r.flow_id).name: r.state.type.value for r in runs}
-    assert names.get("deepspec-pipeline") == "COMPLETED"
+        named = FlowFilter(name=FlowFilterName(any_=["deepspec-pipeline"]))
+        first = client.read_flow_runs(flow_filter=named, sort=FlowRunSort.START_TIME_ASC)[0]
+    assert first.state.type.value == "COMPLETED"
 
 
-def test_rerun_skips_finished_stages(run):
-    draft = run["dir"] / "train" / "draft" / "model.safetensors"
-    before = draft.stat().st_mtime_ns
-    summary = pipeline(overrides=run["overrides"])
-    results = summary["results"]
-    for stage in ("prompts", "regenerate", "cache", "train", "export"):
-        assert results[stage].get("skipped") is True, stage
-    assert draft.stat().st_mtime_ns == before
+def test_the_algorithms_share_the_runs_data(run, all_algos):
+    """Trained one after another in one run directory, the three algorithms make the prompts and answers
+    once, and a cache once per set of captured layers; each keeps its own draft, evaluation and export.
+    Counted calls, not timing: skipped stages do no work."""
+    work = all_algos["work"]
+    # Eagle3 reads DFlash's layers 0, 2, 4: nothing of the data is made again
+    assert work["eagle3"] == {"train": 1, "evaluate": 1, "export": 1}
+    # DSpark captures layers 0, 1, 2: a cache of its own (12 samples, 4 a shard), beside the first
+    assert work["dspark"] == {"cache": 3, "train": 1, "evaluate": 1, "export": 1}
+    assert work["dflash again"] == {}  # every stage finished and valid: nothing redone
+    data = run["dir"] / "data"
+    assert len(list((data / "prompts").iterdir())) == 1 and len(list((data / "answers").iterdir())) == 1
+    assert len(list((data / "cache").iterdir())) == 2
+    for stage in ("train", "eval", "export"):
+        assert sorted(p.name for p in (run["dir"] / stage).iterdir()) == ["dflash", "dspark", "eagle3"]
+    for algo in DRAFTS:
+        assert (run["dir"] / f"mlflow_run-{algo}.json").is_file(), algo
+    again = all_algos["again"]
+    for stage in ("prompts", "regenerate", "cache", "train", "evaluate", "export"):
+        assert getattr(again, stage).skipped is True, stage
 
 
-def test_a_stage_reruns_alone(run):
-    shutil.rmtree(run["dir"] / "export")
+def test_eagle3_trains_evaluates_and_exports_from_the_same_cache(run, all_algos):
+    """Eagle3 on the pipeline's cache: its layers 0, 2, 4 are Eagle3's three, and layer 4, the target's
+    last, is recorded normalised, so the teacher is the cached feature through the LM head."""
+    result = all_algos["summaries"]["eagle3"]
+    assert result.cache.skipped and result.cache.url == run["summary"].cache.url
+    assert result.train.optimizer_steps >= 1 and result.train.final_metrics["train/loss"] > 0
+    assert result.evaluate.algo == "eagle3" and result.evaluate.block_size == 3
+    assert result.evaluate.overall.greedy_match == 1.0
+    assert result.export.architecture == "LlamaForCausalLMEagle3"
+    assert DRAFTS["eagle3"].validate_export(run["dir"] / "export" / "eagle3") == []
+
+
+def test_dspark_recomputes_its_teacher_from_a_cache_of_earlier_layers(run, all_algos):
+    """DSpark from a cache of layers 0..2: the teacher runs the target's layers 3 and 4 on layer 2."""
+    result = all_algos["summaries"]["dspark"]
+    assert result.cache.samples == 12 and result.cache.url != run["summary"].cache.url
+    assert (
+        result.train.final_metrics["train/l1"] > 0
+        and "train/expected_tau_accept" in result.train.final_metrics
+    )
+    assert result.evaluate.algo == "dspark" and result.evaluate.overall.greedy_match == 1.0
+    assert result.export.architecture == "Qwen3DSparkModel"
+    assert DRAFTS["dspark"].validate_export(run["dir"] / "export" / "dspark") == []
+
+
+def test_a_stage_reruns_alone(run, all_algos):
+    shutil.rmtree(run["dir"] / "export" / "dflash")
     record = export_flow(overrides=run["overrides"])
-    assert record.get("skipped") is not True
-    assert validate_dflash_export(run["dir"] / "export" / "dflash") == []
+    assert record.skipped is False
+    assert DRAFTS["dflash"].validate_export(run["dir"] / "export" / "dflash") == []
 
 
-def test_cache_for_other_layers_is_refused(run):
-    with pytest.raises(CacheMismatchError, match="layer_ids"):
-        cache_flow(overrides=[*run["overrides"], "target.layer_ids=[1,3]"])
+def test_a_bad_configuration_fails_before_the_first_stage(run, monkeypatch, tmp_path):
+    """Eagle3 with five target layers, and a batch no rank count divides: both named at once, by the
+    flow and by the CLI, before any stage has run."""
+    from deepspec.flows.cli import main
+
+    work = Work(monkeypatch)
+    bad = [*run["base"], f"run_dir={tmp_path}", "algo=eagle3", "target.layer_ids=[0,1,2,3,4]",
+           "train.global_batch=7"]  # fmt: skip
+    with pytest.raises(ConfigError, match="2 problems") as err:
+        pipeline(overrides=bad)
+    assert "Eagle3 fuses exactly 3" in str(err.value) and "train.global_batch=7" in str(err.value)
+    assert main(["pipeline", *bad]) == 2
+    assert work.take() == {} and not any(tmp_path.iterdir())
 
 
-def test_two_deepspeed_ranks_train_from_the_same_cache(run, tmp_path):
+def test_two_deepspeed_ranks_train_from_the_same_data(run, tmp_path):
+    """A run of its own naming the first run's data directory: no data is made again."""
     overrides = [
         *run["overrides"],
         f"run_dir={tmp_path}",
-        f"storage.url={run['dir'] / 'cache'}",
+        f"data_dir={run['dir'] / 'data'}",
         "train.nproc_per_node=2",
         "train.threads_per_rank=1",
         "train.micro_batch=2",
@@ -111,8 +231,8 @@ def test_two_deepspeed_ranks_train_from_the_same_cache(run, tmp_path):
         "train.epochs=2",
     ]
     record = train_flow(overrides=overrides)
-    assert record["optimizer_steps"] >= 1
-    assert (tmp_path / "train" / "draft" / "model.safetensors").is_file()
+    assert record.optimizer_steps >= 1
+    assert (tmp_path / "train" / "dflash" / "draft" / "model.safetensors").is_file()
 
 
 def test_cache_stage_ran_one_task_per_shard(run):
@@ -144,55 +264,15 @@ def test_cache_stage_ran_one_task_per_shard(run):
 
 
 def test_online_mode_trains_without_a_cache(run, tmp_path):
-    shutil.copytree(run["dir"] / "regen", tmp_path / "regen")
-    overrides = [*run["overrides"], f"run_dir={tmp_path}", "storage.mode=online", "train.epochs=1"]
-    assert cache_flow(overrides=overrides)["mode"] == "online"
-    assert not (tmp_path / "cache").exists()
-    record = train_flow(overrides=overrides)
-    assert record["cache_fingerprint"].startswith("answers-")
-    assert (tmp_path / "train" / "draft" / "model.safetensors").is_file()
-
-
-def test_eagle3_trains_evaluates_and_exports_from_the_same_cache(run, tmp_path):
-    """Eagle3 on the pipeline's cache: its layers 0, 2, 4 are Eagle3's three, and layer 4, the target's
-    last, is recorded normalised, so the teacher is the cached feature through the LM head."""
-    from deepspec.models.drafts.eagle3 import validate_eagle3_export
-
     overrides = [
         *run["overrides"],
         f"run_dir={tmp_path}",
-        f"storage.url={run['dir'] / 'cache'}",
-        "algo=eagle3",
-        "algo.block_size=3",
-        "algo.draft_vocab_size=128",
-        "train.epochs=4",
+        f"data_dir={run['dir'] / 'data'}",
+        "storage.mode=online",
+        "train.epochs=1",
     ]
+    assert cache_flow(overrides=overrides).mode == "online"
     record = train_flow(overrides=overrides)
-    assert record["optimizer_steps"] >= 1 and record["final_metrics"]["train/loss"] > 0
-    results = evaluate_flow(overrides=overrides)
-    assert results["algo"] == "eagle3" and results["block_size"] == 3
-    assert results["overall"]["greedy_match"] == 1.0
-    assert export_flow(overrides=overrides)["architecture"] == "LlamaForCausalLMEagle3"
-    assert validate_eagle3_export(tmp_path / "export" / "eagle3") == []
-
-
-def test_dspark_recomputes_its_teacher_from_a_cache_of_earlier_layers(run, tmp_path):
-    """DSpark from a cache of layers 0..2: the teacher runs the target's layers 3 and 4 on layer 2."""
-    from deepspec.models.drafts.dspark import validate_dspark_export
-
-    shutil.copytree(run["dir"] / "regen", tmp_path / "regen")
-    overrides = [
-        *run["overrides"],
-        f"run_dir={tmp_path}",
-        "target.layer_ids=[0,1,2]",
-        "algo=dspark",
-        "algo.markov_rank=32",
-        "train.epochs=4",
-    ]
-    assert cache_flow(overrides=overrides)["samples"] == 12
-    record = train_flow(overrides=overrides)
-    assert record["final_metrics"]["train/l1"] > 0 and "train/expected_tau_accept" in record["final_metrics"]
-    results = evaluate_flow(overrides=overrides)
-    assert results["algo"] == "dspark" and results["overall"]["greedy_match"] == 1.0
-    assert export_flow(overrides=overrides)["architecture"] == "Qwen3DSparkModel"
-    assert validate_dspark_export(tmp_path / "export" / "dspark") == []
+    assert record.data_fingerprint.startswith("answers-")
+    assert (tmp_path / "train" / "dflash" / "draft" / "model.safetensors").is_file()
+    assert len(list((run["dir"] / "data" / "cache").iterdir())) == 2  # no cache was made

@@ -78,22 +78,23 @@ def progress(key: str = "regenerate-progress") -> float:
 
 def test_each_missing_shard_is_one_task_run(assets_dir, prefect_server, tracking_uri, tmp_path):
     from deepspec.tasks.config import compose
+    from deepspec.tasks.paths import run_paths
     from deepspec.tasks.prompts import prepare_prompts
 
     args = _overrides(assets_dir, tmp_path, tracking_uri)
     prepare_prompts(compose(args))
     state = regenerate_flow(overrides=args, return_state=True)
-    assert state.result()["rows"] == 5
+    assert state.result().rows == 5
     assert shard_runs(state.state_details.flow_run_id) == {
         f"regenerate-shard-{k}": "COMPLETED" for k in range(3)
     }
     assert progress() == 100.0
 
-    regen = tmp_path / "run" / "regen"  # lose shard 1: the next run has one shard task
+    regen = run_paths(compose(args)).answers_dir  # lose shard 1: the next run has one shard task
     (regen / "shards" / "part-00001.jsonl").unlink()
     (regen / "_DONE.json").unlink()
     state = regenerate_flow(overrides=args, return_state=True)
-    assert state.result()["rows"] == 5
+    assert state.result().rows == 5
     assert shard_runs(state.state_details.flow_run_id) == {"regenerate-shard-1": "COMPLETED"}
     ids = [json.loads(line)["id"] for line in (regen / "answers.jsonl").read_text().splitlines()]
     assert ids == [f"o{i}" for i in range(5)]
@@ -124,5 +125,5 @@ def test_a_shard_with_failed_prompts_runs_again_alone(assets_dir, prefect_server
         }
         server.fail_marker = None
         state = regenerate_flow(overrides=args, return_state=True)
-        assert state.result()["rows"] == 5 and state.result()["failed"] == 0
+        assert state.result().rows == 5 and state.result().failed == 0
         assert shard_runs(state.state_details.flow_run_id) == {"regenerate-shard-1": "COMPLETED"}

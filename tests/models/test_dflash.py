@@ -5,17 +5,17 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, Qwen3Config
+from support import tiny
 
 from deepspec.models.drafts.dflash import (
     DFlashConfig,
     DFlashDraft,
     PackedBlocks,
     attention_chunks,
-    load_draft,
+    load,
     pack_blocks,
     sample_anchors,
-    save_draft,
+    save,
 )
 from deepspec.models.errors import ConfigError
 
@@ -32,10 +32,7 @@ def tiny_draft(target_config, layers=2, block=4, layer_ids=(0, 1)) -> DFlashDraf
     return DFlashDraft(cfg, embed, head)
 
 
-LLAMA = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                    num_hidden_layers=3, vocab_size=50)  # fmt: skip
-QWEN3 = Qwen3Config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                    head_dim=16, num_hidden_layers=3, vocab_size=50)  # fmt: skip
+LLAMA, QWEN3 = tiny.llama(layers=3), tiny.qwen3(layers=3)
 
 
 def random_sequences(n_features: int, hidden: int, lengths=(12, 9)):
@@ -188,14 +185,14 @@ def test_context_after_the_anchor_does_not_change_its_block():
 
 def test_save_load_round_trip_excludes_target_weights(tmp_path):
     draft = tiny_draft(QWEN3).eval()
-    save_draft(draft, tmp_path)
+    save(draft, tmp_path)
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
     assert "fc.weight" in keys and "layers.1.self_attn.k_norm.weight" in keys
     assert not any(k.startswith(("embed_tokens", "lm_head")) for k in keys)
-    loaded = load_draft(tmp_path, draft.embed_tokens.weight.clone(), draft.lm_head.weight.clone())
+    loaded = load(tmp_path, draft.embed_tokens.weight.clone(), draft.lm_head.weight.clone())
     feats = torch.randn(5, 64)
     torch.testing.assert_close(loaded.draft_logits(feats, 7), draft.draft_logits(feats, 7))
 
@@ -203,7 +200,7 @@ def test_save_load_round_trip_excludes_target_weights(tmp_path):
 def test_load_rejects_other_architectures(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
     with pytest.raises(ConfigError, match="DFlashDraftModel"):
-        load_draft(tmp_path, torch.zeros(1, 1), torch.zeros(1, 1))
+        load(tmp_path, torch.zeros(1, 1), torch.zeros(1, 1))
 
 
 def test_gemma_embeddings_are_scaled():

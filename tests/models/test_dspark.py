@@ -9,16 +9,19 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import Gemma3TextConfig, LlamaConfig, Qwen3Config
+from support import tiny
+from transformers import Qwen3Config
 
 from deepspec.models.drafts.dflash import pack_blocks
 from deepspec.models.drafts.dspark import (
     DSparkConfig,
     DSparkDraft,
+    DSparkSettings,
     block_rows,
-    load_dspark,
-    save_dspark,
-    validate_dspark_export,
+    export,
+    load,
+    save,
+    validate_export,
 )
 from deepspec.models.errors import ConfigError
 from deepspec.models.losses import (
@@ -34,13 +37,7 @@ from deepspec.models.losses import (
 
 torch.set_num_threads(1)
 
-LLAMA = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                    num_hidden_layers=3, vocab_size=50)  # fmt: skip
-QWEN3 = Qwen3Config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                    head_dim=16, num_hidden_layers=3, vocab_size=50)  # fmt: skip
-GEMMA = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-                         head_dim=16, num_hidden_layers=2, vocab_size=50,
-                         final_logit_softcapping=2.0)  # fmt: skip
+LLAMA, QWEN3, GEMMA = tiny.llama(layers=3), tiny.qwen3(layers=3), tiny.gemma3()
 HEADS = ("vanilla", "gated", "rnn")
 BLOCK = 4
 LOSS_WEIGHTS = {"ce_weight": 0.1, "l1_weight": 0.9, "confidence_weight": 1.0}  # upstream's recipe
@@ -331,24 +328,24 @@ def test_confidence_threshold_stops_drafting():
 def test_save_load_round_trip_and_upstream_export(tmp_path, head):
     model = tiny_dspark(QWEN3, head).eval()
     embed, lm_head = model.backbone.embed_tokens.weight.clone(), model.backbone.lm_head.weight.clone()
-    save_dspark(model, tmp_path / "draft")
+    save(model, tmp_path / "draft")
     with safe_open(str(tmp_path / "draft" / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
     assert {"fc.weight", "layers.1.self_attn.k_norm.weight", "markov_head.markov_w2.weight"} <= keys
     assert {"confidence_head.proj.weight", "confidence_head.proj.bias"} <= keys
     assert not any(k.startswith(("embed_tokens", "lm_head", "backbone.")) for k in keys)
-    loaded = load_dspark(tmp_path / "draft", embed, lm_head)
+    loaded = load(tmp_path / "draft", embed, lm_head)
     _, feats = random_sequences(lengths=(12,))[0]
     torch.testing.assert_close(loaded.draft_logits(feats[:5], 7), model.draft_logits(feats[:5], 7))
     torch.testing.assert_close(
         loaded.propose(feats[:5], 7).confidence, model.propose(feats[:5], 7).confidence
     )
-    assert any("embed_tokens.weight" in p for p in validate_dspark_export(tmp_path / "draft"))
+    assert "model.safetensors: missing tensor 'embed_tokens.weight'" in validate_export(tmp_path / "draft")
 
-    export = tmp_path / "export"
-    save_dspark(model, export, include_target_weights=True, target_config=QWEN3.to_dict())
-    assert validate_dspark_export(export) == []
-    config = json.loads((export / "config.json").read_text())
+    out = tmp_path / "export"
+    assert export(model, out, QWEN3) == "Qwen3DSparkModel"
+    assert validate_export(out) == []
+    config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["Qwen3DSparkModel"] and config["markov_head_type"] == head
     assert (
         config["markov_rank"] == 8
@@ -362,14 +359,14 @@ def test_save_load_round_trip_and_upstream_export(tmp_path, head):
         and config["mask_token_id"] == 3
     )
     # transformers reads it as a Qwen3 config carrying the DSpark keys, as upstream's from_pretrained does
-    hf = Qwen3Config.from_pretrained(export)
+    hf = Qwen3Config.from_pretrained(out)
     assert (
         hf.num_hidden_layers == 2
         and hf.markov_rank == 8
         and hf.num_anchors == 8
         and not hf.tie_word_embeddings
     )
-    reloaded = load_dspark(export, embed, lm_head)
+    reloaded = load(out, embed, lm_head)
     torch.testing.assert_close(reloaded.draft_logits(feats[:5], 7), model.draft_logits(feats[:5], 7))
 
 
@@ -378,33 +375,30 @@ def test_export_validation_names_what_upstream_would_miss(tmp_path):
     # without q/k norms (DFlash's choice for a Llama target): upstream's layers always have them
     cfg = dataclasses.replace(llama.cfg, backbone=dataclasses.replace(llama.cfg.backbone, qk_norm=False))
     no_norms = DSparkDraft(cfg, llama.backbone.embed_tokens.weight, llama.backbone.lm_head.weight)
-    save_dspark(no_norms, tmp_path / "llama", include_target_weights=True)
-    assert "model.safetensors: missing tensor 'layers.0.self_attn.q_norm.weight'" in validate_dspark_export(
+    export(no_norms, tmp_path / "llama", LLAMA)
+    assert "model.safetensors: missing tensor 'layers.0.self_attn.q_norm.weight'" in validate_export(
         tmp_path / "llama"
     )
-    gemma_config = Gemma3TextConfig(
-        hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-        num_hidden_layers=2, vocab_size=50,
-    )  # fmt: skip
+    gemma_config = tiny.gemma3(final_logit_softcapping=None)
     gemma = tiny_dspark(gemma_config)
     assert gemma.cfg.architecture == "Gemma4DSparkModel"
-    save_dspark(gemma, tmp_path / "gemma", include_target_weights=True)
-    problems = validate_dspark_export(tmp_path / "gemma")
+    export(gemma, tmp_path / "gemma", gemma_config)
+    problems = validate_export(tmp_path / "gemma")
     assert "config.json: missing field 'global_head_dim'" in problems
     assert "model.safetensors: missing tensor 'layers.0.pre_feedforward_layernorm.weight'" in problems
 
     qwen = tiny_dspark(QWEN3, "gated")
-    save_dspark(qwen, tmp_path / "qwen", include_target_weights=True)
+    export(qwen, tmp_path / "qwen", QWEN3)
     config_file = tmp_path / "qwen" / "config.json"
     config = json.loads(config_file.read_text())
     config["markov_head_type"] = "vanilla"  # gate_proj would be unexpected
     del config["confidence_head_with_markov"]
     config_file.write_text(json.dumps(config))
-    problems = validate_dspark_export(tmp_path / "qwen")
+    problems = validate_export(tmp_path / "qwen")
     assert "config.json: missing field 'confidence_head_with_markov' (confidence head enabled)" in problems
     assert "model.safetensors: unexpected tensor 'markov_head.gate_proj.weight'" in problems
-    assert validate_dspark_export(tmp_path / "nowhere") == [
-        f"{tmp_path / 'nowhere'} needs config.json and model.safetensors"
+    assert validate_export(tmp_path / "nowhere") == [
+        f"{tmp_path / 'nowhere'}: missing config.json and model.safetensors"
     ]
 
 
@@ -414,9 +408,9 @@ def test_llama_target_gets_q_and_k_norms_as_upstream_layers_have(tmp_path):
     model = tiny_dspark(LLAMA)
     assert model.cfg.backbone.qk_norm and model.cfg.backbone.head_dim == 32 // 4
     assert model.backbone.layers[0].self_attn.q_norm.weight.shape == (8,)
-    save_dspark(model, tmp_path, include_target_weights=True, target_config=LLAMA.to_dict())
-    assert validate_dspark_export(tmp_path) == []
-    reloaded = load_dspark(tmp_path, model.backbone.embed_tokens.weight, model.backbone.lm_head.weight)
+    export(model, tmp_path, LLAMA)
+    assert validate_export(tmp_path) == []
+    reloaded = load(tmp_path, model.backbone.embed_tokens.weight, model.backbone.lm_head.weight)
     assert reloaded.cfg == model.cfg
     _, feats = random_sequences(lengths=(12,))[0]
     torch.testing.assert_close(reloaded.draft_logits(feats[:5], 7), model.draft_logits(feats[:5], 7))
@@ -424,12 +418,12 @@ def test_llama_target_gets_q_and_k_norms_as_upstream_layers_have(tmp_path):
 
 def test_tied_target_exports_its_head_under_both_names(tmp_path):
     """A tied target's LM head is its embedding; safetensors refuses one memory under two names, so
-    `save_dspark` copies it, and upstream's loader finds both."""
+    the export copies it, and upstream's loader finds both."""
     tied = torch.randn(50, 32)
     tied_model = DSparkDraft(tiny_dspark(QWEN3).cfg, tied, tied)
     assert tied_model.backbone.lm_head.weight.data_ptr() == tied_model.backbone.embed_tokens.weight.data_ptr()
-    save_dspark(tied_model, tmp_path, include_target_weights=True)
-    assert validate_dspark_export(tmp_path) == []
+    export(tied_model, tmp_path, QWEN3)
+    assert validate_export(tmp_path) == []
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         assert torch.equal(f.get_tensor("lm_head.weight"), f.get_tensor("embed_tokens.weight"))
         assert torch.equal(f.get_tensor("lm_head.weight"), tied)
@@ -442,9 +436,9 @@ def test_gemma_teacher_is_capped_as_the_target_caps_its_logits(tmp_path):
     raw = final @ model.backbone.lm_head.weight.t()
     torch.testing.assert_close(model.target_logits(final), 2.0 * torch.tanh(raw / 2.0))
     assert model.target_logits(final).abs().max() < 2.0 < raw.abs().max()
-    save_dspark(model, tmp_path)
+    save(model, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["final_logit_softcapping"] == 2.0
-    reloaded = load_dspark(tmp_path, model.backbone.embed_tokens.weight, model.backbone.lm_head.weight)
+    reloaded = load(tmp_path, model.backbone.embed_tokens.weight, model.backbone.lm_head.weight)
     assert reloaded.cfg.final_logit_softcapping == 2.0
     with pytest.raises(ConfigError, match="final_logit_softcapping=-1.0"):
         dataclasses.replace(model.cfg, final_logit_softcapping=-1.0)
@@ -501,7 +495,21 @@ def test_config_errors(tmp_path):
         )  # fmt: skip
     (tmp_path / "config.json").write_text('{"architectures": ["DFlashDraftModel"]}')
     with pytest.raises(ConfigError, match="Qwen3DSparkModel"):
-        load_dspark(tmp_path, torch.zeros(1, 1), torch.zeros(1, 1))
+        load(tmp_path, torch.zeros(1, 1), torch.zeros(1, 1))
+
+
+def test_settings_problems_name_the_keys():
+    """The algo section's checks, which compose runs before any stage."""
+    good = dict(
+        name="dspark", block_size=7, num_layers=5, loss_decay=4.0, anchors_per_sequence=64, markov_rank=256,
+        markov_head_type="vanilla", confidence_head=True, confidence_head_with_markov=True, ce_weight=0.1,
+        l1_weight=0.9, confidence_weight=1.0,
+    )  # fmt: skip
+    assert DSparkSettings(**good).problems([1, 9, 17], 36) == []
+    bad = DSparkSettings(**{**good, "block_size": 0, "markov_rank": 0, "l1_weight": -1.0, "loss_decay": 0})
+    problems = "\n".join(bad.problems([1, 9, 17], 36))
+    for key in ("algo.block_size=0", "algo.loss_decay=0", "algo.l1_weight=-1.0", "needs a Markov head"):
+        assert key in problems
 
 
 # --- the real tiny model ---

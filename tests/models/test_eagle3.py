@@ -8,31 +8,30 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from support import tiny
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoConfig, LlamaConfig, Qwen3Config
+from transformers import AutoConfig, LlamaConfig
 
 from deepspec.models.drafts.eagle3 import (
     Eagle3Config,
     Eagle3Draft,
+    Eagle3Settings,
     build_draft_vocab,
     default_layer_ids,
-    load_draft,
-    save_draft,
-    save_eagle3_export,
+    export,
+    load,
+    save,
     token_counts,
     ttt_attend,
     ttt_attention_mask,
     ttt_loss,
-    validate_eagle3_export,
+    validate_export,
 )
 from deepspec.models.errors import ConfigError
 
 torch.set_num_threads(1)
 
-LLAMA = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                    num_hidden_layers=4, vocab_size=50)  # fmt: skip
-QWEN3 = Qwen3Config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                    head_dim=16, num_hidden_layers=4, vocab_size=50)  # fmt: skip
+LLAMA, QWEN3 = tiny.llama(), tiny.qwen3()
 REDUCED = 20  # draft vocabulary of the reduced-vocabulary cases
 
 
@@ -371,17 +370,28 @@ def test_config_checks_layer_ids_and_vocab():
     assert default_layer_ids(4) == [1, 1, 0]
 
 
+def test_settings_problems_name_the_keys():
+    """The algo section's checks, which compose runs: Eagle3's own names, the three layers it fuses."""
+    good = Eagle3Settings(name="eagle3", ttt_steps=7, step_decay=0.8, draft_vocab_size=None)
+    assert good.problems([1, 17, 32], 36) == []
+    bad = Eagle3Settings(name="eagle3", ttt_steps=0, step_decay=1.5, draft_vocab_size=0)
+    problems = "\n".join(bad.problems([1, 9, 17, 25, 33], 36))
+    for key in ("algo.ttt_steps=0", "algo.step_decay=1.5", "algo.draft_vocab_size=0"):
+        assert key in problems
+    assert "exactly 3 target layers" in problems and "'target.layer_ids=[1,17,32]'" in problems
+
+
 @pytest.mark.parametrize("draft_vocab", [None, REDUCED], ids=["full-vocab", "reduced-vocab"])
 def test_save_load_round_trip(tmp_path, draft_vocab):
     draft = tiny_draft(QWEN3, draft_vocab=draft_vocab).eval()
-    save_draft(draft, tmp_path)
+    save(draft, tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
     assert {"fc.weight", "midlayer.self_attn.q_proj.weight", "norm.weight", "d2t", "t2d"} <= keys
     assert not any(k.startswith("embed_tokens") for k in keys)
     assert ("lm_head.weight" in keys) == (draft_vocab is not None)  # saved only when it is trained
     target_head = torch.randn(50, 32) if draft_vocab is not None else draft.lm_head.weight.clone()
-    loaded = load_draft(tmp_path, draft.embed_tokens.weight.clone(), target_head)
+    loaded = load(tmp_path, draft.embed_tokens.weight.clone(), target_head)
     ids, feats = random_batch(batch=1)
     torch.testing.assert_close(
         loaded.draft_logits(feats[0, :5], 7, context_ids=ids[0, :5]),
@@ -393,14 +403,14 @@ def test_save_load_round_trip(tmp_path, draft_vocab):
 def test_load_rejects_other_architectures(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
     with pytest.raises(ConfigError, match="LlamaForCausalLMEagle3"):
-        load_draft(tmp_path, torch.zeros(1, 1), torch.zeros(1, 1))
+        load(tmp_path, torch.zeros(1, 1), torch.zeros(1, 1))
 
 
 @pytest.mark.parametrize("draft_vocab", [None, REDUCED], ids=["full-vocab", "reduced-vocab"])
 def test_export_has_engine_names_config_and_validates(tmp_path, draft_vocab):
     draft = tiny_draft(QWEN3, draft_vocab=draft_vocab)
-    save_eagle3_export(draft, tmp_path, QWEN3)
-    assert validate_eagle3_export(tmp_path) == []
+    export(draft, tmp_path, QWEN3)
+    assert validate_export(tmp_path) == []
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLMEagle3"]
     assert config["eagle_aux_hidden_state_layer_ids"] == [1, 2, 4]  # vLLM: input of layer j = our j - 1
@@ -427,7 +437,7 @@ def test_export_has_engine_names_config_and_validates(tmp_path, draft_vocab):
         assert state["d2t"].dtype == torch.int64 and state["t2d"].dtype == torch.bool
     torch.testing.assert_close(state["lm_head.weight"], draft.lm_head.weight.detach())
     # the export also loads back as a DeepSpec draft
-    loaded = load_draft(
+    loaded = load(
         tmp_path, draft.embed_tokens.weight, torch.randn(50, 32) if draft_vocab else state["lm_head.weight"]
     )
     ids, feats = random_batch(batch=1)
@@ -439,7 +449,7 @@ def test_export_has_engine_names_config_and_validates(tmp_path, draft_vocab):
 
 def test_validate_reports_missing_and_inconsistent_parts(tmp_path):
     draft = tiny_draft(LLAMA, draft_vocab=REDUCED)
-    save_eagle3_export(draft, tmp_path, LLAMA)
+    export(draft, tmp_path, LLAMA)
     state = load_file(str(tmp_path / "model.safetensors"))
     del state["midlayer.hidden_norm.weight"]
     state["d2t"] = torch.zeros_like(state["d2t"])  # no longer matches t2d
@@ -449,22 +459,22 @@ def test_validate_reports_missing_and_inconsistent_parts(tmp_path):
     config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] = config["eagle_aux_hidden_state_layer_ids"]
     del config["draft_vocab_size"]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    assert validate_eagle3_export(tmp_path) == [f"{tmp_path / 'config.json'}: missing key 'draft_vocab_size'"]
+    assert validate_export(tmp_path) == ["config.json: missing field 'draft_vocab_size'"]
     config["draft_vocab_size"] = REDUCED
     (tmp_path / "config.json").write_text(json.dumps(config))
-    problems = "\n".join(validate_eagle3_export(tmp_path))
+    problems = "\n".join(validate_export(tmp_path))
     assert "midlayer.hidden_norm.weight" in problems and "extra.weight" in problems
     assert "minus one" in problems and "d2t" in problems
     (tmp_path / "model.safetensors").unlink()
-    assert any("model.safetensors: missing" in p for p in validate_eagle3_export(tmp_path))
-    assert validate_eagle3_export(tmp_path / "nowhere") == [
-        f"{tmp_path / 'nowhere' / 'config.json'}: missing"
+    assert validate_export(tmp_path) == [f"{tmp_path}: missing model.safetensors"]
+    assert validate_export(tmp_path / "nowhere") == [
+        f"{tmp_path / 'nowhere'}: missing config.json and model.safetensors"
     ]
 
 
 def test_export_rejects_another_target(tmp_path):
     with pytest.raises(ConfigError, match="built for"):
-        save_eagle3_export(tiny_draft(LLAMA), tmp_path, LlamaConfig(hidden_size=64, vocab_size=50))
+        export(tiny_draft(LLAMA), tmp_path, LlamaConfig(hidden_size=64, vocab_size=50))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -534,5 +544,5 @@ def test_stories260k_trains_and_agrees_with_inference(stories, draft_vocab, tmp_
     out = draft.draft_logits(feats[:p], int(ids[p]), context_ids=ids[:p])
     assert out.shape == (3, 512) and bool(draft.t2d[out.argmax(-1)].all())
 
-    save_eagle3_export(draft, tmp_path, model.config)
-    assert validate_eagle3_export(tmp_path) == []
+    export(draft, tmp_path, model.config)
+    assert validate_export(tmp_path) == []

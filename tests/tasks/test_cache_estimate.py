@@ -3,10 +3,10 @@ and that the estimate matches the bytes a shard really takes."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from support import stories
+from support.stories import write_answers
 
 from deepspec.flows.cli import main
 from deepspec.models.errors import ConfigError
@@ -15,23 +15,11 @@ from deepspec.tasks.cache.estimate import SAMPLE_OVERHEAD_BYTES, SHARD_OVERHEAD_
 from deepspec.tasks.cache.format import open_fs, shard_name, write_shard
 from deepspec.tasks.config import compose
 
-STORIES = [
-    ("Once upon a time, there was a little dog", " named Max. Max loved to play with his toys."),
-    ("Lily went to the park", " and saw a big red ball. She was very happy."),
-    ("The cat sat on the mat", "."),
-    ("Tom had a small boat", " that he took to the lake every day. One day, the wind was strong."),
-]
+STORIES = stories.STORIES[:4]  # four rows, so that counting every other row samples rows 0 and 2
 
 
 def conversation(prompt: str, answer: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-
-
-def write_answers(run_dir, rows=STORIES) -> None:
-    (run_dir / "regen").mkdir(parents=True)
-    with (run_dir / "regen" / "answers.jsonl").open("w") as f:
-        for i, (prompt, answer) in enumerate(rows):
-            f.write(json.dumps({"id": i, "conversations": conversation(prompt, answer)}) + "\n")
 
 
 def test_qwen3_4b_upstream_is_30726_bytes_a_token():
@@ -73,17 +61,24 @@ def test_every_target_preset_estimates_but_an_unreachable_unpinned_one(tmp_path)
 
 
 def test_hidden_size_read_from_the_checkpoint_config(assets_dir):
-    cfg = compose(["target=stories260k", f"target.path={assets_dir}/models/stories260k",
-                   "target.hidden_size=null", "target.num_hidden_layers=null"])  # fmt: skip
-    result = estimate(cfg)
+    unpinned = [f"target.path={assets_dir}/models/stories260k", "target.hidden_size=null",
+                "target.num_hidden_layers=null"]  # fmt: skip
+    result = estimate(compose(["target=stories260k", *unpinned]))
     assert (result["hidden_size"], result["num_hidden_layers"], result["feature_dim"]) == (64, 5, 192)
+    # the layer count is unknown while composing: layers beyond the checkpoint's fail here
+    beyond = compose(["target=stories260k", *unpinned, "target.layer_ids=[0,2,5]"])
+    with pytest.raises(ConfigError, match=r"target\.layer_ids=\[0, 2, 5\]: each must be in \[0, 4\]"):
+        estimate(beyond)
 
 
 def test_layer_ids_beyond_the_target_and_unknown_encodings_fail():
-    with pytest.raises(ConfigError, match=r"target.layer_ids=\[1, 36\]"):
-        estimate(compose(["target=qwen3_4b", "target.layer_ids=[1,36]"]))
-    with pytest.raises(ConfigError, match="storage.encoding='int3' is not one of"):
-        estimate(compose(["storage.encoding=int3"]))
+    """Refused while composing, when the preset pins the target's layer count."""
+    with pytest.raises(
+        ConfigError, match=r"target\.layer_ids=\[1, 36\]: the target has 36 layers \(0\.\.35\)"
+    ):
+        compose(["target=qwen3_4b", "target.layer_ids=[1,36]"])
+    with pytest.raises(ConfigError, match=r"storage\.encoding='int3': expected one of \['bf16', 'fp8'"):
+        compose(["storage.encoding=int3"])
 
 
 @pytest.mark.parametrize("encoding", list(ENCODINGS))
@@ -123,11 +118,12 @@ def test_tokens_counted_with_the_target_tokenizer(assets_dir, tmp_path):
     from deepspec.models.target import load_tokenizer
 
     path = assets_dir / "models" / "stories260k"
-    write_answers(tmp_path)
     tokenizer = load_tokenizer(str(path))
     for max_length in (4096, 9):  # 9 cuts some answers away entirely: such rows are not cached
-        cfg = compose(["target=stories260k", f"target.path={path}", f"run_dir={tmp_path}",
-                       f"storage.max_length={max_length}"])  # fmt: skip
+        overrides = ["target=stories260k", f"target.path={path}", f"run_dir={tmp_path}",
+                     f"storage.max_length={max_length}"]  # fmt: skip
+        write_answers(overrides, STORIES)
+        cfg = compose(overrides)
         counted = count_tokens(cfg)
         rendered = [
             render_conversation(tokenizer, conversation(p, a), use_chat_template=False, max_length=max_length)
@@ -148,8 +144,9 @@ def test_qwen3_tokens_counted_with_its_chat_template(assets_dir, tmp_path):
     from deepspec.models.target import load_tokenizer
 
     path = assets_dir / "tokenizers" / "qwen3"
-    write_answers(tmp_path)
-    counted = count_tokens(compose(["target=qwen3_4b", f"target.path={path}", f"run_dir={tmp_path}"]))
+    overrides = ["target=qwen3_4b", f"target.path={path}", f"run_dir={tmp_path}"]
+    write_answers(overrides, STORIES)
+    counted = count_tokens(compose(overrides))
     tokenizer = load_tokenizer(str(path))
     kwargs = {"enable_thinking": False}
     want = sum(
@@ -167,9 +164,10 @@ def test_qwen3_tokens_counted_with_its_chat_template(assets_dir, tmp_path):
 
 
 def test_tokens_estimated_from_characters_without_a_tokenizer(tmp_path):
-    write_answers(tmp_path / "run")
-    cfg = compose(["target=qwen3_4b", f"target.path={tmp_path / 'no' / 'such' / 'model'}",
-                   f"run_dir={tmp_path / 'run'}"])  # fmt: skip
+    overrides = ["target=qwen3_4b", f"target.path={tmp_path / 'no' / 'such' / 'model'}",
+                 f"run_dir={tmp_path / 'run'}"]  # fmt: skip
+    write_answers(overrides, STORIES)
+    cfg = compose(overrides)
     counted = count_tokens(cfg)
     chars = [len(p) + len(a) for p, a in STORIES]
     assert counted["tokens"] == sum(-(-c // 4) for c in chars) and counted["samples"] == len(STORIES)
@@ -186,9 +184,10 @@ def test_cli_prints_the_table(capsys, tmp_path):
     assert all(name in lines for name in ENCODINGS)
     assert "tokens: 1,240,000,000 (--tokens)" in out
 
-    write_answers(tmp_path)  # without --tokens, the run's answers are counted
     no_tokenizer = f"target.path={tmp_path / 'no' / 'such' / 'model'}"
-    assert main(["estimate-cache", "target=qwen3_4b", no_tokenizer, f"run_dir={tmp_path}"]) == 0
+    overrides = ["target=qwen3_4b", no_tokenizer, f"run_dir={tmp_path}"]
+    write_answers(overrides, STORIES)  # without --tokens, the run's answers are counted
+    assert main(["estimate-cache", *overrides]) == 0
     assert "estimated at 4 characters a token" in capsys.readouterr().out
 
     assert main(["estimate-cache", "target=gemma4_12b", no_tokenizer]) == 2

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from support.stories import STORIES, stories_overrides, write_answers
 
 from deepspec.models.errors import ConfigError, DataError
 from deepspec.tasks.cache.format import (
@@ -19,14 +19,7 @@ from deepspec.tasks.cache.format import (
     write_manifest,
     write_shard,
 )
-from deepspec.tasks.cache.loader import (
-    CacheStream,
-    RankOrder,
-    cache_needed,
-    open_stream,
-    samples_per_second,
-    storage_mode,
-)
+from deepspec.tasks.cache.loader import CacheStream, RankOrder, open_stream, samples_per_second
 from deepspec.tasks.config import compose
 
 DIM = 8  # 2 layers x hidden 4
@@ -180,11 +173,11 @@ def test_resume_yields_exactly_the_remaining_sequence(cache_url, k):
 
 
 def test_training_resumes_at_the_checkpointed_micro_step(cache_url):
-    """train_rank's loop: micro-batches from the stream, its state in client_state; a crash after the
+    """The recipe's loop: micro-batches from the stream, its state in client_state; a crash after the
     checkpoint at micro-step 5 resumes with the same micro-batches and anchors as a run that never stopped."""
-    from deepspec.tasks.train.stage import anchor_generator, loader_state_at, micro_batch_size, sample_anchors
+    from deepspec.models.drafts.dflash import sample_anchors
+    from deepspec.tasks.train.schedule import anchor_generator, loader_state_at, micro_batch_size
 
-    cfg = compose(["train.seed=4"])
     micro_batch, epochs = 4, 3  # 9 samples per rank per epoch: every epoch ends with a short micro-batch
     per_step = 3  # ceil(9 / 4) micro-steps per epoch
 
@@ -196,7 +189,7 @@ def test_training_resumes_at_the_checkpointed_micro_step(cache_url):
         it, steps, saved = iter(stream), [], None
         for micro in range(start_micro, epochs * per_step):
             batch = [next(it) for _ in range(micro_batch_size(micro, stream.samples_per_epoch, micro_batch))]
-            gen = anchor_generator(cfg, micro, 1, 2)
+            gen = anchor_generator(4, micro, 1, 2)
             steps.append([(s["sample_id"], sample_anchors(s["loss_mask"], 2, gen).tolist()) for s in batch])
             if micro + 1 == stop_at:
                 saved = {"micro_step": micro + 1, "loader": stream.state_dict()}
@@ -309,54 +302,27 @@ def test_samples_per_second_measures_the_stream(cache_url):
 # Mode
 
 
-def test_mode_selects_whether_a_cache_is_needed():
-    assert compose().storage.mode == "cached" and cache_needed(compose())
-    assert not cache_needed(compose(["storage.mode=online"]))
-    with pytest.raises(ConfigError, match="storage.mode='disk'"):
-        storage_mode(compose(["storage.mode=disk"]))
+def test_mode_is_checked_when_composing():
+    assert compose().storage.mode == "cached" and compose(["storage.mode=online"]).storage.mode == "online"
+    with pytest.raises(ConfigError, match="storage.mode='disk': expected one of"):
+        compose(["storage.mode=disk"])
 
 
 # ----------------------------------------------------------------------------------------------------
 # Online mode on the real stories260k target
 
 
-STORIES = [
-    ("Once upon a time, there was a little dog", " named Max. Max loved to play with his toys."),
-    ("Lily went to the park", " and saw a big red ball. She was very happy."),
-    ("The cat sat on the mat", "."),
-    ("Tom had a small boat", " that he took to the lake every day. One day, the wind was strong."),
-    ("A bird sang in the tree", " and the sun was warm. The bird flew down to say hello to Tim."),
-]
-
-
 @pytest.fixture(scope="module")
-def stories_run(assets_dir, tmp_path_factory):
+def stories_run(assets_dir, tmp_path_factory, one_thread):
     """A run directory with answers and the cache built from them by the cache stage."""
     from deepspec.tasks.cache.stage import build_cache
 
-    tmp = tmp_path_factory.mktemp("online")
-    (tmp / "regen").mkdir()
-    rows = [
-        {
-            "id": f"story-{i}",
-            "conversations": [{"role": "user", "content": p}, {"role": "assistant", "content": a}],
-        }
-        for i, (p, a) in enumerate(STORIES)
-    ]
-    (tmp / "regen" / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    overrides = [
-        "target=stories260k",
-        f"target.path={assets_dir / 'models' / 'stories260k'}",
-        f"run_dir={tmp}",
-        "storage.samples_per_shard=2",
-    ]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 260K-parameter model: threads cost more than they save
+    overrides = stories_overrides(assets_dir, tmp_path_factory.mktemp("online"))
+    write_answers(overrides)
     with pytest.MonkeyPatch.context() as patch:  # this test is about features, not MLflow metrics
         patch.setattr("deepspec.tasks.tracking.log_metrics", lambda *args, **kwargs: None)
         build_cache(compose(overrides))
-    yield overrides
-    torch.set_num_threads(before)
+    return overrides
 
 
 def test_online_samples_equal_cached_samples(stories_run):

@@ -3,11 +3,11 @@ target: write and read back, resume after the server dies mid-build, a corrupted
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from support.stories import STORIES, stories_overrides, write_answers
 
 from deepspec.models.errors import CacheMismatchError, DataError
 from deepspec.models.target import load_tokenizer
@@ -21,50 +21,20 @@ from deepspec.tasks.cache.format import (
     validate_manifest,
 )
 from deepspec.tasks.config import compose
+from deepspec.tasks.paths import run_paths
 
-pytestmark = pytest.mark.integration
-
-STORIES = [
-    ("Once upon a time, there was a little dog", " named Max. Max loved to play with his toys."),
-    ("Lily went to the park", " and saw a big red ball. She was very happy."),
-    ("The cat sat on the mat", " and looked at the bird."),
-    ("Tom had a small boat", " that he took to the lake every day. One day, the wind was strong."),
-    ("A bird sang in the tree", " and the sun was warm. The bird flew down to say hello to Tim."),
-]
 SHARDS = 3  # five stories, two per shard
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 260K-parameter model: threads cost more than they save
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
 
 
 def make_cfg(assets_dir: Path, run_dir: Path, url: str, tracking_uri: str, storage_options=None, *extra):
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "regen" / "answers.jsonl").is_file():
-        (run_dir / "regen").mkdir(exist_ok=True)
-        rows = [
-            {
-                "id": f"story-{i}",
-                "conversations": [{"role": "user", "content": p}, {"role": "assistant", "content": a}],
-            }
-            for i, (p, a) in enumerate(STORIES)
-        ]
-        (run_dir / "regen" / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    overrides = [
-        "target=stories260k",
-        f"target.path={assets_dir / 'models' / 'stories260k'}",
-        f"run_dir={run_dir}",
-        f"storage.url={url}",
-        "storage.samples_per_shard=2",
-        f"tracking.uri={tracking_uri}",
-        *extra,
-    ]
+    overrides = stories_overrides(
+        assets_dir, run_dir, f"storage.url={url}", f"tracking.uri={tracking_uri}", *extra
+    )
     for key, value in (storage_options or {}).items():  # as a user would pass them
         overrides.append(f"+storage.storage_options.{key}={hydra_value(value)}")
+    if not run_paths(compose(overrides)).answers.is_file():
+        write_answers(overrides)
     return compose(overrides)
 
 
@@ -77,6 +47,11 @@ def hydra_value(value) -> str:
 
 def s3_cfg(assets_dir, tmp: Path, server, prefix: str, tracking_uri: str, *extra):
     return make_cfg(assets_dir, tmp, f"s3://deepspec/{prefix}", tracking_uri, server.storage_options, *extra)
+
+
+def served_dir(server, cfg) -> Path:
+    """Where the S3 server keeps the cache of `cfg`, as files."""
+    return server.root / run_paths(cfg).cache_url.removeprefix("s3://")
 
 
 def samples_by_id(url: str, storage_options=None) -> dict[str, dict]:
@@ -96,18 +71,20 @@ def s3_built(assets_dir, s3_server, tmp_path_factory, tracking_uri):
 
 def test_written_to_s3_reads_back_as_a_local_build(s3_built, s3_server):
     cfg, result, local = s3_built
-    assert result["skipped"] is False and result["shards_built"] == SHARDS
-    assert result["url"] == "s3://deepspec/built" and result["samples"] == len(STORIES)
-    served = s3_server.root / "deepspec" / "built"  # what the server stored, as files
+    url = run_paths(cfg).cache_url
+    assert result.skipped is False and result.shards_built == SHARDS
+    assert result.url == url and url.startswith("s3://deepspec/built/stories260k-bf16-")
+    assert result.samples == len(STORIES)
+    served = served_dir(s3_server, cfg)  # what the server stored, as files
     assert {shard_name(k) for k in range(SHARDS)} | {"manifest.json", "build.json"} <= {
         p.name for p in served.iterdir()
     }
-    manifest = read_manifest(cfg.storage.url, s3_server.storage_options)
+    manifest = read_manifest(url, s3_server.storage_options)
     assert [s["name"] for s in manifest.shards] == [shard_name(k) for k in range(SHARDS)]
     assert manifest.num_bytes == sum((served / shard_name(k)).stat().st_size for k in range(SHARDS))
 
-    remote = samples_by_id(cfg.storage.url, s3_server.storage_options)
-    here = samples_by_id(local.storage.url)
+    remote = samples_by_id(url, s3_server.storage_options)
+    here = samples_by_id(run_paths(local).cache_url)
     assert sorted(remote) == sorted(here) == [f"story-{i}" for i in range(len(STORIES))]
     for sample_id, sample in remote.items():
         assert sample["input_ids"].tolist() == here[sample_id]["input_ids"].tolist()
@@ -120,7 +97,7 @@ def test_resume_after_the_server_is_killed_mid_build(assets_dir, s3_server, tmp_
     plan = cache.plan_cache(cfg)
     assert plan.missing == list(range(SHARDS)) and not plan.skipped
     cache.build_shard(cfg, 0)
-    served = s3_server.root / "deepspec" / "resume"
+    served = served_dir(s3_server, cfg)
     first = (served / shard_name(0)).stat().st_mtime_ns
 
     s3_server.stop()
@@ -133,19 +110,20 @@ def test_resume_after_the_server_is_killed_mid_build(assets_dir, s3_server, tmp_
         s3_server.start()  # same directory, same port
 
     result = cache.build_cache(cfg)
-    assert result["shards_built"] == SHARDS - 1 and result["samples"] == len(STORIES)
+    assert result.shards_built == SHARDS - 1 and result.samples == len(STORIES)
     assert (served / shard_name(0)).stat().st_mtime_ns == first  # the committed shard was kept
-    manifest = read_manifest(cfg.storage.url, s3_server.storage_options)
+    url = run_paths(cfg).cache_url
+    manifest = read_manifest(url, s3_server.storage_options)
     names = [s["name"] for s in manifest.shards]
     assert names == [shard_name(k) for k in range(SHARDS)]
-    ids = [s["sample_id"] for s in iter_samples(cfg.storage.url, s3_server.storage_options, verify=True)]
+    ids = [s["sample_id"] for s in iter_samples(url, s3_server.storage_options, verify=True)]
     assert sorted(ids) == [f"story-{i}" for i in range(len(STORIES))]  # each sample once
     assert not [p.name for p in served.iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_a_corrupted_shard_is_named(s3_built, s3_server):
     cfg, _, _ = s3_built
-    fs, root = open_fs(cfg.storage.url, s3_server.storage_options)
+    fs, root = open_fs(run_paths(cfg).cache_url, s3_server.storage_options)
     copy = "s3://deepspec/corrupt"
     for path in fs.ls(root):  # a copy of the built cache, through S3, so other tests keep theirs
         fs.copy(path, f"deepspec/corrupt/{Path(path).name}")
@@ -160,17 +138,22 @@ def test_a_corrupted_shard_is_named(s3_built, s3_server):
 
 
 def test_a_manifest_from_another_target_is_refused(s3_built, s3_server, assets_dir, tmp_path, tracking_uri):
+    """Other layers get a cache of their own; a manifest checked against another target's or other
+    layers' fields is refused, naming the field."""
     cfg, _, _ = s3_built
-    run_dir = Path(cfg.run_dir)
+    run_dir, url = Path(cfg.run_dir), run_paths(cfg).cache_url
     other_layers = s3_cfg(assets_dir, run_dir, s3_server, "built", tracking_uri, "target.layer_ids=[1,2]")
+    plan = cache.plan_cache(other_layers)
+    assert plan.url != url and plan.missing == list(range(SHARDS))
+    manifest = read_manifest(url, s3_server.storage_options)
+    expected = expected_manifest_fields(other_layers, load_tokenizer(other_layers.target.path))
     with pytest.raises(CacheMismatchError, match=r"layer_ids \[0, 2, 4\]; this config asks for \[1, 2\]"):
-        cache.plan_cache(other_layers)
+        validate_manifest(manifest, expected)
 
     (tmp_path / "other-target").symlink_to(assets_dir / "models" / "stories260k")
     other = s3_cfg(
         assets_dir, run_dir, s3_server, "built", tracking_uri, f"target.path={tmp_path / 'other-target'}"
     )
     expected = expected_manifest_fields(other, load_tokenizer(other.target.path))
-    manifest = read_manifest(cfg.storage.url, s3_server.storage_options)
     with pytest.raises(CacheMismatchError, match=r"target_id '.*stories260k'; this config asks for '.*other"):
         validate_manifest(manifest, expected)

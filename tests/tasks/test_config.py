@@ -12,17 +12,35 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ["target", "algo", "regen", "storage", "train", "eval"]
 
 
+# what an option needs besides itself: storage base and s3 have no default url, openai no endpoint
+NEEDS = {
+    ("storage", "base"): ["storage.url=s3://bucket/x"],
+    ("storage", "s3"): ["storage.url=s3://bucket/x"],
+    ("regen", "openai"): ["regen.endpoints=[https://host/v1]"],
+}
+
+
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_option_composes(group):
     for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
-        extra = ["storage.url=s3://bucket/x"] if (group, option) == ("storage", "s3") else []
-        cfg = compose([f"{group}={option}", *extra])
+        cfg = compose([f"{group}={option}", *NEEDS.get((group, option), [])])
         assert cfg[group] is not None
+
+
+@pytest.mark.parametrize("pair", sorted(p.stem for p in (CONF / "target_algo").glob("*.yaml")))
+def test_every_target_algo_pair_composes_with_its_values(pair):
+    """`target_algo/<target>_<algo>.yaml` is picked by the pair alone and overrides the target's layers."""
+    target, algo = pair.rsplit("_", 1)
+    cfg = compose([f"target={target}", f"algo={algo}"])
+    assert list(cfg.target.layer_ids) != list(compose([f"target={target}"]).target.layer_ids)
+    if algo == "eagle3":
+        assert len(cfg.target.layer_ids) == 3
 
 
 def test_demo_preset_holds_deltas():
     demo, default = compose(config_name="demo"), compose()
     assert demo.run_dir == "runs/demo" and demo.train.precision == "fp32"
+    assert default.run_dir == f"runs/{default.target.name}" and default.data_dir == f"{default.run_dir}/data"
     assert demo.target == default.target
 
 
@@ -42,14 +60,49 @@ def test_unknown_preset_lists_the_choices():
 
 
 def test_unknown_key_and_wrong_type_are_named():
-    with pytest.raises(ConfigError, match="train.epochz"):
+    with pytest.raises(ConfigError, match=r"train\.epochz is not a setting of train; its keys: epochs, lr"):
         compose(["train.epochz=3"])
-    with pytest.raises(ConfigError, match="epochs"):
+    with pytest.raises(ConfigError, match=r"train\.epochs: Value 'many'"):
         compose(["train.epochs=many"])
 
 
+def test_every_problem_is_reported_at_compose_time():
+    """Checks that need neither data nor weights fail while composing, all listed at once."""
+    bad = ["regen.api=grpc", "regen.batch_size=0", "storage.mode=lazy", "storage.task_runner=ray",
+           "train.precision=fp16", "train.micro_batch=2", "train.global_batch=5", "prompts.max_samples=0",
+           "target.layer_ids=[4,2]"]  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        compose(bad)
+    message = str(err.value)
+    assert message.startswith("bad configuration, 8 problems:\n"), message
+    for problem in [
+        "regen.api='grpc': expected one of ['completions', 'chat']",
+        "regen.batch_size=0: expected a positive count",
+        "storage.mode='lazy': expected one of ['cached', 'online']",
+        "storage.task_runner='ray': expected one of ['thread', 'dask']",
+        "train.precision='fp16': expected one of ['bf16', 'fp32']",
+        "train.global_batch=5 must be a multiple of train.micro_batch (2) x ranks (1:",
+        "prompts.max_samples=0: expected a positive count or null",
+        "target.layer_ids=[4, 2]: expected layer indices in increasing order, from 0",
+    ]:
+        assert problem in message, problem
+    with pytest.raises(
+        ConfigError, match=r"target\.layer_ids=\[0, 2\]: Eagle3 fuses exactly 3 target layers"
+    ):
+        compose(["target=stories260k", "algo=eagle3", "target.layer_ids=[0,2]"])
+
+
+def test_regen_settings_left_null_are_filled_in():
+    hf = compose(["target=stories260k"])
+    assert (hf.regen.api, hf.regen.max_new_tokens, hf.regen.temperature) == ("completions", 128, 1.0)
+    assert compose(["regen=vllm"]).regen.api == "completions"
+    openai = compose(["regen=openai", "regen.endpoints=[https://host/v1]", "regen.temperature=0"])
+    assert (openai.regen.api, openai.regen.temperature) == ("chat", 0)
+    assert openai.regen.max_new_tokens == openai.target.max_new_tokens
+
+
 def test_s3_storage_needs_a_url():
-    with pytest.raises(ConfigError, match="storage.url"):
+    with pytest.raises(ConfigError, match=r"storage\.url: no value \(set it, e\.g\. storage\.url=\.\.\.\)"):
         compose(["storage=s3"])
 
 

@@ -12,13 +12,15 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from deepspec.models.drafts.dflash import DFlashConfig, DFlashDraft, save_draft
+from deepspec.models.drafts import dflash
 from deepspec.models.errors import DataError, DeepSpecError
 from deepspec.models.target import load_target
 from deepspec.tasks import tracking
 from deepspec.tasks.config import compose
-from deepspec.tasks.evaluate.stage import RESULTS_FILE, evaluate, load_benchmark
-from deepspec.tasks.train.stage import draft_dir
+from deepspec.tasks.evaluate.benchmarks import load_benchmark
+from deepspec.tasks.evaluate.stage import RESULTS_FILE, evaluate
+from deepspec.tasks.paths import run_paths
+from deepspec.tasks.results import to_record
 
 
 class AnchorChainDrafter:
@@ -102,32 +104,33 @@ def test_evaluate_end_to_end_and_skip(assets_dir, tracking_uri, tmp_path, caplog
     assert loads == [1]
     assert "built-in prompt set" in caplog.text
 
-    on_disk = json.loads((tmp_path / "eval" / RESULTS_FILE).read_text())
-    assert on_disk == results
-    assert results["builtin_eval"] is True
-    assert results["block_size"] == 3
-    assert set(results["benchmarks"]) == set(cfg.eval.benchmarks)
-    for summary in [*results["benchmarks"].values(), results["overall"]]:
-        assert 1 <= summary["new_tokens"] <= 8 * summary["samples"]
-        assert summary["tau"] is None or 1.0 <= summary["tau"] <= 4.0
-        assert len(summary["acceptance"]) == 3
-        assert summary["speedup"] > 0
-        assert summary["greedy_match"] == 1.0  # temperature 0: the same tokens as the target alone
-    assert results["overall"]["samples"] == 9
-    assert results["overall"]["tau"] > 1.0  # the story model guesses some tokens right
-    assert (tmp_path / "eval" / "_DONE.json").is_file()
+    eval_dir = tmp_path / "eval" / "dflash"
+    on_disk = json.loads((eval_dir / RESULTS_FILE).read_text())
+    assert on_disk == to_record(results)
+    assert results.builtin_eval is True and results.skipped is False
+    assert results.block_size == 3
+    assert set(results.benchmarks) == set(cfg.eval.benchmarks)
+    for figures in [*results.benchmarks.values(), results.overall]:
+        assert 1 <= figures.new_tokens <= 8 * figures.samples
+        assert figures.tau is None or 1.0 <= figures.tau <= 4.0
+        assert len(figures.acceptance) == 3
+        assert figures.speedup > 0
+        assert figures.greedy_match == 1.0  # temperature 0: the same tokens as the target alone
+    assert results.overall.samples == 9
+    assert results.overall.tau > 1.0  # the story model guesses some tokens right
+    assert (eval_dir / "_DONE.json").is_file()
 
     metrics = MlflowClient(tracking_uri).get_run(tracking.run_id(cfg)).data.metrics
-    assert metrics["eval/overall/tau"] == pytest.approx(results["overall"]["tau"])
+    assert metrics["eval/overall/tau"] == pytest.approx(results.overall.tau)
     assert "eval/mt-bench/accept_1" in metrics
 
     again = evaluate(cfg, draft_loader, weights)  # unchanged config and draft: skipped
-    assert again == results
+    assert again.skipped is True and to_record(again) == to_record(results)
     assert loads == [1]
 
 
 def test_evaluate_defaults_to_the_trained_dflash_draft(assets_dir, tracking_uri, tmp_path):
-    """What the pipeline calls, `evaluate(cfg)`: the DFlash draft in `<run_dir>/train/draft`."""
+    """What the pipeline calls, `evaluate(cfg)`: the DFlash draft in `<run_dir>/train/dflash/draft`."""
     stories = assets_dir / "models" / "stories260k"
     if not (stories / "config.json").is_file():
         pytest.skip(f"stories260k not found in {assets_dir}")
@@ -143,18 +146,20 @@ def test_evaluate_defaults_to_the_trained_dflash_draft(assets_dir, tracking_uri,
             f"tracking.uri={tracking_uri}",
         ]
     )
-    with pytest.raises(DeepSpecError, match=r"no trained draft at .*train.*run `deepspec train` first"):
+    with pytest.raises(
+        DeepSpecError, match=r"no trained draft at .*train/dflash.*run `deepspec train` first"
+    ):
         evaluate(cfg)
 
     target, _ = load_target(str(stories))
-    geometry = DFlashConfig.from_target(
+    geometry = dflash.DFlashConfig.from_target(
         target.config, num_layers=1, block_size=4, layer_ids=list(cfg.target.layer_ids), mask_token_id=0
     )
     torch.manual_seed(0)
-    draft = DFlashDraft(geometry, target.get_input_embeddings().weight, target.get_output_embeddings().weight)
-    save_draft(draft, draft_dir(cfg))
+    embed, head = target.get_input_embeddings().weight, target.get_output_embeddings().weight
+    dflash.save(dflash.DFlashDraft(geometry, embed, head), run_paths(cfg).draft_dir)
 
     results = evaluate(cfg)
-    assert results["block_size"] == 4
-    assert results["draft_file"].endswith("model.safetensors")
-    assert results["overall"]["greedy_match"] == 1.0  # an untrained draft changes nothing but speed
+    assert results.block_size == 4
+    assert results.draft_file.endswith("model.safetensors")
+    assert results.overall.greedy_match == 1.0  # an untrained draft changes nothing but speed

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig
+from support.drafts import save_untrained_draft
 
-from deepspec.models.errors import ConfigError
-from deepspec.models.target import load_target, load_tokenizer
+from deepspec.models.errors import ConfigError, DeepSpecError
+from deepspec.models.target import load_target
 from deepspec.tasks.config import compose
 from deepspec.tasks.evaluate.stage import evaluate
-from deepspec.tasks.train.stage import RECIPES, draft_dir
 
 SMALL = {
-    "eagle3": ["algo.block_size=3", "algo.draft_vocab_size=null"],
+    "eagle3": ["algo.ttt_steps=3", "algo.draft_vocab_size=null"],
     "dspark": ["algo.num_layers=1", "algo.block_size=4", "algo.markov_rank=16"],
 }
 
@@ -29,19 +28,19 @@ def test_evaluate_runs_the_trained_draft(assets_dir, tracking_uri, tmp_path, alg
          f"eval.temperature={temperature}", f"tracking.uri={tracking_uri}"]
     )  # fmt: skip
     target, _ = load_target(str(stories))
-    embed, head = target.get_input_embeddings().weight.detach(), target.lm_head.weight.detach()
-    torch.manual_seed(0)
-    recipe = RECIPES[algo](
-        cfg, AutoConfig.from_pretrained(str(stories)), load_tokenizer(str(stories)), embed, head, "cpu", None
-    )
-    recipe.save(draft_dir(cfg))
+    draft = save_untrained_draft(cfg, target)
 
     results = evaluate(cfg)
-    assert results["algo"] == algo and results["block_size"] == recipe.slots
-    overall = results["overall"]
-    assert overall["samples"] == 2 and 1 <= overall["new_tokens"] <= 16
-    assert overall["greedy_match"] == (1.0 if temperature == 0 else None)
-    assert overall["tau"] is None or 1.0 <= overall["tau"] <= recipe.slots + 1
+    assert results.algo == algo and results.block_size == draft.block_size
+    overall = results.overall
+    assert overall.samples == 2 and 1 <= overall.new_tokens <= 16
+    assert overall.greedy_match == (1.0 if temperature == 0 else None)
+    assert overall.tau is None or 1.0 <= overall.tau <= draft.block_size + 1
 
+    # the trained draft of another algorithm is in its own folder: a dflash evaluation finds none
+    dflash = compose(["target=stories260k", f"target.path={stories}", f"run_dir={tmp_path}"])
+    with pytest.raises(DeepSpecError, match=r"no trained draft at .*train/dflash"):
+        evaluate(dflash)
+    (tmp_path / "train" / algo).rename(tmp_path / "train" / "dflash")  # another algorithm's, by hand
     with pytest.raises(ConfigError, match=f"is a {algo} draft, but algo=dflash"):
-        evaluate(compose(["target=stories260k", f"target.path={stories}", f"run_dir={tmp_path}"]))
+        evaluate(dflash)

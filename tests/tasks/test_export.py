@@ -9,18 +9,18 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig
+from support.drafts import save_untrained_draft
 
-from deepspec.models.drafts import load_draft
-from deepspec.models.errors import ConfigError
-from deepspec.models.target import load_target, load_tokenizer
+from deepspec.models.drafts import DRAFTS, load_draft
+from deepspec.models.errors import ConfigError, DeepSpecError
+from deepspec.models.target import load_target
 from deepspec.tasks.config import compose
-from deepspec.tasks.export import export, export_dir, validate_export
-from deepspec.tasks.train.stage import RECIPES, draft_dir
+from deepspec.tasks.export import export
+from deepspec.tasks.paths import run_paths
 
 SMALL = {
     "dflash": ["algo.num_layers=1", "algo.block_size=4"],
-    "eagle3": ["algo.block_size=3", "algo.draft_vocab_size=null"],
+    "eagle3": ["algo.ttt_steps=3", "algo.draft_vocab_size=null"],
     "dspark": ["algo.num_layers=1", "algo.block_size=4", "algo.markov_rank=16"],
 }
 ARCHITECTURES = {
@@ -28,18 +28,6 @@ ARCHITECTURES = {
     "eagle3": "LlamaForCausalLMEagle3",
     "dspark": "Qwen3DSparkModel",
 }
-
-
-def trained_draft(cfg, target):
-    """A draft saved where and as the train stage saves it (untrained weights)."""
-    tokenizer = load_tokenizer(cfg.target.path)
-    embed, head = target.get_input_embeddings().weight.detach(), target.lm_head.weight.detach()
-    torch.manual_seed(0)
-    recipe = RECIPES[cfg.algo.name](
-        cfg, AutoConfig.from_pretrained(cfg.target.path), tokenizer, embed, head, torch.device("cpu"), None
-    )
-    recipe.save(draft_dir(cfg))
-    return recipe.model
 
 
 @pytest.mark.parametrize("algo", ["dflash", "eagle3", "dspark"])
@@ -50,12 +38,12 @@ def test_export_writes_and_validates_each_layout(assets_dir, tracking_uri, tmp_p
          f"tracking.uri={tracking_uri}", *SMALL[algo]]
     )  # fmt: skip
     target, _ = load_target(str(stories))
-    model = trained_draft(cfg, target)
+    model = save_untrained_draft(cfg, target)
 
     record = export(cfg)
-    out = export_dir(cfg)
-    assert out == tmp_path / "export" / algo and record["architecture"] == ARCHITECTURES[algo]
-    assert validate_export(algo, out) == []
+    out = run_paths(cfg).export_dir
+    assert out == tmp_path / "export" / algo and record.architecture == ARCHITECTURES[algo]
+    assert record.path == str(out) and DRAFTS[algo].validate_export(out) == []
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == [ARCHITECTURES[algo]]
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
@@ -77,15 +65,19 @@ def test_export_writes_and_validates_each_layout(assets_dir, tracking_uri, tmp_p
         model.eval().draft_logits(features[:4], int(ids[4]), **extra),
     )
 
-    assert export(cfg).get("skipped") is True
+    assert export(cfg).skipped is True
     (out / "config.json").write_text("{}")  # a broken export is written again, not skipped
-    assert export(cfg).get("skipped") is not True and validate_export(algo, out) == []
+    assert export(cfg).skipped is False and DRAFTS[algo].validate_export(out) == []
 
 
 def test_export_refuses_a_draft_of_another_algorithm(assets_dir, tmp_path):
     stories = assets_dir / "models" / "stories260k"
     overrides = ["target=stories260k", f"target.path={stories}", f"run_dir={tmp_path}", *SMALL["dflash"]]
     target, _ = load_target(str(stories))
-    trained_draft(compose(overrides), target)
+    save_untrained_draft(compose(overrides), target)
+    dspark = compose([*overrides, "algo=dspark"])
+    with pytest.raises(DeepSpecError, match=r"no trained draft at .*train/dspark"):  # each algorithm its own
+        export(dspark)
+    (tmp_path / "train" / "dflash").rename(tmp_path / "train" / "dspark")  # another algorithm's, by hand
     with pytest.raises(ConfigError, match="is a dflash draft, but algo=dspark"):
-        export(compose([*overrides, "algo=dspark"]))
+        export(dspark)

@@ -12,7 +12,9 @@ from mlflow.tracking import MlflowClient
 from deepspec.models.errors import ConfigError, DataError
 from deepspec.tasks import tracking
 from deepspec.tasks.config import compose
+from deepspec.tasks.paths import run_paths
 from deepspec.tasks.prompts import load_conversations, prepare_prompts
+from deepspec.tasks.results import PromptsResult
 
 
 def _write(path: Path, rows: list) -> Path:
@@ -55,7 +57,7 @@ def test_builtin_prompts_are_valid():
 
 def test_malformed_json_names_file_and_line(tmp_path):
     path = _write(tmp_path / "bad.jsonl", [_user("Hi"), '{"conversations": [', _user("Bye")])
-    with pytest.raises(DataError, match=r"bad\.jsonl line 2: not valid JSON"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
         load_conversations(str(path))
 
 
@@ -65,7 +67,7 @@ def test_bad_role_names_file_line_and_field(tmp_path):
     with pytest.raises(DataError) as err:
         load_conversations(str(path))
     expected = "field 'conversations[1].role': expected one of user/assistant/system, got 'bot'"
-    assert f"prompts.jsonl line 4: {expected}" in str(err.value)
+    assert f"prompts.jsonl:4: {expected}" in str(err.value)
 
 
 def test_no_user_turn_is_an_error(tmp_path):
@@ -74,7 +76,7 @@ def test_no_user_turn_is_an_error(tmp_path):
     }
     path = _write(tmp_path / "p.jsonl", [_user("fine"), row])
     with pytest.raises(
-        DataError, match=r"p\.jsonl line 2: field 'conversations': the conversation has no user turn"
+        DataError, match=r"p\.jsonl:2: field 'conversations': the conversation has no user turn"
     ):
         load_conversations(str(path))
 
@@ -99,7 +101,7 @@ def test_missing_or_invalid_fields_are_named(tmp_path, row, field):
     assert len(rejects) == 1
     assert (rejects[0]["source"], rejects[0]["line"], rejects[0]["raw"]) == (str(path), 2, row)
     assert field in rejects[0]["reason"]
-    with pytest.raises(DataError, match="p.jsonl line 2: ") as err:  # without a rejects list: an error
+    with pytest.raises(DataError, match=r"p\.jsonl:2: ") as err:  # without a rejects list: an error
         load_conversations(str(path))
     assert field in str(err.value)
 
@@ -111,7 +113,7 @@ def test_all_bad_rows_are_listed_at_once(tmp_path):
     with pytest.raises(DataError) as err:
         load_conversations(str(path))
     assert "2 bad rows" in str(err.value)
-    assert "line 1" in str(err.value) and "line 3" in str(err.value)
+    assert "p.jsonl:1: " in str(err.value) and "p.jsonl:3: " in str(err.value)
 
 
 def test_roles_and_keys_are_normalized(tmp_path):
@@ -195,8 +197,8 @@ def test_parquet_rows_are_rejected_by_index(tmp_path, make_cfg):
     path = _write_data_file(tmp_path / "share.parquet", rows)
     cfg = make_cfg(f"prompts.source={path}")
     info = prepare_prompts(cfg)
-    assert (info["rows"], info["rejected"]) == (2, 1)
-    [reject] = _read(Path(cfg.run_dir) / "prompts" / "rejects.jsonl")
+    assert (info.rows, info.rejected) == (2, 1)
+    [reject] = _read(run_paths(cfg).rejects)
     assert (reject["source"], reject["split"], reject["index"]) == (str(path), "train", 2)
     assert reject["reason"].startswith("field 'conversations[0].from': expected one of user/assistant/system")
     assert reject["raw"]["id"] == "c" and reject["raw"]["conversations"][0]["from"] == "bot"
@@ -234,16 +236,16 @@ def test_prepare_drops_answers_and_duplicates(tmp_path, make_cfg):
     cfg = make_cfg(f"prompts.source={source}")
     info = prepare_prompts(cfg)
     expected = {"rows": 3, "heldout": 0, "rejected": 0, "duplicates": 1, "source": str(source)}
-    assert info == {**expected, "skipped": False}
-    out = _read(Path(cfg.run_dir) / "prompts" / "prompts.jsonl")
+    assert info == PromptsResult(path=str(run_paths(cfg).prompts), **expected, skipped=False)
+    out = _read(run_paths(cfg).prompts)
     assert [[t["role"] for t in r["conversations"]] for r in out] == [
         ["system", "user"],
         ["user"],
         ["user", "user"],
     ]
     assert [r["id"] for r in out] == ["src-000001", "src-000002", "src-000004"]
-    assert (Path(cfg.run_dir) / "prompts" / "heldout.jsonl").read_text() == ""
-    assert (Path(cfg.run_dir) / "prompts" / "rejects.jsonl").read_text() == ""
+    assert run_paths(cfg).heldout.read_text() == ""
+    assert run_paths(cfg).rejects.read_text() == ""
 
 
 def test_malformed_rows_are_set_aside_and_counted(tmp_path, make_cfg, tracking_uri):
@@ -256,9 +258,9 @@ def test_malformed_rows_are_set_aside_and_counted(tmp_path, make_cfg, tracking_u
     cfg = make_cfg(f"prompts.source={source}")
     info = prepare_prompts(cfg)
     expected = {"rows": 2, "heldout": 0, "rejected": 4, "duplicates": 1, "source": str(source)}
-    assert info == {**expected, "skipped": False}
+    assert info == PromptsResult(path=str(run_paths(cfg).prompts), **expected, skipped=False)
 
-    rejects = _read(Path(cfg.run_dir) / "prompts" / "rejects.jsonl")
+    rejects = _read(run_paths(cfg).rejects)
     assert [(r["source"], r["line"]) for r in rejects] == [(str(source), n) for n in (2, 3, 5, 6)]
     assert [r["reason"] for r in rejects] == [
         "not valid JSON (Expecting value at column 20)",
@@ -268,7 +270,7 @@ def test_malformed_rows_are_set_aside_and_counted(tmp_path, make_cfg, tracking_u
         "expected a JSON object, got list",
     ]
     assert [r["raw"] for r in rejects] == ['{"conversations": [', no_user, bad_role, [1, 2]]
-    out = _read(Path(cfg.run_dir) / "prompts" / "prompts.jsonl")
+    out = _read(run_paths(cfg).prompts)
     assert [r["conversations"][0]["content"] for r in out] == ["Q1", "Q2"]
 
     metrics = MlflowClient(tracking_uri).get_run(tracking.run_id(cfg)).data.metrics
@@ -283,12 +285,12 @@ def test_malformed_rows_are_set_aside_and_counted(tmp_path, make_cfg, tracking_u
 def test_no_good_row_fails_naming_the_rejects_file(tmp_path, make_cfg):
     source = _write(tmp_path / "bad.jsonl", ["nope", {"conversations": [{"role": "x", "content": "y"}]}])
     cfg = make_cfg(f"prompts.source={source}")
-    rejects = Path(cfg.run_dir) / "prompts" / "rejects.jsonl"
+    rejects = run_paths(cfg).rejects
     with pytest.raises(DataError, match="none of its 2 rows is usable") as err:
         prepare_prompts(cfg)
-    assert str(rejects) in str(err.value) and "bad.jsonl line 1: not valid JSON" in str(err.value)
+    assert str(rejects) in str(err.value) and "bad.jsonl:1: not valid JSON" in str(err.value)
     assert len(_read(rejects)) == 2
-    assert not (Path(cfg.run_dir) / "prompts" / "_DONE.json").exists()
+    assert not (run_paths(cfg).prompts_dir / "_DONE.json").exists()
 
 
 def test_an_empty_source_fails(tmp_path, make_cfg):
@@ -304,14 +306,11 @@ def test_heldout_split_is_deterministic_and_order_free(tmp_path, make_cfg):
     again = make_cfg("prompts.heldout_fraction=0.25", run="b")
     flipped = make_cfg("prompts.heldout_fraction=0.25", f"prompts.source={reversed_source}", run="c")
     infos = [prepare_prompts(cfg) for cfg in (first, again, flipped)]
-    held = [
-        {r["id"] for r in _read(Path(cfg.run_dir) / "prompts" / "heldout.jsonl")}
-        for cfg in (first, again, flipped)
-    ]
+    held = [{r["id"] for r in _read(run_paths(cfg).heldout)} for cfg in (first, again, flipped)]
     assert held[0] == held[1] == held[2]
     assert 4 <= len(held[0]) <= 20
-    assert all(i["rows"] + i["heldout"] == 48 for i in infos)
-    train = {r["id"] for r in _read(Path(first.run_dir) / "prompts" / "prompts.jsonl")}
+    assert all(i.rows + i.heldout == 48 for i in infos)
+    train = {r["id"] for r in _read(run_paths(first).prompts)}
     assert not train & held[0]
 
 
@@ -319,7 +318,7 @@ def test_seed_draws_another_split(make_cfg):
     def held(seed: int, run: str) -> set[str]:
         cfg = make_cfg("prompts.heldout_fraction=0.25", f"prompts.seed={seed}", run=run)
         prepare_prompts(cfg)
-        return {r["id"] for r in _read(Path(cfg.run_dir) / "prompts" / "heldout.jsonl")}
+        return {r["id"] for r in _read(run_paths(cfg).heldout)}
 
     assert held(0, "a") == held(0, "b")
     assert held(0, "a") != held(1, "c")
@@ -333,26 +332,30 @@ def test_real_runs_default_to_open_perfectblend_and_the_demo_stays_offline():
 
 def test_max_samples_keeps_the_first_rows(make_cfg):
     cfg = make_cfg("prompts.max_samples=5")
-    assert prepare_prompts(cfg)["rows"] == 5
-    out = _read(Path(cfg.run_dir) / "prompts" / "prompts.jsonl")
+    assert prepare_prompts(cfg).rows == 5
+    out = _read(run_paths(cfg).prompts)
     assert [r["id"] for r in out] == [f"builtin-chat-{i:03d}" for i in range(5)]
 
 
 def test_rerun_skips_only_while_outputs_are_valid(make_cfg):
     cfg = make_cfg()
-    assert prepare_prompts(cfg)["skipped"] is False
+    assert prepare_prompts(cfg).skipped is False
     again = prepare_prompts(cfg)
     expected = {"rows": 48, "heldout": 0, "rejected": 0, "duplicates": 0, "source": "builtin"}
-    assert again == {**expected, "skipped": True}
+    assert again == PromptsResult(path=str(run_paths(cfg).prompts), **expected, skipped=True)
 
-    path = Path(cfg.run_dir) / "prompts" / "prompts.jsonl"
+    path = run_paths(cfg).prompts
     path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))  # lose a row
     redone = prepare_prompts(cfg)
-    assert redone["skipped"] is False and len(_read(path)) == 48
+    assert redone.skipped is False and len(_read(path)) == 48
 
-    assert prepare_prompts(make_cfg("prompts.max_samples=10"))["skipped"] is False  # another config
+    other = make_cfg("prompts.max_samples=10")  # another config: its own folder, made anew
+    assert run_paths(other).prompts_dir != run_paths(cfg).prompts_dir
+    assert prepare_prompts(other).skipped is False and len(_read(run_paths(other).prompts)) == 10
+    assert prepare_prompts(cfg).skipped is True  # the first config's prompts stay
 
 
 def test_bad_heldout_fraction(make_cfg):
-    with pytest.raises(ConfigError, match="prompts.heldout_fraction"):
-        prepare_prompts(make_cfg("prompts.heldout_fraction=1.0"))
+    """Refused while composing, before the stage runs."""
+    with pytest.raises(ConfigError, match=r"prompts\.heldout_fraction=1\.0: expected a value in \[0, 1\)"):
+        make_cfg("prompts.heldout_fraction=1.0")

@@ -19,6 +19,7 @@ from local_openai_server import LocalOpenAIServer
 from deepspec.models.errors import ConfigError, DataError
 from deepspec.models.target import load_target
 from deepspec.tasks.config import compose
+from deepspec.tasks.paths import run_paths
 from deepspec.tasks.prompts import prepare_prompts
 from deepspec.tasks.regenerate.stage import regenerate
 
@@ -71,7 +72,7 @@ def cfg(tmp_path, assets_dir, tracking_uri, source):
 
 
 def _answers(cfg) -> Path:
-    return Path(cfg.run_dir) / "regen" / "answers.jsonl"
+    return run_paths(cfg).answers
 
 
 def _rows(path: Path) -> list[dict]:
@@ -82,8 +83,8 @@ def test_answers_in_order_multi_turn_then_skip(cfg):
     info = regenerate(cfg)
     rows = _rows(_answers(cfg))
     assert [r["id"] for r in rows] == [o["id"] for o in OPENINGS]
-    assert info["rows"] == 5 and info["failed"] == 0 and info["skipped"] is False
-    assert info["output_tokens"] == sum(r["completion_tokens"] for r in rows)
+    assert info.rows == 5 and info.failed == 0 and info.skipped is False
+    assert info.output_tokens == sum(r["completion_tokens"] for r in rows)
     for row, opening in zip(rows, OPENINGS, strict=True):
         roles = [t["role"] for t in row["conversations"]]
         assert roles == ["user", "assistant"] * len(opening["conversations"])
@@ -96,15 +97,15 @@ def test_answers_in_order_multi_turn_then_skip(cfg):
         assert row["prompt_tokens"] > 0
         assert all(t["content"] for t in row["conversations"][1::2])
     # the second turn of s2 is prompted with the first answer: its prompt is longer than the first's
-    shards = Path(cfg.run_dir) / "regen" / "shards"
+    shards = run_paths(cfg).answers_dir / "shards"
     assert sorted(p.name for p in shards.iterdir()) == ["part-00000.jsonl", "part-00001.jsonl"]
-    assert regenerate(cfg)["skipped"] is True
+    assert regenerate(cfg).skipped is True
 
 
 def test_a_torn_log_is_carried_over_batch_by_batch_with_the_same_answers(cfg, caplog):
     regenerate(cfg)
     reference = _answers(cfg).read_text(encoding="utf-8")
-    regen_dir = Path(cfg.run_dir) / "regen"
+    regen_dir = run_paths(cfg).answers_dir
     # Shard 0 was in flight: its log has the first batch (s0, s1) and half a line of the next one.
     lines = (regen_dir / "shards" / "part-00000.jsonl").read_text().splitlines(keepends=True)
     (regen_dir / "shards" / "part-00000.jsonl").unlink()
@@ -114,7 +115,7 @@ def test_a_torn_log_is_carried_over_batch_by_batch_with_the_same_answers(cfg, ca
     with caplog.at_level(logging.INFO, logger="deepspec.tasks.regenerate.stage"):
         info = regenerate(cfg)
     assert "1 shards to answer" in caplog.text
-    assert info["skipped"] is False
+    assert info.skipped is False
     assert _answers(cfg).read_text(encoding="utf-8") == reference  # the same seeds per batch
 
 
@@ -130,17 +131,32 @@ def test_greedy_is_deterministic(tmp_path, assets_dir, tracking_uri, source):
 
 def test_another_config_starts_over(cfg, tmp_path, assets_dir, tracking_uri, source):
     regenerate(cfg)
+    first = _answers(cfg).read_bytes()
+    # other sampling: other answers, in a folder of their own beside the first ones, which stay
     longer = _compose(tmp_path, assets_dir, tracking_uri, source, "regen.max_new_tokens=12")
+    assert run_paths(longer).answers_dir != run_paths(cfg).answers_dir
     info = regenerate(longer)
-    assert info["skipped"] is False and info["rows"] == 5
+    assert info.skipped is False and info.rows == 5
     assert max(r["completion_tokens"] for r in _rows(_answers(longer))) > 8
+    assert _answers(cfg).read_bytes() == first and regenerate(cfg).skipped is True
+    # another shard layout for the same answers: the same folder, whose committed shards are discarded
+    reshard = _compose(tmp_path, assets_dir, tracking_uri, source, "regen.shard_size=2")
+    assert run_paths(reshard).answers_dir == run_paths(cfg).answers_dir
+    info = regenerate(reshard)
+    assert info.skipped is False and info.rows == 5
+    shards = run_paths(reshard).answers_dir / "shards"
+    assert sorted(p.name for p in shards.iterdir()) == [f"part-0000{k}.jsonl" for k in range(3)]
+    assert [r["id"] for r in _rows(_answers(reshard))] == [o["id"] for o in OPENINGS]
 
 
 def test_unknown_backend_and_openai_without_endpoints_are_refused(tmp_path, assets_dir, tracking_uri, source):
-    with pytest.raises(ConfigError, match=r"regen\.backend='tgi': expected one of hf, vllm, openai"):
-        regenerate(_compose(tmp_path, assets_dir, tracking_uri, source, "regen.backend=tgi"))
+    """Refused while composing, before the stage runs."""
+    with pytest.raises(
+        ConfigError, match=r"regen\.backend='tgi': expected one of \['hf', 'vllm', 'openai'\]"
+    ):
+        _compose(tmp_path, assets_dir, tracking_uri, source, "regen.backend=tgi")
     with pytest.raises(ConfigError, match=r"regen\.backend=openai needs regen\.endpoints"):
-        regenerate(_compose(tmp_path, assets_dir, tracking_uri, source, "regen=openai"))
+        _compose(tmp_path, assets_dir, tracking_uri, source, "regen=openai")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,7 +194,7 @@ def test_killed_at_any_moment_then_rerun_gives_exactly_the_uninterrupted_answers
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     prompts = compose([*overrides, f"run_dir={run_dir}"])
     prepare_prompts(prompts)
-    shards = run_dir / "regen" / "shards"
+    shards = run_paths(prompts).answers_dir / "shards"
     kills = 0
     for wait_for in ("part-00000.log.jsonl", "part-00001.jsonl", "part-00003.log.jsonl"):
         proc = subprocess.Popen(cli, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -248,7 +264,7 @@ def test_transient_errors_and_a_dead_replica_are_retried(
     local_server.fail_next = [503, 429, 500]
     with caplog.at_level(logging.INFO, logger="deepspec.tasks.regenerate.backends"):
         info = regenerate(cfg)
-    assert info["rows"] == 5 and info["failed"] == 0
+    assert info.rows == 5 and info.failed == 0
     assert "HTTP 503" in caplog.text and "ConnectError" in caplog.text
 
 
@@ -266,7 +282,7 @@ def test_failed_rows_go_to_the_errors_file_and_are_retried_next_run(
             regenerate(cfg)
     finally:
         local_server.fail_marker = None
-    regen_dir = Path(cfg.run_dir) / "regen"
+    regen_dir = run_paths(cfg).answers_dir
     errors = _rows(regen_dir / "errors.jsonl")
     assert [e["id"] for e in errors] == ["s2"] and "HTTP 400" in errors[0]["error"]
     assert [r["id"] for r in _rows(_answers(cfg))] == ["s0", "s1", "s3", "s4"]
@@ -275,7 +291,7 @@ def test_failed_rows_go_to_the_errors_file_and_are_retried_next_run(
 
     local_server.requests.clear()
     info = regenerate(cfg)  # only s2 is asked again
-    assert info["rows"] == 5 and info["failed"] == 0
+    assert info.rows == 5 and info.failed == 0
     assert len(local_server.requests) == 2  # s2's two turns
     assert [r["id"] for r in _rows(_answers(cfg))] == [o["id"] for o in OPENINGS]
     assert not (regen_dir / "errors.jsonl").exists()
@@ -285,6 +301,6 @@ def test_chat_api_sends_messages(tmp_path, assets_dir, tracking_uri, source, loc
     cfg = _http(tmp_path, assets_dir, tracking_uri, source, local_server, "regen.api=chat")
     local_server.requests.clear()
     info = regenerate(cfg)
-    assert info["rows"] == 5
+    assert info.rows == 5
     second_turn = [r["body"] for r in local_server.requests if len(r["body"].get("messages", [])) == 3]
     assert second_turn and second_turn[0]["messages"][1]["role"] == "assistant"

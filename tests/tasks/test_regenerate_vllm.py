@@ -13,6 +13,7 @@ import pytest
 
 from deepspec.models.errors import DataError
 from deepspec.tasks.config import compose
+from deepspec.tasks.paths import run_paths
 from deepspec.tasks.prompts import prepare_prompts
 from deepspec.tasks.regenerate.stage import regenerate
 
@@ -66,8 +67,9 @@ def test_server_killed_mid_run_then_rerun_answers_every_prompt_exactly_once(
     tmp_path, assets_dir, tracking_uri, vllm_pool
 ):
     cfg = _cfg(tmp_path, assets_dir, tracking_uri, vllm_pool, "regen.max_retries=1")
-    prompts = _rows(Path(cfg.run_dir) / "prompts" / "prompts.jsonl")
-    shards = Path(cfg.run_dir) / "regen" / "shards"
+    paths = run_paths(cfg)
+    prompts = _rows(paths.prompts)
+    shards = paths.answers_dir / "shards"
 
     def kill_after_first_commit() -> None:
         deadline = time.monotonic() + 600
@@ -81,16 +83,16 @@ def test_server_killed_mid_run_then_rerun_answers_every_prompt_exactly_once(
         regenerate(cfg)
     killer.join()
     first_shard = (shards / "part-00000.jsonl").read_bytes()
-    errors = _rows(Path(cfg.run_dir) / "regen" / "errors.jsonl")
+    errors = _rows(paths.answers_dir / "errors.jsonl")
     assert errors and all("ConnectError" in e["error"] or "HTTP" in e["error"] for e in errors)
 
     _wait_serving(vllm_pool)
     info = regenerate(cfg)
-    assert info["failed"] == 0 and info["rows"] == len(prompts) == 12
-    rows = _rows(Path(cfg.run_dir) / "regen" / "answers.jsonl")
+    assert info.failed == 0 and info.rows == len(prompts) == 12
+    rows = _rows(paths.answers)
     assert [r["id"] for r in rows] == [p["id"] for p in prompts]  # every prompt, once, in input order
     assert (shards / "part-00000.jsonl").read_bytes() == first_shard  # committed answers were kept
-    assert not (Path(cfg.run_dir) / "regen" / "errors.jsonl").exists()
+    assert not (paths.answers_dir / "errors.jsonl").exists()
     for row in rows:
         assert [t["role"] for t in row["conversations"]][-1] == "assistant"
         assert row["conversations"][-1]["content"].strip()
@@ -119,10 +121,7 @@ def test_greedy_answers_over_vllm_match_in_process_transformers(
     )
     prepare_prompts(hf)
     regenerate(hf)
-    got, want = (
-        _rows(Path(cfg.run_dir) / "regen" / "answers.jsonl"),
-        _rows(Path(hf.run_dir) / "regen" / "answers.jsonl"),
-    )
+    got, want = _rows(run_paths(cfg).answers), _rows(run_paths(hf).answers)
     # float32 on both sides; a near-tie between two logits may still flip on another kernel, so most, not all
     same = sum(g["conversations"] == w["conversations"] for g, w in zip(got, want, strict=True))
     assert same >= 3, [

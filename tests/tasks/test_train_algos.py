@@ -1,32 +1,29 @@
-"""The train stage's algorithms: config checks, the teacher (captured online, recomputed from the cache
-through the target's remaining layers), Eagle3's vocabulary counts, and each recipe's training step on
-the real stories260k target."""
+"""The train stage's algorithms: config checks at compose time, the teacher (captured online, recomputed
+from the cache through the target's remaining layers), Eagle3's vocabulary counts, and each algorithm's
+training loss on the real stories260k target."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, Qwen3Config
+from support import tiny
+from support.stories import stories_overrides, write_answers
+from transformers import AutoModelForCausalLM
 
+from deepspec.models.drafts import DRAFTS, draft_spec
+from deepspec.models.drafts.spec import DraftInputs
 from deepspec.models.errors import ConfigError
-from deepspec.models.target import load_target, load_tokenizer
+from deepspec.models.target import load_target, load_tokenizer, mask_token_id
+from deepspec.models.teacher import Teacher, load_target_tail, tail_start
 from deepspec.tasks.cache.format import iter_samples
 from deepspec.tasks.cache.loader import open_stream, supervised_token_counts
-from deepspec.tasks.config import compose
-from deepspec.tasks.train.stage import (
-    RECIPES,
-    Teacher,
-    algo_identity,
-    check_algo,
-    load_target_tail,
-    stale_build_locks,
-    teacher_tail_start,
-)
+from deepspec.tasks.config import algo_settings, compose
+from deepspec.tasks.paths import run_paths
+from deepspec.tasks.train.stage import stale_build_locks
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
@@ -46,57 +43,64 @@ def test_a_stale_extension_build_lock_is_found(tmp_path, monkeypatch):
 
 def test_presets_carry_the_upstream_recipes():
     eagle3, dspark = compose(["algo=eagle3"]).algo, compose(["algo=dspark"]).algo
-    assert (eagle3.block_size, eagle3.num_layers, eagle3.step_decay, eagle3.draft_vocab_size) == (
-        7,
-        1,
-        0.8,
-        None,
-    )
+    assert (eagle3.ttt_steps, eagle3.step_decay, eagle3.draft_vocab_size) == (7, 0.8, None)
     assert (dspark.block_size, dspark.num_layers, dspark.loss_decay, dspark.markov_rank) == (7, 5, 4.0, 256)
     assert (dspark.markov_head_type, dspark.confidence_head) == ("vanilla", True)
     assert (dspark.ce_weight, dspark.l1_weight, dspark.confidence_weight) == (0.1, 0.9, 1.0)
-    for algo in ("dflash", "eagle3", "dspark"):
-        check_algo(compose([f"algo={algo}", "target=stories260k"]))
+    for algo in DRAFTS:
+        settings = algo_settings(compose([f"algo={algo}", "target=stories260k"]))
+        assert isinstance(settings, DRAFTS[algo].settings)
 
 
-def test_dflash_hashes_ignore_the_other_algorithms_fields():
-    """Fields added for Eagle3 and DSpark are null for DFlash and left out of its hashes, so existing
-    DFlash runs keep their finished stages."""
-    assert algo_identity(compose()) == {
-        "name": "dflash", "block_size": 7, "num_layers": 5, "loss_decay": 4.0, "anchors_per_sequence": 64,
-    }  # fmt: skip
+def test_every_preset_target_takes_every_algorithm_without_overrides():
+    """Eagle3 fuses three layers: the Qwen3 and Gemma presets get EAGLE3's own from conf/target_algo/,
+    DFlash and DSpark keep the preset's five."""
+    for target in ("qwen3_4b", "qwen3_8b", "qwen3_14b", "gemma4_12b", "smollm2_135m", "stories260k"):
+        layers = {
+            algo: list(compose([f"target={target}", f"algo={algo}"]).target.layer_ids) for algo in DRAFTS
+        }
+        assert len(layers["eagle3"]) == 3 and layers["dflash"] == layers["dspark"], target
+    assert list(compose(["target=qwen3_4b", "algo=eagle3"]).target.layer_ids) == [1, 17, 32]
+    assert list(compose(["target=qwen3_4b", "algo=dflash"]).target.layer_ids) == [1, 9, 17, 25, 33]
 
 
-def test_algo_problems_are_listed_at_once():
+def test_algo_sections_are_typed_by_their_algorithm():
+    """Each algorithm's own schema: a key of another algorithm fails, naming the keys this one takes."""
+    with pytest.raises(
+        ConfigError, match=r"algo.block_size is not a setting of algo=eagle3; its keys: .*ttt_steps"
+    ):
+        compose(["algo=eagle3", "algo.block_size=3"])
+    with pytest.raises(ConfigError, match="algo.ttt_steps is not a setting of algo=dflash"):
+        compose(["algo.ttt_steps=3"])
+
+
+def test_algo_problems_are_listed_at_once_when_composing():
     with pytest.raises(ConfigError) as err:
-        check_algo(compose(["algo=eagle3", "target=qwen3_4b", "algo.num_layers=2", "algo.step_decay=null"]))
+        compose(["algo=eagle3", "target=qwen3_4b", "algo.ttt_steps=0", "target.layer_ids=[1,9,17,25,33]"])
     message = str(err.value)
-    assert "algo.step_decay is null" in message and "algo.num_layers=2" in message
+    assert "2 problems" in message and "algo.ttt_steps=0" in message
     assert "target.layer_ids=[1, 9, 17, 25, 33]" in message and "'target.layer_ids=[1,17,32]'" in message
-    with pytest.raises(ConfigError, match="algo.markov_rank is null"):
-        check_algo(compose(["algo=dspark", "algo.markov_rank=null"]))
-    with pytest.raises(ConfigError, match="expected one of"):
-        check_algo(compose(["algo.name=medusa"]))
+    with pytest.raises(ConfigError, match="needs a Markov head"):
+        compose(["algo=dspark", "algo.markov_rank=0"])
+    with pytest.raises(ConfigError, match="Could not find 'algo/medusa'"):
+        compose(["algo=medusa"])
 
 
 def test_teacher_tail_start():
     text = SimpleNamespace(num_hidden_layers=5, model_type="llama")
-    stories = ["target=stories260k"]
-    assert teacher_tail_start(compose(stories), text) is None  # layer 4 is the last: nothing to run
-    assert teacher_tail_start(compose([*stories, "target.layer_ids=[0,2]"]), text) == 3
-    online = compose([*stories, "target.layer_ids=[0,2]", "storage.mode=online"])
-    assert teacher_tail_start(online, text) is None  # captured in the target's own forward
+    assert tail_start([0, 2, 4], text, online=False) is None  # layer 4 is the last: nothing to run
+    assert tail_start([0, 2], text, online=False) == 3
+    assert tail_start([0, 2], text, online=True) is None  # captured in the target's own forward
     gemma4 = SimpleNamespace(num_hidden_layers=5, model_type="gemma4_text", hidden_size_per_layer_input=256)
     with pytest.raises(ConfigError, match="per-layer token inputs.*storage.mode=online"):
-        teacher_tail_start(compose([*stories, "target.layer_ids=[0,2]"]), gemma4)
-    assert teacher_tail_start(compose(stories), gemma4) is None
+        tail_start([0, 2], gemma4, online=False)
+    assert tail_start([0, 2, 4], gemma4, online=False) is None
 
 
 def test_teacher_caps_logits_as_gemma_does():
-    cfg = compose(["target=stories260k", "storage.mode=online"])
     text = SimpleNamespace(num_hidden_layers=5, hidden_size=4, final_logit_softcapping=2.0)
     head = torch.randn(7, 4) * 10
-    teacher = Teacher(cfg, text, head, torch.device("cpu"))
+    teacher = Teacher.for_target(text, head, [0, 2, 4], torch.device("cpu"), online=True, path="unused")
     hidden = torch.randn(3, 4)
     torch.testing.assert_close(teacher.logits(hidden), 2.0 * torch.tanh(hidden @ head.t() / 2.0))
 
@@ -105,14 +109,8 @@ def test_teacher_caps_logits_as_gemma_does():
 # The target's remaining layers
 
 
-def _tail_config(target_cfg):
-    return {"path": str(target_cfg), "gguf_file": None, "revision": None, "dtype": "float32"}
-
-
 @pytest.mark.parametrize("first", [1, 3, 4])
 def test_tail_of_stories_gives_the_final_hidden_state(assets_dir, first):
-    from omegaconf import OmegaConf
-
     path = assets_dir / "models" / "stories260k"
     model, tokenizer = load_target(str(path))
     ids = torch.tensor([tokenizer("Once upon a time, there was a girl who liked to play").input_ids])
@@ -120,44 +118,41 @@ def test_tail_of_stories_gives_the_final_hidden_state(assets_dir, first):
         out = model.model(input_ids=ids, output_hidden_states=True)
     # transformers records the last layer's output normalised: a cached layer 4 is the final state
     torch.testing.assert_close(out.hidden_states[5], out.last_hidden_state, rtol=0, atol=0)
-    tail = load_target_tail(OmegaConf.create(_tail_config(path)), first, torch.device("cpu"))
+    tail = load_target_tail(str(path), first, torch.device("cpu"))
     assert len(tail.base.layers) == 5 - first
     assert sum(p.numel() for p in tail.parameters()) < sum(p.numel() for p in model.model.layers.parameters())
     torch.testing.assert_close(tail(out.hidden_states[first][0]), out.last_hidden_state[0])
 
 
-TINY = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 8, "num_hidden_layers": 4, "vocab_size": 64, "max_position_embeddings": 64}  # fmt: skip
 SLIDING = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+WINDOWED = {"sliding_window": 3, "layer_types": SLIDING, "max_position_embeddings": 64}
 
 
 @pytest.mark.parametrize(
     "config",
     [
-        Qwen3Config(**TINY, use_sliding_window=True, sliding_window=3, layer_types=SLIDING),
-        Gemma3TextConfig(**TINY, sliding_window=3, layer_types=SLIDING, final_logit_softcapping=30.0),
+        tiny.qwen3(head_dim=8, use_sliding_window=True, **WINDOWED),
+        tiny.gemma3(num_attention_heads=4, num_key_value_heads=2, head_dim=8, layers=4, **WINDOWED),
     ],
     ids=["qwen3-sliding", "gemma3"],
 )
 def test_tail_follows_each_layers_attention_type(tmp_path, config):
     """Layers keep their sliding or full attention when the ones before them are dropped."""
-    from omegaconf import OmegaConf
-
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(tmp_path)
-    ids = torch.randint(0, 64, (1, 12))
+    ids = torch.randint(0, 50, (1, 12))
     with torch.no_grad():
         out = model.model(input_ids=ids, output_hidden_states=True)
     for first in (1, 2):
-        tail = load_target_tail(OmegaConf.create(_tail_config(tmp_path)), first, torch.device("cpu"))
+        tail = load_target_tail(str(tmp_path), first, torch.device("cpu"))
         torch.testing.assert_close(tail(out.hidden_states[first][0]), out.last_hidden_state[0])
 
 
 # ----------------------------------------------------------------------------------------------------
 # The teacher and the recipes on stories260k, from a cache of layers 0..2 and online
 
-STORIES = [
+STORIES = [  # four stories with answers long enough to train on
     ("Once upon a time, there was a little dog", " named Max. Max loved to play with his toys."),
     ("Lily went to the park", " and saw a big red ball. She was very happy."),
     ("Tom had a small boat", " that he took to the lake every day. One day, the wind was strong."),
@@ -166,33 +161,25 @@ STORIES = [
 
 
 @pytest.fixture(scope="module")
-def stories_run(assets_dir, tmp_path_factory):
+def stories_run(assets_dir, tmp_path_factory, one_thread):
     """Overrides of a run with answers and a cache of layers 0, 1, 2 (the teacher runs layers 3, 4)."""
     from deepspec.tasks.cache.stage import build_cache
 
-    tmp = tmp_path_factory.mktemp("algos")
-    (tmp / "regen").mkdir()
-    rows = [
-        {
-            "id": f"story-{i}",
-            "conversations": [{"role": "user", "content": p}, {"role": "assistant", "content": a}],
-        }
-        for i, (p, a) in enumerate(STORIES)
-    ]
-    (tmp / "regen" / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    overrides = [
-        "target=stories260k",
-        f"target.path={assets_dir / 'models' / 'stories260k'}",
-        "target.layer_ids=[0,1,2]",
-        f"run_dir={tmp}",
-        "storage.samples_per_shard=2",
-    ]
-    torch.set_num_threads(1)
+    overrides = stories_overrides(assets_dir, tmp_path_factory.mktemp("algos"), "target.layer_ids=[0,1,2]")
+    write_answers(overrides, STORIES)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("deepspec.tasks.tracking.log_metrics", lambda *args, **kwargs: None)
         build_cache(compose(overrides))
     model, _ = load_target(str(assets_dir / "models" / "stories260k"))
     return overrides, model
+
+
+def teacher_of(cfg, model) -> Teacher:
+    online = cfg.storage.mode == "online"
+    return Teacher.for_target(
+        model.config, model.lm_head.weight, list(cfg.target.layer_ids), torch.device("cpu"), online=online,
+        path=cfg.target.path,
+    )  # fmt: skip
 
 
 def _final_states(model, samples):
@@ -208,7 +195,7 @@ def test_teacher_gives_the_targets_final_state(stories_run, mode):
     cfg = compose([*overrides, f"storage.mode={mode}"])
     samples = list(open_stream(cfg, epochs=1, final_hidden=True))
     assert ("final_hidden" in samples[0]) == (mode == "online")
-    teacher = Teacher(cfg, model.config, model.lm_head.weight, torch.device("cpu"))
+    teacher = teacher_of(cfg, model)
     assert (teacher.tail is None) == (mode == "online")
     expected = _final_states(model, samples)
     for s in samples:
@@ -229,7 +216,7 @@ def test_supervised_token_counts_agree_in_both_modes(stories_run):
     cached = supervised_token_counts(cfg, tokenizer, 512)
     online = supervised_token_counts(compose([*overrides, "storage.mode=online"]), tokenizer, 512)
     expected = torch.zeros(512, dtype=torch.long)
-    for s in iter_samples(str(cfg.storage.url)):
+    for s in iter_samples(run_paths(cfg).cache_url):
         expected += torch.bincount(s["input_ids"][s["loss_mask"]], minlength=512)
     assert torch.equal(cached, expected) and torch.equal(online, expected) and expected.sum() > 20
 
@@ -238,8 +225,8 @@ def test_supervised_token_counts_agree_in_both_modes(stories_run):
     "algo, extra",
     [
         ("dflash", []),
-        ("eagle3", ["algo.block_size=3"]),
-        ("eagle3", ["algo.block_size=3", "algo.draft_vocab_size=48"]),
+        ("eagle3", ["algo.ttt_steps=3"]),
+        ("eagle3", ["algo.ttt_steps=3", "algo.draft_vocab_size=48"]),
         ("dspark", ["algo.num_layers=1", "algo.block_size=4", "algo.markov_rank=16"]),
         (
             "dspark",
@@ -248,29 +235,39 @@ def test_supervised_token_counts_agree_in_both_modes(stories_run):
     ],
     ids=["dflash", "eagle3", "eagle3-reduced-vocab", "dspark", "dspark-online-rnn"],
 )
-def test_recipe_steps_learn(stories_run, algo, extra):
-    """Each recipe's micro-batch loss, stepped by a plain optimizer (the model stands in for the engine)."""
+def test_training_losses_learn(stories_run, algo, extra):
+    """Each algorithm's build and micro-batch loss (its `DraftSpec`), stepped by a plain optimizer: the
+    model stands in for the engine, as the recipe passes it."""
     from transformers import AutoConfig
 
     overrides, model = stories_run
     cfg = compose([*overrides, f"algo={algo}", *extra])
-    check_algo(cfg)
+    spec, settings = draft_spec(algo), algo_settings(cfg)
     tokenizer = load_tokenizer(cfg.target.path)
     embed, head = model.get_input_embeddings().weight.detach(), model.lm_head.weight.detach()
-    target_config = AutoConfig.from_pretrained(cfg.target.path)
-    teacher = None if algo == "dflash" else Teacher(cfg, target_config, head, torch.device("cpu"))
+    teacher = teacher_of(cfg, model) if spec.needs_teacher else None
     torch.manual_seed(0)
-    recipe = RECIPES[algo](cfg, target_config, tokenizer, embed, head, torch.device("cpu"), teacher)
+    inputs = DraftInputs(
+        target_config=AutoConfig.from_pretrained(cfg.target.path),
+        layer_ids=list(cfg.target.layer_ids),
+        mask_token_id=mask_token_id(tokenizer, cfg.target.mask_token_id),
+        embed=embed,
+        head=head,
+        token_counts=lambda: supervised_token_counts(cfg, tokenizer, 512),
+    )
+    draft = spec.build(settings, inputs)
     samples = list(open_stream(cfg, epochs=1, final_hidden=teacher is not None))
-    optimizer = torch.optim.AdamW([p for p in recipe.model.parameters() if p.requires_grad], lr=5e-3)
+    optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=5e-3)
     losses = []
     for _ in range(12):
-        loss, stats = recipe.step(recipe.model, samples, torch.Generator().manual_seed(0))
+        loss, stats = spec.training_loss(
+            draft, draft, samples, settings, teacher, torch.Generator().manual_seed(0)
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.8 * losses[0], losses
-    assert stats["slot_counts"].shape == (recipe.slots,) and stats["slot_counts"][0] > 0
+    assert stats["slot_counts"].shape == (draft.block_size,) and stats["slot_counts"][0] > 0
     if "draft_vocab_size" in " ".join(extra):
-        assert recipe.model.cfg.draft_vocab_size == 48 and recipe.model.cfg.reduced_vocab
+        assert draft.cfg.draft_vocab_size == 48 and draft.cfg.reduced_vocab

@@ -2,7 +2,7 @@
 SmolLM2-135M-Instruct: greedy decoding with the draft returns exactly the target's tokens, and vLLM
 accepts some of the draft's tokens.
 
-The draft is the export `save_eagle3_export` writes, with the default (full) vocabulary, trained for a few
+The draft is the export `eagle3.export` writes, with the default (full) vocabulary, trained for a few
 AdamW steps on the target's own greedy continuations of the test prompts. Losslessness holds whatever the
 draft; acceptance shows that vLLM loaded the weights and feeds the draft target features and tokens as it
 was trained (a random draft gets none accepted). It is not sharp enough to catch aux layer ids off by one:
@@ -26,8 +26,8 @@ from deepspec.models.drafts.eagle3 import (
     Eagle3Config,
     Eagle3Draft,
     default_layer_ids,
-    save_eagle3_export,
-    validate_eagle3_export,
+    export,
+    validate_export,
 )
 from deepspec.models.target import capture_features, load_embedding_and_head, load_target
 from deepspec.tasks.vllm_server import VLLMServerError, VLLMServerPool, group_alive
@@ -119,11 +119,11 @@ def test_eagle3_export_is_lossless_and_accepted_in_vllm(vllm_pool, vllm_python, 
     reference = completions(vllm_pool.endpoints[0], model_name, prompt_ids)
 
     draft = trained_draft(smollm2_hf_dir, prompt_ids, reference)
-    export = tmp_path / "eagle3"
-    save_eagle3_export(draft, export, AutoConfig.from_pretrained(smollm2_hf_dir))
-    assert validate_eagle3_export(export) == []
+    exported = tmp_path / "eagle3"
+    export(draft, exported, AutoConfig.from_pretrained(smollm2_hf_dir))
+    assert validate_export(exported) == []
 
-    spec = {"method": "eagle3", "model": str(export), "num_speculative_tokens": SPEC_TOKENS}
+    spec = {"method": "eagle3", "model": str(exported), "num_speculative_tokens": SPEC_TOKENS}
     pool = VLLMServerPool(
         model=smollm2_hf_dir,
         python=vllm_python,
@@ -140,7 +140,7 @@ def test_eagle3_export_is_lossless_and_accepted_in_vllm(vllm_pool, vllm_python, 
         log = (tmp_path / "vllm" / "vllm-0.log").read_text(errors="replace").splitlines()
         messages = {line.split("] ", 1)[-1] for line in log}
         causes = sorted(m for m in messages if re.match(r"\w+(Error|Exception): ", m))
-        pytest.fail(f"vLLM did not serve the Eagle3 export {export}:\n" + "\n".join(causes) + f"\n\n{err}")
+        pytest.fail(f"vLLM did not serve the Eagle3 export {exported}:\n" + "\n".join(causes) + f"\n\n{err}")
     groups = [g for g in pool.pids if g]
     try:
         speculated = completions(pool.endpoints[0], model_name, prompt_ids)

@@ -1,0 +1,45 @@
+"""Training figures between two logged optimizer steps: loss, per-slot agreement with the labels (and
+DSpark's survival chance), the accepted length they imply, and any scalar a loss reports."""
+
+from __future__ import annotations
+
+import torch
+
+from deepspec.models.losses import expected_accepted_length
+
+
+class Metrics:
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.n = 0.0, 0
+        self.hits, self.counts = torch.zeros(self.slots), torch.zeros(self.slots)
+        self.accept: torch.Tensor | None = None
+        self.scalars: dict[str, float] = {}
+
+    def add(self, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+        self.loss, self.n = self.loss + loss.item(), self.n + 1
+        self.hits += stats["slot_hits"]
+        self.counts += stats["slot_counts"]
+        if "slot_accept" in stats:  # DSpark: the chance each slot survives verification, 1 - TV
+            self.accept = stats["slot_accept"] + (0 if self.accept is None else self.accept)
+        for key, value in stats.items():
+            if torch.is_tensor(value) and value.dim() == 0:
+                self.scalars[key] = self.scalars.get(key, 0.0) + float(value)
+
+    def summary(self, lr: float) -> dict[str, float]:
+        accuracy = self.hits / self.counts.clamp(min=1)
+        metrics = {
+            "train/loss": self.loss / max(1, self.n),
+            "train/lr": lr,
+            "train/expected_tau": expected_accepted_length(accuracy),
+            **{f"train/acc_slot{k}": float(a) for k, a in enumerate(accuracy)},
+            **{f"train/{key}": total / max(1, self.n) for key, total in self.scalars.items()},
+        }
+        if self.accept is not None:
+            accept = self.accept / self.counts.clamp(min=1)
+            metrics["train/expected_tau_accept"] = expected_accepted_length(accept)
+            metrics.update({f"train/accept_slot{k}": float(a) for k, a in enumerate(accept)})
+        return metrics

@@ -1,0 +1,49 @@
+"""A run on the tiny real target stories260k, as most stage tests set it up: its overrides, and answers
+written where the regenerate stage would leave them, so the cache and training stages can run alone."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from deepspec.tasks.config import compose
+from deepspec.tasks.paths import run_paths
+
+# (prompt, answer) pairs in stories260k's own words; the third answer is one token
+STORIES = [
+    ("Once upon a time, there was a little dog", " named Max. Max loved to play with his toys."),
+    ("Lily went to the park", " and saw a big red ball. She was very happy."),
+    ("The cat sat on the mat", "."),
+    ("Tom had a small boat", " that he took to the lake every day. One day, the wind was strong."),
+    ("A bird sang in the tree", " and the sun was warm. The bird flew down to say hello to Tim."),
+]
+
+
+def stories_overrides(assets_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    """stories260k from the offline assets, in `run_dir`, two samples a cache shard."""
+    return [
+        "target=stories260k",
+        f"target.path={Path(assets_dir) / 'models' / 'stories260k'}",
+        f"run_dir={run_dir}",
+        "storage.samples_per_shard=2",
+        *extra,
+    ]
+
+
+def answer_rows(pairs: Sequence[tuple[str, str]] = STORIES) -> list[dict]:
+    return [
+        {
+            "id": f"story-{i}",
+            "conversations": [{"role": "user", "content": p}, {"role": "assistant", "content": a}],
+        }
+        for i, (p, a) in enumerate(pairs)
+    ]
+
+
+def write_answers(overrides: list[str], pairs: Sequence[tuple[str, str]] = STORIES) -> Path:
+    """The answers file of the run `overrides` describe, as the regenerate stage would write it."""
+    path = run_paths(compose(overrides)).answers
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in answer_rows(pairs)))
+    return path
