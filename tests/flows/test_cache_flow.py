@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.prefect import subflow_task_runs
 from support.stories import STORIES, stories_overrides, write_answers
 
 from deepspec.flows.pipeline import cache_flow
@@ -25,23 +26,7 @@ def overrides(assets_dir: Path, run_dir: Path, tracking_uri: str, *extra: str) -
 
 
 def build_shard_runs(parent_flow_run_id) -> dict[str, str]:
-    """{task run name: final state} of the build_shard runs in the cache subflow of a flow run."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterParentFlowRunId,
-        TaskRunFilter,
-        TaskRunFilterFlowRunId,
-    )
-
-    with get_client(sync_client=True) as client:
-        parent = FlowRunFilterParentFlowRunId(any_=[parent_flow_run_id])
-        subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=parent))
-        assert [client.read_flow(r.flow_id).name for r in subflows] == ["deepspec-cache-build"]
-        runs = client.read_task_runs(
-            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[subflows[0].id]))
-        )
-    return {r.name: r.state.type.value for r in runs if r.name.startswith("build_shard")}
+    return subflow_task_runs(parent_flow_run_id, "deepspec-cache-build", "build_shard")
 
 
 @pytest.mark.integration

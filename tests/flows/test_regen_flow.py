@@ -4,17 +4,15 @@ prompts, a progress artifact, and a shard with failed prompts that alone runs ag
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from support.openai_server import LocalOpenAIServer
+from support.prefect import subflow_task_runs
 
 from deepspec.flows.pipeline import regenerate_flow
 from deepspec.models.errors import DataError
 from deepspec.models.target import load_target
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "tasks"))
-from local_openai_server import LocalOpenAIServer  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -46,23 +44,7 @@ def _overrides(assets_dir: Path, tmp_path: Path, tracking_uri: str, *extra: str)
 
 
 def shard_runs(parent_flow_run_id) -> dict[str, str]:
-    """{task run name: final state} of the regenerate-shard runs in the subflow of a flow run."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterParentFlowRunId,
-        TaskRunFilter,
-        TaskRunFilterFlowRunId,
-    )
-
-    with get_client(sync_client=True) as client:
-        parent = FlowRunFilterParentFlowRunId(any_=[parent_flow_run_id])
-        subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=parent))
-        assert [client.read_flow(r.flow_id).name for r in subflows] == ["deepspec-regenerate-shards"]
-        runs = client.read_task_runs(
-            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[subflows[0].id]))
-        )
-    return {r.name: r.state.type.value for r in runs if r.name.startswith("regenerate-shard")}
+    return subflow_task_runs(parent_flow_run_id, "deepspec-regenerate-shards", "regenerate-shard")
 
 
 def progress(key: str = "regenerate-progress") -> float:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from scipy.stats import chisquare
+from support.lossless import chi_square_pvalue
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from deepspec.models import speculative
@@ -181,58 +182,6 @@ def test_eos_is_kept_and_stops(stories):
 # ---------------------------------------------------------------- sampling: the target's law
 
 CHI_PROMPT = "One day, a"
-CHI_TOKENS = 3  # test the joint law of the first three new tokens
-MIN_EXPECTED = 5.0
-
-
-@torch.no_grad()
-def _exact_law(model, prompt, n_samples):
-    """Exact target probabilities of every 3-token continuation expected at least 5 times in n samples."""
-    frontier = [((), 1.0)]
-    for _ in range(CHI_TOKENS):
-        nxt = []
-        for prefix, prob in frontier:
-            logits = model(input_ids=torch.tensor([[*prompt, *prefix]])).logits[0, -1]
-            probs = torch.softmax(logits.double(), -1)
-            for token in torch.nonzero(probs * prob * n_samples >= MIN_EXPECTED).flatten().tolist():
-                nxt.append(((*prefix, token), prob * float(probs[token])))
-        frontier = nxt
-    return dict(frontier)
-
-
-def _chi_square_pvalue(model, prompt, drafter_factory, n_samples, seed):
-    law = _exact_law(model, prompt, n_samples)
-    generator = torch.Generator().manual_seed(seed)
-    memo: dict = {}
-    counts = dict.fromkeys(law, 0)
-    other = 0
-    for _ in range(n_samples):
-        result = speculative_generate(
-            model,
-            LAYER_IDS,
-            drafter_factory(prompt, memo),
-            prompt,
-            max_new_tokens=CHI_TOKENS,
-            temperature=1.0,
-            eos_token_ids=set(),
-            generator=generator,
-        )
-        key = tuple(result.tokens)
-        if key in counts:
-            counts[key] += 1
-        else:
-            other += 1
-    # bins: each likely continuation, plus the rest; make "rest" large enough by merging the smallest
-    bins = sorted(law, key=law.get)
-    rest_prob = 1.0 - sum(law.values())
-    while bins and rest_prob * n_samples < MIN_EXPECTED:
-        key = bins.pop(0)
-        rest_prob += law[key]
-        other += counts[key]
-    observed = [counts[k] for k in bins] + [other]
-    expected = [law[k] * n_samples for k in bins] + [rest_prob * n_samples]
-    assert len(bins) >= 5, "too few categories for a meaningful test"
-    return chisquare(observed, expected).pvalue
 
 
 @pytest.fixture(scope="module")
@@ -241,19 +190,18 @@ def chi_setup(stories):
     return model, _ids(tokenizer, CHI_PROMPT)
 
 
-def _flattened_self_drafter(model):
+def _flattened_self_drafter(model, prompt):
     """The story model with flattened logits: a proposal close to the target's law but not equal to it,
-    so that acceptances, rejections and resampling all happen often."""
-
-    def factory(prompt, memo):
-        return ChainDrafter(model, prompt, 2, logit_scale=0.5, memo=memo)
-
-    return factory
+    so that acceptances, rejections and resampling all happen often. The drafters share one memo."""
+    memo: dict = {}
+    return lambda: ChainDrafter(model, prompt, 2, logit_scale=0.5, memo=memo)
 
 
 def test_sampling_matches_target_law(chi_setup):
     model, prompt = chi_setup
-    pvalue = _chi_square_pvalue(model, prompt, _flattened_self_drafter(model), n_samples=800, seed=0)
+    pvalue = chi_square_pvalue(
+        model, LAYER_IDS, prompt, _flattened_self_drafter(model, prompt), n_samples=800
+    )
     assert pvalue > 0.01
 
 
@@ -267,7 +215,9 @@ def test_broken_acceptance_rule_is_caught(chi_setup, monkeypatch):
         return True, None
 
     monkeypatch.setattr(speculative, "accept_or_resample", always_accept)
-    pvalue = _chi_square_pvalue(model, prompt, _flattened_self_drafter(model), n_samples=300, seed=0)
+    pvalue = chi_square_pvalue(
+        model, LAYER_IDS, prompt, _flattened_self_drafter(model, prompt), n_samples=300
+    )
     assert calls, "the broken rule was not used"
     assert pvalue < 0.01
 

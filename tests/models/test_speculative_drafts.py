@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scipy.stats import chisquare
+from support.lossless import chi_square_pvalue
 
 from deepspec.models.drafts.dspark import DSparkConfig, DSparkDraft
 from deepspec.models.drafts.eagle3 import Eagle3Config, Eagle3Draft, build_draft_vocab
@@ -144,8 +144,7 @@ def test_short_proposals_keep_greedy_output(stories):
 # ---------------------------------------------------------------- sampling: the target's law
 
 CHI_PROMPT = "One day, a"
-CHI_TOKENS = 3  # the first token is the target's own; a round of two slots drafts the next two
-MIN_EXPECTED = 5.0
+# CHI_TOKENS = 3: the first token is the target's own; a round of two slots drafts the next two
 
 
 @torch.no_grad()
@@ -169,53 +168,12 @@ def bigram_dspark(target, bos: int) -> DSparkDraft:
     return draft.eval()
 
 
-@torch.no_grad()
-def _exact_law(model, prompt, n_samples):
-    frontier = [((), 1.0)]
-    for _ in range(CHI_TOKENS):
-        nxt = []
-        for prefix, prob in frontier:
-            probs = torch.softmax(
-                model(input_ids=torch.tensor([[*prompt, *prefix]])).logits[0, -1].double(), -1
-            )
-            for token in torch.nonzero(probs * prob * n_samples >= MIN_EXPECTED).flatten().tolist():
-                nxt.append(((*prefix, token), prob * float(probs[token])))
-        frontier = nxt
-    return dict(frontier)
-
-
-def chi_square_pvalue(model, prompt, drafter, n: int) -> float:
-    law = _exact_law(model, prompt, n)
-    generator = torch.Generator().manual_seed(0)
-    counts, other = dict.fromkeys(law, 0), 0
-    for _ in range(n):
-        result = speculative_generate(
-            model, LAYER_IDS, drafter, prompt, max_new_tokens=CHI_TOKENS, temperature=1.0,
-            eos_token_ids=set(), generator=generator,
-        )  # fmt: skip
-        key = tuple(result.tokens)
-        if key in counts:
-            counts[key] += 1
-        else:
-            other += 1
-    bins = sorted(law, key=law.get)
-    rest = 1.0 - sum(law.values())
-    while bins and rest * n < MIN_EXPECTED:
-        key = bins.pop(0)
-        rest += law[key]
-        other += counts[key]
-    assert len(bins) >= 5, "too few categories for a meaningful test"
-    observed = [counts[k] for k in bins] + [other]
-    expected = [law[k] * n for k in bins] + [rest * n]
-    return chisquare(observed, expected).pvalue
-
-
 @pytest.mark.parametrize("threshold", [0.0, 0.5], ids=["whole-blocks", "short-proposals"])
 def test_dspark_sampled_proposals_keep_the_target_law(stories, threshold):
     """Temperature 1 through `propose`: slot 1 is drawn conditioned on the token drawn at slot 0."""
     model, tokenizer, _, _ = stories
     drafter = ShortProposals(bigram_dspark(model, tokenizer.bos_token_id), threshold)
-    assert chi_square_pvalue(model, tokenizer(CHI_PROMPT).input_ids, drafter, n=600) > 0.01
+    assert chi_square_pvalue(model, LAYER_IDS, tokenizer(CHI_PROMPT).input_ids, lambda: drafter, 600) > 0.01
     assert min(drafter.lengths) == (2 if threshold == 0.0 else 0) and max(drafter.lengths) == 2
 
 
@@ -226,4 +184,4 @@ def test_accepting_every_proposal_is_caught(stories, monkeypatch):
     model, tokenizer, _, _ = stories
     monkeypatch.setattr(speculative, "accept_or_resample", lambda p, q, token, generator: (True, None))
     drafter = ShortProposals(bigram_dspark(model, tokenizer.bos_token_id), 0.0)
-    assert chi_square_pvalue(model, tokenizer(CHI_PROMPT).input_ids, drafter, n=300) < 0.01
+    assert chi_square_pvalue(model, LAYER_IDS, tokenizer(CHI_PROMPT).input_ids, lambda: drafter, 300) < 0.01

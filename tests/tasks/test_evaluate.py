@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from support.stories import stories_overrides
 
 from deepspec.models.drafts import dflash
 from deepspec.models.errors import DataError, DeepSpecError
@@ -81,16 +82,8 @@ def test_evaluate_end_to_end_and_skip(assets_dir, tracking_uri, tmp_path, caplog
     if not (stories / "config.json").is_file():
         pytest.skip(f"stories260k not found in {assets_dir}")
     torch.set_num_threads(1)
-    cfg = compose(
-        [
-            "target=stories260k",
-            f"target.path={stories}",
-            f"run_dir={tmp_path}",
-            "eval.max_samples=1",
-            "eval.max_new_tokens=8",
-            f"tracking.uri={tracking_uri}",
-        ]
-    )
+    cfg = compose(stories_overrides(assets_dir, tmp_path, "eval.max_samples=1", "eval.max_new_tokens=8",
+                                    f"tracking.uri={tracking_uri}"))  # fmt: skip
     loads = []
 
     def draft_loader():
@@ -135,17 +128,8 @@ def test_evaluate_defaults_to_the_trained_dflash_draft(assets_dir, tracking_uri,
     if not (stories / "config.json").is_file():
         pytest.skip(f"stories260k not found in {assets_dir}")
     torch.set_num_threads(1)
-    cfg = compose(
-        [
-            "target=stories260k",
-            f"target.path={stories}",
-            f"run_dir={tmp_path}",
-            "eval.benchmarks=[gsm8k]",
-            "eval.max_samples=1",
-            "eval.max_new_tokens=6",
-            f"tracking.uri={tracking_uri}",
-        ]
-    )
+    cfg = compose(stories_overrides(assets_dir, tmp_path, "eval.benchmarks=[gsm8k]", "eval.max_samples=1",
+                                    "eval.max_new_tokens=6", f"tracking.uri={tracking_uri}"))  # fmt: skip
     with pytest.raises(
         DeepSpecError, match=r"no trained draft at .*train/dflash.*run `deepspec train` first"
     ):

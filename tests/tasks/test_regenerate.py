@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from local_openai_server import LocalOpenAIServer
+from support.openai_server import LocalOpenAIServer
 
 from deepspec.models.errors import ConfigError, DataError
 from deepspec.models.target import load_target
