@@ -220,7 +220,20 @@ def plan_regen(cfg: DictConfig) -> RegenPlan:
     return plan
 
 
-def regen_shard(cfg: DictConfig, k: int, endpoints: list[str] | None = None) -> dict[str, Any]:
+@dataclass
+class ShardResult:
+    """One shard's commit: rows answered and failed, and, when it asked the backend, its new tokens and
+    when it began and ended (the stage's tokens/s spans all shards)."""
+
+    shard: int
+    rows: int
+    failed: int
+    new_tokens: int = 0
+    began: float | None = None
+    ended: float | None = None
+
+
+def regen_shard(cfg: DictConfig, k: int, endpoints: list[str] | None = None) -> ShardResult:
     """Answer the rows of shard `k` that no earlier run finished, then commit the shard."""
     prompts, prompts_sha = load_prompts(cfg)
     plan_file = stage_dir(cfg) / PLAN_FILE
@@ -234,7 +247,7 @@ def regen_shard(cfg: DictConfig, k: int, endpoints: list[str] | None = None) -> 
         raise DataError(f"regenerate: shard {k} is past the {len(prompts)} prompts")
     part, errors_path, log_path = _shard_paths(cfg, k)
     if part.is_file() and not errors_path.is_file():
-        return {"shard": k, "rows": len(rows), "failed": 0, "new_tokens": 0, "began": None, "ended": None}
+        return ShardResult(shard=k, rows=len(rows), failed=0)
 
     ids = {r["id"] for r in rows}
     answered = {r["id"]: r for r in complete_rows(part)}
@@ -283,17 +296,13 @@ def regen_shard(cfg: DictConfig, k: int, endpoints: list[str] | None = None) -> 
     log.info(
         "regenerate: shard %d committed: %d answers, %d failed", k, len(rows) - len(failures), len(failures)
     )
-    return {
-        "shard": k,
-        "rows": len(rows) - len(failures),
-        "failed": len(failures),
-        "new_tokens": new_tokens,
-        "began": began,
-        "ended": ended,
-    }
+    return ShardResult(
+        shard=k, rows=len(rows) - len(failures), failed=len(failures), new_tokens=new_tokens, began=began,
+        ended=ended,
+    )  # fmt: skip
 
 
-def finalize_regen(cfg: DictConfig, plan: RegenPlan, results: list[dict] | None = None) -> RegenResult:
+def finalize_regen(cfg: DictConfig, plan: RegenPlan, results: list[ShardResult] | None = None) -> RegenResult:
     """`answers.jsonl` and `errors.jsonl` from the committed shards, then `_DONE.json`; the counts."""
     bar = _bar.pop("bar", None)
     if bar is not None:
@@ -323,9 +332,9 @@ def finalize_regen(cfg: DictConfig, plan: RegenPlan, results: list[dict] | None 
     else:
         errors_file.unlink(missing_ok=True)
 
-    timed = [r for r in results or [] if r.get("began") is not None]
-    wall = max((r["ended"] for r in timed), default=0.0) - min((r["began"] for r in timed), default=0.0)
-    new_tokens = sum(r["new_tokens"] for r in timed)
+    timed = [r for r in results or [] if r.began is not None]
+    wall = max((r.ended for r in timed), default=0.0) - min((r.began for r in timed), default=0.0)
+    new_tokens = sum(r.new_tokens for r in timed)
     result = RegenResult(
         path=str(answers_file),
         prompts=len(prompts),
@@ -503,7 +512,7 @@ def plan_regen_task(cfg: DictConfig) -> RegenPlan:
     retries=2,
     retry_delay_seconds=10,
 )
-def regen_shard_task(cfg: DictConfig, k: int, endpoints: list[str] | None, plan: RegenPlan) -> dict[str, Any]:
+def regen_shard_task(cfg: DictConfig, k: int, endpoints: list[str] | None, plan: RegenPlan) -> ShardResult:
     result = regen_shard(cfg, k, endpoints)
     if plan.artifact_id:
         from prefect.artifacts import update_progress_artifact
@@ -517,7 +526,7 @@ def regen_shard_task(cfg: DictConfig, k: int, endpoints: list[str] | None, plan:
 
 
 @task(name="finalize-regenerate", cache_policy=NO_CACHE)
-def finalize_regen_task(cfg: DictConfig, plan: RegenPlan, results: list[dict]) -> RegenResult:
+def finalize_regen_task(cfg: DictConfig, plan: RegenPlan, results: list[ShardResult]) -> RegenResult:
     return finalize_regen(cfg, plan, results)
 
 
