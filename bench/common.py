@@ -446,15 +446,7 @@ def write_cache(url: str, options, chunks, encoding: str, template) -> dict[str,
         for k, chunk in enumerate(chunks)
     ]
     seconds = time.perf_counter() - began
-    manifest = dataclasses.replace(
-        template,
-        encoding=encoding,
-        shards=infos,
-        num_samples=sum(i["samples"] for i in infos),
-        num_tokens=sum(i["tokens"] for i in infos),
-        num_bytes=sum(i["bytes"] for i in infos),
-        url=url,
-    )
+    manifest = dataclasses.replace(template, encoding=encoding).with_shards(infos, url)
     write_manifest(fs, root, manifest)
     return {"seconds": seconds, "bytes": manifest.num_bytes, "samples": manifest.num_samples}
 

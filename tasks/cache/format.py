@@ -32,7 +32,7 @@ import posixpath
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 import fsspec
@@ -104,6 +104,17 @@ class CacheManifest:
     @property
     def feature_dim(self) -> int:
         return len(self.layer_ids) * self.hidden_size
+
+    def with_shards(self, shards: list[dict[str, Any]], url: str | None = None) -> CacheManifest:
+        """This manifest over `shards` (each {name, samples, tokens, bytes, sha256}), their totals summed."""
+        return replace(
+            self,
+            shards=list(shards),
+            num_samples=sum(s["samples"] for s in shards),
+            num_tokens=sum(s["tokens"] for s in shards),
+            num_bytes=sum(s["bytes"] for s in shards),
+            url=url,
+        )
 
     def to_json(self) -> str:
         record = asdict(self)

@@ -278,16 +278,9 @@ def finalize_cache(cfg: DictConfig, plan: CachePlan) -> CacheResult:
     absent = [n for n in plan.shards if n not in committed]
     if absent:
         raise DataError(f"cache at {url}: shards {absent} are not committed; run the cache stage again")
-    shards = [committed[n] for n in plan.shards]
-    manifest = CacheManifest(
-        **plan.build,  # the build fields are manifest fields
-        hidden_size=_hidden_size(cfg),
-        shards=shards,
-        num_samples=sum(s["samples"] for s in shards),
-        num_tokens=sum(s["tokens"] for s in shards),
-        num_bytes=sum(s["bytes"] for s in shards),
-        url=url,
-    )
+    # the build fields are manifest fields
+    manifest = CacheManifest(**plan.build, hidden_size=_hidden_size(cfg))
+    manifest = manifest.with_shards([committed[n] for n in plan.shards], url)
     write_manifest(fs, root, manifest)
     log.info("target cache at %s: %d samples, %d tokens", url, manifest.num_samples, manifest.num_tokens)
     _log_metrics(cfg, manifest)
