@@ -28,7 +28,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from deepspec.models.drafts import DRAFTS, draft_spec
@@ -210,7 +210,7 @@ def _unknown_key(err: Exception, overrides: list[str], config_name: str) -> str 
     if match is None:
         return None
     key = match.group(1)
-    section = key.partition(".")[0]
+    section, _, name = key.partition(".")
     schema = SECTIONS.get(section)
     if section == "algo":
         try:  # the algorithm the other overrides pick
@@ -218,8 +218,8 @@ def _unknown_key(err: Exception, overrides: list[str], config_name: str) -> str 
             schema, section = DRAFTS[raw.algo.name].settings, f"algo={raw.algo.name}"
         except (HydraException, OmegaConfBaseException, KeyError):
             return None
-    if schema is None:
-        return None
+    if schema is None or name.partition(".")[0] in schema.__dataclass_fields__:
+        return None  # a key inside a known setting (e.g. regen.extra_body): Hydra's message says what to do
     keys = ", ".join(schema.__dataclass_fields__)
     return f"bad configuration: {key} is not a setting of {section}; its keys: {keys}"
 
@@ -374,7 +374,13 @@ def algo_settings(cfg: DictConfig):
 
 
 def config_hash(*parts: Any) -> str:
-    """Stable short hash of config sections, used to tell whether a stage's outputs are still valid."""
-    plain = [OmegaConf.to_container(p, resolve=True) if isinstance(p, DictConfig) else p for p in parts]
-    blob = json.dumps(plain, sort_keys=True, default=str).encode()
+    """Stable short hash of config sections (or plain values holding them, at any depth), used to tell
+    whether a stage's outputs are still valid and to name the data folders."""
+    blob = json.dumps(parts, sort_keys=True, default=_plain).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return str(value)

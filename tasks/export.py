@@ -18,28 +18,21 @@ from omegaconf import DictConfig
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from deepspec.models.drafts import draft_algo, draft_spec
-from deepspec.models.drafts.files import WEIGHTS_FILE
+from deepspec.models.drafts import draft_spec
 from deepspec.models.drafts.spec import DraftSpec
-from deepspec.models.errors import ConfigError, DeepSpecError
+from deepspec.models.errors import DeepSpecError
 from deepspec.tasks import files, tracking
 from deepspec.tasks.paths import run_paths
 from deepspec.tasks.results import ExportResult, from_record, to_record
-from deepspec.tasks.train.stage import train_hash
+from deepspec.tasks.train.stage import train_hash, trained_draft
 
 log = logging.getLogger(__name__)
 
 
 def export(cfg: DictConfig) -> ExportResult:
-    paths = run_paths(cfg)
-    source, out = paths.draft_dir, paths.export_dir
-    if not (source / WEIGHTS_FILE).is_file():
-        raise DeepSpecError(f"export: no trained draft at {source}; run `deepspec train` first")
-    algo = draft_algo(source)
-    if algo != cfg.algo.name:
-        raise ConfigError(f"export: the draft at {source} is a {algo} draft, but algo={cfg.algo.name}")
-    spec = draft_spec(algo)
-    fingerprint = files.sha256_file(source / WEIGHTS_FILE)
+    weights, out = trained_draft(cfg, "export"), run_paths(cfg).export_dir
+    spec, source = draft_spec(cfg.algo.name), weights.parent
+    fingerprint = files.sha256_file(weights)
     done = files.read_done(out, train_hash(cfg))
     if done and done.get("weights_sha256") == fingerprint and not spec.validate_export(out):
         log.info("export: %s is up to date; skipping", out)

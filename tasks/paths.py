@@ -41,22 +41,31 @@ def _stem(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(last).stem or last)
 
 
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
 def target_identity(cfg: DictConfig) -> dict[str, Any]:
     """The target as a producer of answers and features: which weights, at which precision."""
     t = cfg.target
     return {"path": t.path, "gguf_file": t.gguf_file, "revision": t.revision, "dtype": t.dtype}
 
 
-def rendering_identity(cfg: DictConfig) -> dict[str, Any]:
+def rendering(cfg: DictConfig) -> dict[str, Any]:
+    """How a conversation becomes the target's token ids: the `render_conversation` / `render_prompt`
+    keyword arguments every stage passes (regeneration, cache, online training, evaluation)."""
     t = cfg.target
     return {
-        "use_chat_template": t.use_chat_template,
-        "chat_template_kwargs": _plain(t.chat_template_kwargs),
+        "use_chat_template": bool(t.use_chat_template),
+        "chat_template_kwargs": OmegaConf.to_container(t.chat_template_kwargs, resolve=True),
         "system_prompt": t.system_prompt,
+    }
+
+
+def sampling(cfg: DictConfig) -> dict[str, Any]:
+    """How the target samples its answers: regen.* where set (compose fills the nulls from the target)."""
+    r, t = cfg.regen, cfg.target
+    return {
+        "max_new_tokens": int(r.max_new_tokens),
+        "temperature": float(r.temperature),
+        "top_p": float(t.top_p),
+        "top_k": int(t.top_k),
     }
 
 
@@ -64,35 +73,32 @@ def prompts_key(cfg: DictConfig) -> str:
     return f"{_stem(cfg.prompts.source)}-{config_hash(cfg.prompts)[:12]}"
 
 
-def answers_key(cfg: DictConfig) -> str:
-    """Answers depend on the prompts, the target, how prompts are rendered, and how the target samples
-    (throughput settings such as endpoints, replicas and concurrency do not count)."""
-    r, t = cfg.regen, cfg.target
+def answers_key(cfg: DictConfig, prompts: str | None = None) -> str:
+    """Answers depend on the prompts (`prompts`: their key, when the caller has it), the target, how
+    prompts are rendered, and how the target samples (throughput settings such as endpoints, replicas
+    and concurrency do not count)."""
+    r = cfg.regen
     identity = {
-        "prompts": prompts_key(cfg),
+        "prompts": prompts or prompts_key(cfg),
         "target": target_identity(cfg),
-        "render": rendering_identity(cfg),
-        "sampling": {
-            "max_new_tokens": r.max_new_tokens,
-            "temperature": r.temperature,
-            "top_p": t.top_p,
-            "top_k": t.top_k,
-        },
+        "render": rendering(cfg),
+        "sampling": sampling(cfg),
         "backend": r.backend,
         "api": r.api,
         "model": r.model,
-        "extra_body": _plain(r.extra_body),
+        "extra_body": r.extra_body,
         "seed": r.seed,
         "batch_size": r.batch_size if r.backend == "hf" else None,  # it sets the hf seeds
     }
-    return f"{_stem(t.name)}-{config_hash(identity)[:12]}"
+    return f"{_stem(cfg.target.name)}-{config_hash(identity)[:12]}"
 
 
-def cache_key(cfg: DictConfig) -> str:
-    """A cache depends on the answers and on which features of the target it stores, and how."""
+def cache_key(cfg: DictConfig, answers: str | None = None) -> str:
+    """A cache depends on the answers (`answers`: their key, when the caller has it) and on which
+    features of the target it stores, and how."""
     s = cfg.storage
     identity = {
-        "answers": answers_key(cfg),
+        "answers": answers or answers_key(cfg),
         "target": target_identity(cfg),
         "layer_ids": list(cfg.target.layer_ids),
         "encoding": s.encoding,
@@ -160,11 +166,13 @@ class RunPaths:
 
 def run_paths(cfg: DictConfig) -> RunPaths:
     data_dir = Path(cfg.data_dir)
+    prompts = prompts_key(cfg)
+    answers = answers_key(cfg, prompts)
     return RunPaths(
         run_dir=Path(cfg.run_dir),
         data_dir=data_dir,
         algo=str(cfg.algo.name),
-        prompts_dir=data_dir / "prompts" / prompts_key(cfg),
-        answers_dir=data_dir / "answers" / answers_key(cfg),
-        cache_url=f"{str(cfg.storage.url).rstrip('/')}/{cache_key(cfg)}",
+        prompts_dir=data_dir / "prompts" / prompts,
+        answers_dir=data_dir / "answers" / answers,
+        cache_url=f"{str(cfg.storage.url).rstrip('/')}/{cache_key(cfg, answers)}",
     )

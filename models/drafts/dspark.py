@@ -86,6 +86,22 @@ TARGET_WEIGHTS = ("embed_tokens.", "lm_head.")  # the target's, frozen; exported
 INIT_STD = 0.02  # upstream's initializer_range for the new heads (HF `_init_weights`)
 
 
+def head_problems(heads, prefix: str = "") -> list[str]:
+    """What the sequential and confidence heads need of `heads` (DSparkSettings or DSparkConfig): the
+    one set of rules, checked when composing (`prefix` "algo.") and when a draft is built or loaded."""
+    rank, kind = heads.markov_rank, heads.markov_head_type
+    problems = []
+    if rank < 0:
+        problems.append(f"{prefix}markov_rank={rank}: expected 0 (no head) or a positive rank")
+    if rank > 0 and kind not in MARKOV_HEAD_TYPES:
+        problems.append(f"{prefix}markov_head_type={kind!r}: expected one of {list(MARKOV_HEAD_TYPES)}")
+    if heads.confidence_head and heads.confidence_head_with_markov and rank == 0:
+        problems.append(
+            f"{prefix}confidence_head_with_markov=true needs a Markov head ({prefix}markov_rank > 0)"
+        )
+    return problems
+
+
 @dataclass
 class DSparkSettings:
     """`algo=dspark`: the values and their meaning are in conf/algo/dspark.yaml."""
@@ -104,17 +120,7 @@ class DSparkSettings:
     confidence_weight: float
 
     def problems(self, layer_ids: list[int], num_hidden_layers: int | None) -> list[str]:
-        problems = block_problems(self)
-        if self.markov_rank < 0:
-            problems.append(f"algo.markov_rank={self.markov_rank}: expected 0 (no head) or a positive rank")
-        if self.markov_rank > 0 and self.markov_head_type not in MARKOV_HEAD_TYPES:
-            problems.append(
-                f"algo.markov_head_type={self.markov_head_type!r}: expected one of {list(MARKOV_HEAD_TYPES)}"
-            )
-        if self.confidence_head and self.confidence_head_with_markov and self.markov_rank == 0:
-            problems.append(
-                "algo.confidence_head_with_markov=true needs a Markov head (algo.markov_rank > 0)"
-            )
+        problems = block_problems(self) + head_problems(self, prefix="algo.")
         for key in ("ce_weight", "l1_weight", "confidence_weight"):
             if getattr(self, key) < 0:
                 problems.append(f"algo.{key}={getattr(self, key)}: expected a weight of 0 or more")
@@ -133,15 +139,7 @@ class DSparkConfig:
     final_logit_softcapping: float | None = None
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.markov_rank < 0:
-            problems.append(f"markov_rank={self.markov_rank}: expected 0 (no head) or a positive rank")
-        if self.markov_rank > 0 and self.markov_head_type not in MARKOV_HEAD_TYPES:
-            problems.append(
-                f"markov_head_type={self.markov_head_type!r}: expected one of {MARKOV_HEAD_TYPES}"
-            )
-        if self.confidence_head and self.confidence_head_with_markov and self.markov_rank == 0:
-            problems.append("confidence_head_with_markov=true needs a Markov head (markov_rank > 0)")
+        problems = head_problems(self)
         if self.final_logit_softcapping is not None and not self.final_logit_softcapping > 0:
             problems.append(f"final_logit_softcapping={self.final_logit_softcapping}: expected > 0 or null")
         if problems:

@@ -85,28 +85,41 @@ class Eagle3Settings:
     draft_vocab_size: int | None
 
     def problems(self, layer_ids: list[int], num_hidden_layers: int | None) -> list[str]:
-        problems = []
-        if self.ttt_steps < 1:
-            problems.append(f"algo.ttt_steps={self.ttt_steps}: expected at least one training-time test step")
+        problems = shape_problems(layer_ids, num_hidden_layers, self.ttt_steps, self.draft_vocab_size)
         if not 0 < self.step_decay <= 1:
             problems.append(f"algo.step_decay={self.step_decay}: expected a weight in (0, 1]")
-        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
-            problems.append(
-                f"algo.draft_vocab_size={self.draft_vocab_size}: expected a positive size or null"
-            )
-        if len(layer_ids) != NUM_FEATURE_LAYERS:
-            usual = ",".join(map(str, default_layer_ids(num_hidden_layers))) if num_hidden_layers else ""
-            hint = (
-                f"for this {num_hidden_layers}-layer target pass 'target.layer_ids=[{usual}]'"
-                if len(set(usual.split(","))) == NUM_FEATURE_LAYERS
-                else "EAGLE3 takes layers 1, L/2 - 1 and L - 4 of an L-layer target"
-            )
-            problems.append(
-                f"target.layer_ids={list(layer_ids)}: Eagle3 fuses exactly {NUM_FEATURE_LAYERS} target "
-                f"layers (low, mid, high), as the engines' fc reads them; {hint}, or add a "
-                "conf/target_algo/<target>_eagle3.yaml preset"
-            )
         return problems
+
+
+def shape_problems(
+    layer_ids: list[int],
+    num_hidden_layers: int | None,
+    ttt_steps: int,
+    draft_vocab_size: int | None,
+    vocab_size: int | None = None,
+) -> list[str]:
+    """What an Eagle3 draft's shape needs: three target layers, a training-time test step, a draft
+    vocabulary within the target's (when `vocab_size` is known). The one set of rules, checked when
+    composing and when a draft is built."""
+    problems = []
+    if len(layer_ids) != NUM_FEATURE_LAYERS:
+        usual = ",".join(map(str, default_layer_ids(num_hidden_layers))) if num_hidden_layers else ""
+        hint = (
+            f"for this {num_hidden_layers}-layer target pass 'target.layer_ids=[{usual}]'"
+            if len(set(usual.split(","))) == NUM_FEATURE_LAYERS
+            else "EAGLE3 takes layers 1, L/2 - 1 and L - 4 of an L-layer target"
+        )
+        problems.append(
+            f"target.layer_ids={list(layer_ids)}: Eagle3 fuses exactly {NUM_FEATURE_LAYERS} target "
+            f"layers (low, mid, high), as the engines' fc reads them; {hint}, or add a "
+            "conf/target_algo/<target>_eagle3.yaml preset"
+        )
+    if ttt_steps < 1:
+        problems.append(f"algo.ttt_steps={ttt_steps}: expected at least one training-time test step")
+    if draft_vocab_size is not None and not 1 <= draft_vocab_size <= (vocab_size or draft_vocab_size):
+        limit = f"1..{vocab_size} (the target's vocabulary)" if vocab_size else "a positive size"
+        problems.append(f"algo.draft_vocab_size={draft_vocab_size}: expected {limit} or null")
+    return problems
 
 
 @dataclass
@@ -134,19 +147,12 @@ class Eagle3Config:
         text = getattr(target_config, "text_config", None) or target_config
         heads = text.num_attention_heads
         rope = getattr(text, "rope_parameters", None) or {}
-        if len(layer_ids) != NUM_FEATURE_LAYERS:
-            raise ConfigError(
-                f"target.layer_ids={list(layer_ids)}: Eagle3 fuses exactly {NUM_FEATURE_LAYERS} target "
-                f"layers (low, mid, high), e.g. {default_layer_ids(text.num_hidden_layers)}"
-            )
-        check_layer_ids(list(layer_ids), text.num_hidden_layers)
-        if ttt_steps < 1:
-            raise ConfigError(
-                f"algo.ttt_steps={ttt_steps}: Eagle3 needs at least one training-time test step"
-            )
+        layers = text.num_hidden_layers
+        problems = shape_problems(layer_ids, layers, ttt_steps, draft_vocab_size, text.vocab_size)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        check_layer_ids(list(layer_ids), layers)
         draft_vocab = text.vocab_size if draft_vocab_size is None else draft_vocab_size
-        if not 1 <= draft_vocab <= text.vocab_size:
-            raise ConfigError(f"draft_vocab_size={draft_vocab}: expected 1..{text.vocab_size}")
         return cls(
             hidden_size=text.hidden_size,
             num_attention_heads=heads,

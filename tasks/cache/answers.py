@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from deepspec.models.chat import render_conversation
 from deepspec.models.errors import DataError
 from deepspec.tasks.files import read_jsonl
+from deepspec.tasks.paths import rendering
 
 
 def read_answers(path: Path) -> list[dict[str, Any]]:
@@ -33,13 +34,8 @@ def read_answers(path: Path) -> list[dict[str, Any]]:
 
 
 def render_options(cfg: DictConfig) -> dict[str, Any]:
-    """The `render_conversation` arguments of this target and cache length."""
-    return {
-        "use_chat_template": bool(cfg.target.use_chat_template),
-        "chat_template_kwargs": OmegaConf.to_container(cfg.target.chat_template_kwargs, resolve=True) or None,
-        "system_prompt": cfg.target.system_prompt,
-        "max_length": int(cfg.storage.max_length),
-    }
+    """The `render_conversation` arguments: the target's rendering, cut at the cache's length."""
+    return {**rendering(cfg), "max_length": int(cfg.storage.max_length)}
 
 
 def render(

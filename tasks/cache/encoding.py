@@ -37,7 +37,7 @@ by about 2.5 standard deviations instead of by the group's largest value: on Smo
 below int4's for the same bytes. The pattern is part of the format: it comes from sha256, not an RNG.
 
 int4_mixed spends the bytes where the teacher is: Eagle3 and DSpark recompute the target's
-distribution from the deepest captured layer (`train.Teacher`), whose error reaches the logits
+distribution from the deepest captured layer (`models/teacher.py`), whose error reaches the logits
 through only a few layers and the LM head, while the other layers are inputs to a draft that is
 trained on them. So that layer gets int6_rot with outliers kept apart (`WithOutliers`) and the others
 int4_rot: top-1 agreement of the recomputed teacher with the target's own 0.9934 on SmolLM2 (fp8:
@@ -348,8 +348,8 @@ class TeacherMixed:
     """One encoding for the teacher's layer and another for the other captured layers.
 
     The feature row is the captured layers side by side, in `layer_ids` order; the teacher's is the
-    deepest (`train.Teacher` reads the same block). A sample's bytes are the other layers, side by side
-    in one [T, (L - 1) d] matrix, in `features`, then the teacher's [T, d] in `teacher`: two decodes a
+    deepest (`models.teacher.Teacher` reads the same block). A sample's bytes are the other layers, side
+    by side in one [T, (L - 1) d] matrix, in `features`, then the teacher's [T, d] in `teacher`: two decodes a
     sample, whatever L, since training decodes in its own thread and every torch call costs it.
     `for_layers` gives the encoding of a layout; the registered one is a single layer, the teacher's.
     """

@@ -10,7 +10,7 @@ A cache lives at any fsspec URL (a local path, file://, memory://, s3://bucket/p
 Columns per sample: `sample_id` (string), `input_ids` (list<int32>), `loss_mask` (binary: the 0/1 mask
 packed 8 per byte, little bit order), `num_tokens` (int32) and `features` (large_binary: the
 [num_tokens, len(layer_ids) * hidden] matrix in the cache's encoding, `storage.encoding`: one of
-`cache_encoding.ENCODINGS`). The manifest and each shard's schema metadata record the encoding and
+`encoding.ENCODINGS`). The manifest and each shard's schema metadata record the encoding and
 feature width, and each shard the layer ids (int4_mixed encodes the teacher's layer apart); readers
 decode by them, so a cache reads the same whatever the encoding. One record batch per sample lets a
 reader fetch one sample without reading the rest of the shard.
@@ -310,7 +310,7 @@ class ShardWriter:
         w.add("id-1", input_ids, loss_mask, features)   # features [T, D], on any device
     info = w.info                                        # set by the commit on a clean exit
 
-    `encoding` is one of `cache_encoding.ENCODINGS` (ConfigError otherwise); the build passes
+    `encoding` is one of `encoding.ENCODINGS` (ConfigError otherwise); the build passes
     `storage.encoding`, which the manifest records, and `target.layer_ids`, which the shard records
     (`int4_mixed` encodes the teacher's layer apart; without ids the row counts as one layer).
     """

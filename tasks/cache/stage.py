@@ -117,10 +117,7 @@ def build_fields(cfg: DictConfig, tokenizer, source_sha256: str) -> dict[str, An
     """Everything a committed shard depends on: the target identity plus rendering, layout and input."""
     return {
         **expected_manifest_fields(cfg, tokenizer),
-        "render": {
-            **render_options(cfg),
-            "chat_template_kwargs": OmegaConf.to_container(cfg.target.chat_template_kwargs, resolve=True),
-        },
+        "render": render_options(cfg),
         "samples_per_shard": int(cfg.storage.samples_per_shard),
         "source_sha256": source_sha256,
     }

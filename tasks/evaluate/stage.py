@@ -39,7 +39,7 @@ from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
 from deepspec.models.chat import end_of_turn_ids, render_prompt
-from deepspec.models.errors import ConfigError, DeepSpecError
+from deepspec.models.errors import DeepSpecError
 from deepspec.models.speculative import (
     Drafter,
     SpecResult,
@@ -52,8 +52,9 @@ from deepspec.tasks import tracking
 from deepspec.tasks.config import config_hash
 from deepspec.tasks.evaluate.benchmarks import BUILTIN, load_benchmark
 from deepspec.tasks.files import atomic_write_text, mark_done, read_done, sha256_file
-from deepspec.tasks.paths import run_paths
+from deepspec.tasks.paths import rendering, run_paths
 from deepspec.tasks.results import BenchmarkFigures, EvalResult, to_record
+from deepspec.tasks.train.stage import trained_draft
 
 log = logging.getLogger(__name__)
 
@@ -107,24 +108,6 @@ def _valid_results(path: Path, benchmarks: list[str]) -> EvalResult | None:
     return result if sorted(result.benchmarks) == sorted(benchmarks) else None
 
 
-def _trained_draft(cfg: DictConfig) -> tuple[Path, Path]:
-    """The draft directory and weights file the train stage of this run wrote, checked to be of algo.name."""
-    from deepspec.models.drafts import draft_algo
-    from deepspec.models.drafts.files import WEIGHTS_FILE
-
-    directory = run_paths(cfg).draft_dir
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise DeepSpecError(f"evaluate: no trained draft at {weights}; run `deepspec train` first")
-    found = draft_algo(directory)
-    if found != cfg.algo.name:
-        raise ConfigError(
-            f"evaluate: the draft at {directory} is a {found} draft, but algo={cfg.algo.name}; "
-            f"train again or evaluate with algo={found}"
-        )
-    return directory, weights
-
-
 def evaluate(
     cfg: DictConfig,
     draft_loader: Callable[[], Drafter] | None = None,
@@ -137,7 +120,7 @@ def evaluate(
     """
     default_draft = draft_loader is None
     if default_draft:
-        draft_path, draft_file = _trained_draft(cfg)
+        draft_file = trained_draft(cfg, "evaluate")
     elif draft_file is None:
         raise DeepSpecError("evaluate: a draft_loader needs the draft_file it loads, to tell drafts apart")
     draft_sha = sha256_file(draft_file)
@@ -172,7 +155,7 @@ def evaluate(
         from deepspec.models.drafts import load_draft
 
         embed, head = input_embeddings(model).weight, output_head(model).weight
-        drafter = load_draft(draft_path, embed, head).to(model.device)
+        drafter = load_draft(Path(draft_file).parent, embed, head).to(model.device)
     else:
         drafter = draft_loader()
     layer_ids = list(cfg.target.layer_ids)
@@ -182,13 +165,7 @@ def evaluate(
     decode = {"max_new_tokens": cfg.eval.max_new_tokens, "temperature": temperature, "eos_token_ids": eos}
 
     def ids_of(turns: list[str]) -> list[int]:
-        return render_prompt(
-            tokenizer,
-            [{"role": "user", "content": turns[0]}],
-            use_chat_template=cfg.target.use_chat_template,
-            chat_template_kwargs=dict(cfg.target.chat_template_kwargs),
-            system_prompt=cfg.target.system_prompt,
-        )
+        return render_prompt(tokenizer, [{"role": "user", "content": turns[0]}], **rendering(cfg))
 
     # one untimed run of each, so lazy initialisation does not count against the first benchmark
     warm = ids_of(next(iter(prompts.values()))[0])

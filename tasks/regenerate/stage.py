@@ -65,7 +65,7 @@ from deepspec.tasks.files import (
     read_once,
     write_jsonl_atomic,
 )
-from deepspec.tasks.paths import answers_key, run_paths
+from deepspec.tasks.paths import answers_key, rendering, run_paths, sampling
 from deepspec.tasks.regenerate.backends import (
     HFBackend,
     HTTPBackend,
@@ -97,22 +97,11 @@ class RegenPlan:
 
 
 def sampling_of(cfg: DictConfig) -> Sampling:
-    """The target's sampling, with regen.* where set (compose fills the nulls in from the target)."""
-    regen, target = cfg.regen, cfg.target
-    return Sampling(
-        max_new_tokens=int(regen.max_new_tokens),
-        temperature=float(regen.temperature),
-        top_p=float(target.top_p),
-        top_k=int(target.top_k),
-    )
+    return Sampling(**sampling(cfg))
 
 
 def rendering_of(cfg: DictConfig) -> Rendering:
-    return Rendering(
-        use_chat_template=bool(cfg.target.use_chat_template),
-        chat_template_kwargs=OmegaConf.to_container(cfg.target.chat_template_kwargs, resolve=True) or None,
-        system_prompt=cfg.target.system_prompt,
-    )
+    return Rendering(**rendering(cfg))
 
 
 def answers_digest(cfg: DictConfig, prompts_sha256: str) -> str:

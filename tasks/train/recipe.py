@@ -57,6 +57,21 @@ from deepspec.tasks.train.schedule import (
 log = logging.getLogger(__name__)
 
 
+def draft_inputs(
+    cfg: DictConfig, tokenizer, target_config, embed: torch.Tensor, head: torch.Tensor
+) -> DraftInputs:
+    """What an algorithm's `build` takes besides its settings, for this run's target and data."""
+    vocab_size = target_config.get_text_config().vocab_size
+    return DraftInputs(
+        target_config=target_config,
+        layer_ids=list(cfg.target.layer_ids),
+        mask_token_id=mask_token_id(tokenizer, cfg.target.mask_token_id),
+        embed=embed,
+        head=head,
+        token_counts=lambda: supervised_token_counts(cfg, tokenizer, vocab_size),
+    )
+
+
 class TrainRecipe:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -103,15 +118,7 @@ class TrainRecipe:
                 text_config, head, list(t.layer_ids), self.device, online=cfg.storage.mode == "online",
                 path=t.path, gguf_file=t.gguf_file, revision=t.revision, dtype=t.dtype,
             )  # fmt: skip
-        inputs = DraftInputs(
-            target_config=target_config,
-            layer_ids=list(t.layer_ids),
-            mask_token_id=mask_token_id(tokenizer, t.mask_token_id),
-            embed=embed,
-            head=head,
-            token_counts=lambda: supervised_token_counts(cfg, tokenizer, text_config.vocab_size),
-        )
-        self.model = self.spec.build(self.settings, inputs)
+        self.model = self.spec.build(self.settings, draft_inputs(cfg, tokenizer, target_config, embed, head))
 
         # the engine: AdamW with warmup and cosine decay, gradients accumulated up to train.global_batch
         ds_config = deepspeed_config(cfg, self.world)

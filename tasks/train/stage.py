@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from deepspec.models.drafts import draft_spec
+from deepspec.models.drafts import draft_algo, draft_spec
 from deepspec.models.errors import ConfigError, DeepSpecError
 from deepspec.models.teacher import tail_start
 from deepspec.tasks import files, tracking
@@ -76,6 +76,22 @@ def check_done(cfg: DictConfig) -> TrainResult | None:
         log.warning("%s does not match its training record; retraining", weights)
         return None
     return from_record(TrainResult, record)
+
+
+def trained_draft(cfg: DictConfig, stage: str) -> Path:
+    """The weights file of the draft this run trained for `algo.name`, checked to be that algorithm's:
+    what evaluation and export start from (`stage` names who asks, in the errors)."""
+    directory = run_paths(cfg).draft_dir
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise DeepSpecError(f"{stage}: no trained draft at {weights}; run `deepspec train` first")
+    found = draft_algo(directory)
+    if found != cfg.algo.name:
+        raise ConfigError(
+            f"{stage}: the draft at {directory} is a {found} draft, but algo={cfg.algo.name}; "
+            f"train again or {stage} with algo={found}"
+        )
+    return weights
 
 
 def mark_trained(cfg: DictConfig, *, optimizer_steps: int, final_metrics: dict[str, float]) -> TrainResult:

@@ -64,6 +64,10 @@ def test_unknown_key_and_wrong_type_are_named():
         compose(["train.epochz=3"])
     with pytest.raises(ConfigError, match=r"train\.epochs: Value 'many'"):
         compose(["train.epochs=many"])
+    # a key inside a setting that exists is not called unknown: Hydra's own advice stands
+    with pytest.raises(ConfigError, match=r"use \+regen\.extra_body=\{top_k: 20\}"):
+        compose(["regen.extra_body={top_k: 20}"])
+    assert compose(["+regen.extra_body={top_k: 20}"]).regen.extra_body == {"top_k": 20}
 
 
 def test_every_problem_is_reported_at_compose_time():

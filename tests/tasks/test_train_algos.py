@@ -11,13 +11,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from support import tiny
+from support.drafts import target_draft_inputs
 from support.stories import stories_overrides, write_answers
 from transformers import AutoModelForCausalLM
 
 from deepspec.models.drafts import DRAFTS, draft_spec
-from deepspec.models.drafts.spec import DraftInputs
 from deepspec.models.errors import ConfigError
-from deepspec.models.target import load_target, load_tokenizer, mask_token_id
+from deepspec.models.target import load_target, load_tokenizer
 from deepspec.models.teacher import Teacher, load_target_tail, tail_start
 from deepspec.tasks.cache.format import iter_samples
 from deepspec.tasks.cache.loader import open_stream, supervised_token_counts
@@ -238,23 +238,13 @@ def test_supervised_token_counts_agree_in_both_modes(stories_run):
 def test_training_losses_learn(stories_run, algo, extra):
     """Each algorithm's build and micro-batch loss (its `DraftSpec`), stepped by a plain optimizer: the
     model stands in for the engine, as the recipe passes it."""
-    from transformers import AutoConfig
 
     overrides, model = stories_run
     cfg = compose([*overrides, f"algo={algo}", *extra])
     spec, settings = draft_spec(algo), algo_settings(cfg)
-    tokenizer = load_tokenizer(cfg.target.path)
-    embed, head = model.get_input_embeddings().weight.detach(), model.lm_head.weight.detach()
     teacher = teacher_of(cfg, model) if spec.needs_teacher else None
+    inputs = target_draft_inputs(cfg, model)  # the recipe's, its token counts from the data
     torch.manual_seed(0)
-    inputs = DraftInputs(
-        target_config=AutoConfig.from_pretrained(cfg.target.path),
-        layer_ids=list(cfg.target.layer_ids),
-        mask_token_id=mask_token_id(tokenizer, cfg.target.mask_token_id),
-        embed=embed,
-        head=head,
-        token_counts=lambda: supervised_token_counts(cfg, tokenizer, 512),
-    )
     draft = spec.build(settings, inputs)
     samples = list(open_stream(cfg, epochs=1, final_hidden=teacher is not None))
     optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=5e-3)
