@@ -101,7 +101,7 @@ class ZeroedFeatures:
     `draft_logits` only; the context's token ids go on to a draft that reads them, Eagle3)."""
 
     def __init__(self, draft):
-        self.draft, self.block_size = draft, draft.block_size
+        self.draft, self.num_draft_tokens = draft, draft.num_draft_tokens
         self.takes_ids = "context_ids" in inspect.signature(draft.draft_logits).parameters
 
     def draft_logits(self, context_features: torch.Tensor, anchor_token: int, *, context_ids=None):

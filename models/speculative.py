@@ -38,10 +38,10 @@ class Drafter(Protocol):
     of positions 0..p-1 (a [p] int64 tensor on CPU): Eagle3 reads them, DFlash does without.
     """
 
-    block_size: int
+    num_draft_tokens: int  # tokens drafted per round
 
     def draft_logits(self, context_features: torch.Tensor, anchor_token: int) -> torch.Tensor:
-        """[block_size, vocab] logits; row k is the distribution of the token at position p + k + 1.
+        """[num_draft_tokens, vocab] logits; row k is the distribution of the token at position p + k + 1.
 
         `context_features` are the target features of positions 0..p-1; the anchor sits at position p.
         Rows must not depend on the tokens drafted from them (feed the argmax chain back, not samples).
@@ -50,7 +50,7 @@ class Drafter(Protocol):
 
 
 class Proposal(Protocol):
-    tokens: list[int]  # the drafted chain, at most block_size tokens
+    tokens: list[int]  # the drafted chain, at most num_draft_tokens tokens
     probs: torch.Tensor  # [len(tokens), vocab] float32 on CPU: the law each token was drawn from
 
 
@@ -75,7 +75,7 @@ class ProposingDrafter(Drafter, Protocol):
 class SpecResult:
     tokens: list[int]  # new tokens only, eos included when generation stopped on it
     accepted: list[int] = field(default_factory=list)  # drafts accepted in each verify step
-    block_size: int = 0
+    num_draft_tokens: int = 0
 
 
 def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -132,10 +132,10 @@ def _draft(
     if propose is not None:
         proposal = propose(context_features, anchor, temperature=temperature, generator=generator, **extra)
         q = proposal.probs.float().cpu()
-        assert len(proposal.tokens) == q.shape[0] <= drafter.block_size, (len(proposal.tokens), q.shape)
+        assert len(proposal.tokens) == q.shape[0] <= drafter.num_draft_tokens, (len(proposal.tokens), q.shape)
         return [int(t) for t in proposal.tokens], q
     logits = drafter.draft_logits(context_features, anchor, **extra)
-    assert logits.shape[0] == drafter.block_size, (tuple(logits.shape), drafter.block_size)
+    assert logits.shape[0] == drafter.num_draft_tokens, (tuple(logits.shape), drafter.num_draft_tokens)
     q = _probs(logits, temperature)
     return [_draw(q[k], generator) for k in range(q.shape[0])], q
 
@@ -163,15 +163,15 @@ def speculative_generate(
 
     Stops after an eos token (kept) or at `max_new_tokens` (the last block is truncated).
     """
-    block_size = int(drafter.block_size)
-    result = SpecResult(tokens=[], block_size=block_size)
+    num_drafts = int(drafter.num_draft_tokens)
+    result = SpecResult(tokens=[], num_draft_tokens=num_drafts)
     if max_new_tokens <= 0:
         return result
     runner = TargetRunner(model, layer_ids)
     prefill = runner.extend(torch.tensor(list(prompt_ids), dtype=torch.long))
     # target features of every committed position, in a buffer sized for the longest possible output
     n_ctx = prefill.features.shape[0]
-    capacity = n_ctx + max_new_tokens + block_size + 1
+    capacity = n_ctx + max_new_tokens + num_drafts + 1
     context = prefill.features.new_empty((capacity, prefill.features.shape[1]))
     context[:n_ctx] = prefill.features
     context_ids = torch.empty(capacity, dtype=torch.long)  # the token of every committed position
@@ -249,12 +249,12 @@ def acceptance_stats(results: Sequence[SpecResult]) -> dict:
     tau is None when no verify step ran (every generation stopped on its first token).
     """
     accepted = [a for r in results for a in r.accepted]
-    block_size = max((r.block_size for r in results), default=0)
+    num_drafts = max((r.num_draft_tokens for r in results), default=0)
     steps = len(accepted)
     return {
         "tau": (sum(accepted) + steps) / steps if steps else None,
         "acceptance": [
-            sum(a >= k for a in accepted) / steps if steps else 0.0 for k in range(1, block_size + 1)
+            sum(a >= k for a in accepted) / steps if steps else 0.0 for k in range(1, num_drafts + 1)
         ],
         "steps": steps,
         "tokens": sum(len(r.tokens) for r in results),

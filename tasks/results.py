@@ -92,7 +92,7 @@ class EvalResult:
     data_dir: str | None
     target: str
     algo: str
-    block_size: int
+    num_draft_tokens: int  # drafted per verify step
     temperature: float
     max_new_tokens: int
     seed: int

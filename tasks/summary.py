@@ -47,7 +47,7 @@ def summary_rows(r: PipelineResult) -> list[tuple[str, str]]:
         ),
     ]
     source = "built-in prompts" if evaluation.builtin_eval else evaluation.data_dir
-    rows.append(("evaluate", f"block {evaluation.block_size}, T={evaluation.temperature}, {source}"))
+    rows.append(("evaluate", f"{evaluation.num_draft_tokens} drafts a round, T={evaluation.temperature}, {source}"))
     for name, figures in [*evaluation.benchmarks.items(), ("overall", evaluation.overall)]:
         acceptance = " ".join(f"{a:.2f}" for a in figures.acceptance)
         rows.append(

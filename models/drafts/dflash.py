@@ -343,6 +343,7 @@ class DFlashDraft(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.block_size = cfg.block_size
+        self.num_draft_tokens = cfg.block_size
         self.attention_chunk_rows: int | None = ATTENTION_CHUNK_ROWS
         self.fc = nn.Linear(cfg.num_target_features * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -415,6 +415,7 @@ class DSparkDraft(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.block_size = cfg.backbone.block_size
+        self.num_draft_tokens = self.block_size  # slot k drafts the token at p + k + 1, anchor slot included
         # The DFlash backbone holds the frozen target embedding and LM head.
         self.backbone = DFlashDraft(cfg.backbone, embed_weight, head_weight)
         d, vocab = cfg.backbone.hidden_size, cfg.backbone.vocab_size

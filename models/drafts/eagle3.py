@@ -418,7 +418,7 @@ class Eagle3Draft(nn.Module):
                     f"target {name} has shape {tuple(w.shape)}; the draft config needs {expected}"
                 )
         self.cfg = cfg
-        self.block_size = cfg.ttt_steps  # chain length `speculative_generate` drafts per round
+        self.num_draft_tokens = cfg.ttt_steps  # chain length `speculative_generate` drafts per round
         self.fc = nn.Linear(NUM_FEATURE_LAYERS * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.midlayer = Eagle3Layer(cfg)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -699,7 +699,7 @@ class Eagle3Draft(nn.Module):
         acceptance.
         """
         return self.to_target_vocab(
-            self.chain_logits(context_features, context_ids, anchor_token, self.block_size)
+            self.chain_logits(context_features, context_ids, anchor_token, self.num_draft_tokens)
         )
 
 

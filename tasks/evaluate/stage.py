@@ -215,7 +215,7 @@ def evaluate(
         data_dir=cfg.eval.data_dir,
         target=str(cfg.target.name),
         algo=str(cfg.algo.name),
-        block_size=int(drafter.block_size),
+        num_draft_tokens=int(drafter.num_draft_tokens),
         temperature=temperature,
         max_new_tokens=int(cfg.eval.max_new_tokens),
         seed=int(cfg.eval.seed),

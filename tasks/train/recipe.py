@@ -163,7 +163,7 @@ class TrainRecipe:
             total=self.total_micro, initial=self.start_micro, desc="train", disable=self.rank != 0,
             unit="micro-step",
         )  # fmt: skip
-        running = Metrics(self.model.block_size)
+        running = Metrics(self.model.num_draft_tokens)
         for micro in range(self.start_micro, self.total_micro):
             batch = [next(samples) for _ in range(micro_batch_size(micro, self.per_epoch, self.micro_batch))]
             generator = anchor_generator(train.seed, micro, self.rank, self.world)

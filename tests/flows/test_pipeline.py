@@ -120,7 +120,7 @@ def test_greedy_speculative_output_equals_target_output(run):
     results = run["summary"].evaluate
     assert results.temperature == 0.0 and results.builtin_eval is True
     assert results.overall.greedy_match == 1.0
-    assert 1.0 <= results.overall.tau <= results.block_size + 1
+    assert 1.0 <= results.overall.tau <= results.num_draft_tokens + 1
     assert set(results.benchmarks) == set(compose().eval.benchmarks)
     on_disk = json.loads((run["dir"] / "eval" / "dflash" / "results.json").read_text())
     assert on_disk["overall"]["tau"] == results.overall.tau
@@ -177,7 +177,7 @@ def test_eagle3_trains_evaluates_and_exports_from_the_same_cache(run, all_algos)
     result = all_algos["summaries"]["eagle3"]
     assert result.cache.skipped and result.cache.url == run["summary"].cache.url
     assert result.train.optimizer_steps >= 1 and result.train.final_metrics["train/loss"] > 0
-    assert result.evaluate.algo == "eagle3" and result.evaluate.block_size == 3
+    assert result.evaluate.algo == "eagle3" and result.evaluate.num_draft_tokens == 3
     assert result.evaluate.overall.greedy_match == 1.0
     assert result.export.architecture == "LlamaForCausalLMEagle3"
     assert DRAFTS["eagle3"].validate_export(run["dir"] / "export" / "eagle3") == []

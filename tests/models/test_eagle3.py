@@ -106,7 +106,7 @@ def test_draft_logits_are_a_greedy_chain_in_target_vocabulary(target_config, dra
     ids, feats = random_batch(batch=1)
     p = 6
     out = draft.draft_logits(feats[0, :p], int(ids[0, p]), context_ids=ids[0, :p])
-    assert out.shape == (draft.block_size, 50)
+    assert out.shape == (draft.num_draft_tokens, 50)
     greedy = out.argmax(-1).tolist()
     # feeding the chain's own argmax tokens back reproduces it
     chain = draft.chain_logits(feats[0, :p], ids[0, :p], int(ids[0, p]), 4, tokens=greedy[:-1])

@@ -80,7 +80,7 @@ class ChainDrafter:
     def __init__(self, model, prompt_ids, block_size, *, logit_scale=1.0, memo=None):
         self.model = model
         self.history = list(prompt_ids)
-        self.block_size = block_size
+        self.num_draft_tokens = block_size
         self.logit_scale = logit_scale
         self.memo = {} if memo is None else memo  # (history, anchor) -> logits, shared across samples
         self.last: tuple[int, list[int]] | None = None
@@ -96,7 +96,7 @@ class ChainDrafter:
         key = (tuple(self.history), anchor_token)
         if key not in self.memo:
             seq, rows = [*self.history, anchor_token], []
-            for _ in range(self.block_size):
+            for _ in range(self.num_draft_tokens):
                 logits = self.model(input_ids=torch.tensor([seq])).logits[0, -1].float()
                 rows.append(logits * self.logit_scale)
                 seq.append(int(logits.argmax()))
@@ -150,7 +150,7 @@ def test_greedy_output_equals_target(stories, random_llama, greedy_references, d
             eos_token_ids=EOS,
         )
         assert result.tokens == greedy_references[text], text
-        assert result.block_size == block_size
+        assert result.num_draft_tokens == block_size
         assert all(0 <= a <= block_size for a in result.accepted)
         results.append(result)
     stats = acceptance_stats(results)
@@ -249,9 +249,9 @@ def test_accept_or_resample_single_token_law():
 
 def test_acceptance_stats_by_hand():
     results = [
-        SpecResult(tokens=[5, 6, 7, 8, 9], accepted=[3, 0], block_size=4),
-        SpecResult(tokens=[1, 2, 3, 4, 5, 6, 7], accepted=[4, 1], block_size=4),
-        SpecResult(tokens=[2], accepted=[], block_size=4),
+        SpecResult(tokens=[5, 6, 7, 8, 9], accepted=[3, 0], num_draft_tokens=4),
+        SpecResult(tokens=[1, 2, 3, 4, 5, 6, 7], accepted=[4, 1], num_draft_tokens=4),
+        SpecResult(tokens=[2], accepted=[], num_draft_tokens=4),
     ]
     stats = acceptance_stats(results)
     assert stats["steps"] == 4
@@ -259,7 +259,7 @@ def test_acceptance_stats_by_hand():
     assert stats["samples"] == 3
     assert stats["tau"] == pytest.approx((4 + 1 + 5 + 2) / 4)
     assert stats["acceptance"] == pytest.approx([3 / 4, 2 / 4, 2 / 4, 1 / 4])
-    assert acceptance_stats([SpecResult(tokens=[2], block_size=4)])["tau"] is None
+    assert acceptance_stats([SpecResult(tokens=[2], num_draft_tokens=4)])["tau"] is None
 
 
 def test_truncates_at_max_new_tokens(stories):

@@ -70,7 +70,7 @@ class RecordingEagle3:
     """An Eagle3 draft that checks it is handed the tokens of every context position."""
 
     def __init__(self, draft: Eagle3Draft, prompt: list[int]):
-        self.draft, self.block_size, self.prompt = draft, draft.block_size, prompt
+        self.draft, self.num_draft_tokens, self.prompt = draft, draft.num_draft_tokens, prompt
         self.calls: list[tuple[int, list[int]]] = []
 
     def draft_logits(self, context_features, anchor_token, *, context_ids):
@@ -83,7 +83,7 @@ class ShortProposals:
     """A DSpark draft stopping its chain at the first slot whose confidence is below a threshold."""
 
     def __init__(self, draft: DSparkDraft, threshold: float):
-        self.draft, self.block_size, self.threshold = draft, draft.block_size, threshold
+        self.draft, self.num_draft_tokens, self.threshold = draft, draft.num_draft_tokens, threshold
         self.lengths: list[int] = []
 
     def draft_logits(self, context_features, anchor_token):
@@ -111,7 +111,7 @@ def test_eagle3_greedy_output_equals_target(stories, draft_vocab):
             model, LAYER_IDS, drafter, prompt, max_new_tokens=TOKENS, temperature=0.0, eos_token_ids=EOS
         )
         assert result.tokens == expected
-        assert result.block_size == 4 and all(0 <= a <= 4 for a in result.accepted)
+        assert result.num_draft_tokens == 4 and all(0 <= a <= 4 for a in result.accepted)
         sequence = [*prompt, *expected]
         for anchor, ids in drafter.calls:  # the committed tokens, then the anchor right after them
             assert ids == sequence[: len(ids)] and anchor == sequence[len(ids)]

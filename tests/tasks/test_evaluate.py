@@ -28,12 +28,12 @@ class AnchorChainDrafter:
     """Drafts the greedy chain of a causal LM started from `[bos, anchor]`: no history, no features."""
 
     def __init__(self, model, block_size: int, bos: int):
-        self.model, self.block_size, self.bos = model, block_size, bos
+        self.model, self.num_draft_tokens, self.bos = model, block_size, bos
 
     @torch.no_grad()
     def draft_logits(self, context_features, anchor_token):
         seq, rows = [self.bos, anchor_token], []
-        for _ in range(self.block_size):
+        for _ in range(self.num_draft_tokens):
             logits = self.model(input_ids=torch.tensor([seq])).logits[0, -1].float()
             rows.append(logits)
             seq.append(int(logits.argmax()))
@@ -101,7 +101,7 @@ def test_evaluate_end_to_end_and_skip(assets_dir, tracking_uri, tmp_path, caplog
     on_disk = json.loads((eval_dir / RESULTS_FILE).read_text())
     assert on_disk == to_record(results)
     assert results.builtin_eval is True and results.skipped is False
-    assert results.block_size == 3
+    assert results.num_draft_tokens == 3
     assert set(results.benchmarks) == set(cfg.eval.benchmarks)
     for figures in [*results.benchmarks.values(), results.overall]:
         assert 1 <= figures.new_tokens <= 8 * figures.samples
@@ -144,6 +144,6 @@ def test_evaluate_defaults_to_the_trained_dflash_draft(assets_dir, tracking_uri,
     dflash.save(dflash.DFlashDraft(geometry, embed, head), run_paths(cfg).draft_dir)
 
     results = evaluate(cfg)
-    assert results.block_size == 4
+    assert results.num_draft_tokens == 4
     assert results.draft_file.endswith("model.safetensors")
     assert results.overall.greedy_match == 1.0  # an untrained draft changes nothing but speed

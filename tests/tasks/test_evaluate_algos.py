@@ -31,11 +31,11 @@ def test_evaluate_runs_the_trained_draft(assets_dir, tracking_uri, tmp_path, alg
     draft = save_untrained_draft(cfg, target)
 
     results = evaluate(cfg)
-    assert results.algo == algo and results.block_size == draft.block_size
+    assert results.algo == algo and results.num_draft_tokens == draft.num_draft_tokens
     overall = results.overall
     assert overall.samples == 2 and 1 <= overall.new_tokens <= 16
     assert overall.greedy_match == (1.0 if temperature == 0 else None)
-    assert overall.tau is None or 1.0 <= overall.tau <= draft.block_size + 1
+    assert overall.tau is None or 1.0 <= overall.tau <= draft.num_draft_tokens + 1
 
     # the trained draft of another algorithm is in its own folder: a dflash evaluation finds none
     dflash = compose(["target=stories260k", f"target.path={stories}", f"run_dir={tmp_path}"])

@@ -258,6 +258,6 @@ def test_training_losses_learn(stories_run, algo, extra):
         optimizer.step()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.8 * losses[0], losses
-    assert stats["slot_counts"].shape == (draft.block_size,) and stats["slot_counts"][0] > 0
+    assert stats["slot_counts"].shape == (draft.num_draft_tokens,) and stats["slot_counts"][0] > 0
     if "draft_vocab_size" in " ".join(extra):
         assert draft.cfg.draft_vocab_size == 48 and draft.cfg.reduced_vocab
