@@ -47,7 +47,8 @@ def summary_rows(r: PipelineResult) -> list[tuple[str, str]]:
         ),
     ]
     source = "built-in prompts" if evaluation.builtin_eval else evaluation.data_dir
-    rows.append(("evaluate", f"{evaluation.num_draft_tokens} drafts a round, T={evaluation.temperature}, {source}"))
+    drafts = f"{evaluation.num_draft_tokens} drafts a round"
+    rows.append(("evaluate", f"{drafts}, T={evaluation.temperature}, {source}"))
     for name, figures in [*evaluation.benchmarks.items(), ("overall", evaluation.overall)]:
         acceptance = " ".join(f"{a:.2f}" for a in figures.acceptance)
         rows.append(
