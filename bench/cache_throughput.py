@@ -224,7 +224,10 @@ class PlainTrainer:
         self.model = self.spec.build(self.settings, inputs)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            self.trainable, lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=cfg.train.weight_decay
+            self.trainable,
+            lr=cfg.train.lr,
+            betas=tuple(cfg.train.betas),
+            weight_decay=cfg.train.weight_decay,
         )
 
     def step(self, samples: list[dict[str, Any]]) -> float:

@@ -1,14 +1,19 @@
-"""Peak memory and speed of one draft training step (forward + backward), with and without the index
-masks and chunked vocabulary losses, on a Qwen3-4B-shaped draft cut to one layer, on the CPU.
+"""Peak memory and speed of one draft training step (forward + backward) at the presets' 512 anchors a
+sequence, on a Qwen3-4B-shaped draft of five layers, on the CPU; optionally against the dense masks and
+whole-batch logits this repository had before its index masks and chunked vocabulary losses.
 
-    .venv/bin/python bench/train_step_bench.py --threads 1            # default grid: ~10 min, 2 cores, 3 GB
-    .venv/bin/python bench/train_step_bench.py --anchors 64 128 256   # a wider grid: ~22 min, 9 GB
-    .venv/bin/python bench/train_step_bench.py --anchors 256 --skip-dspark --skip-eagle3   # ~11 min
+    .venv/bin/python bench/train_step_bench.py --threads 1    # the presets' shape: ~18 min, 12.5 GB
+    .venv/bin/python bench/train_step_bench.py --variants before after --anchors 64 --layers 1
+    .venv/bin/python bench/train_step_bench.py --anchors 128 256 512 --skip-dspark --skip-eagle3
     .venv/bin/python bench/train_step_bench.py --skip-dspark --skip-eagle3 --out runs/bench/step.json
 
-Geometry (Qwen3-4B, `conf/target/qwen3_4b.yaml`): hidden 2560, 32 query / 8 KV heads of 128, MLP 9728,
-vocabulary 151,936, blocks of 7 slots, five target layers (Eagle3: three); one decoder layer instead of
-five, fp32 (the CPU's fast path), the target's embedding and LM head shared and frozen.
+Geometry (Qwen3-4B, `conf/target/qwen3_4b.yaml`, `conf/algo/{dflash,dspark}.yaml`): hidden 2560, 32 query /
+8 KV heads of 128, MLP 9728, vocabulary 151,936, blocks of 7 slots, five target layers (Eagle3: three),
+`--layers` decoder layers (five, as the presets), fp32 (the CPU's fast path), the target's embedding and LM
+head shared and frozen. Cut from a real run: sequences of `--seq-len` tokens (1,024, not up to 4,096: the
+anchors, not the context, make most of the work), one step (no optimizer), a micro-batch of 1 sequence.
+The DFlash loss covers all 7 slots of a block (upstream's convention; the DFlash trainer here supervises
+the 6 mask slots), so its figures are an upper bound for that trainer.
 
 Each configuration runs in its own subprocess (`--worker`, with `MALLOC_MMAP_THRESHOLD_` fixed so that
 freed tensors leave the process): it builds the draft and a batch of `--batch` sequences of `--seq-len`
@@ -16,7 +21,9 @@ tokens (the first `--prompt-len` unsupervised), samples `--anchors` anchors a se
 packs them (`pack_blocks`), runs one small warm-up forward, then times one step: draft forward, loss,
 backward into the draft's weights (no optimizer step). Peak memory is the rise of the process's resident
 set during that step: the kernel's high-water mark (VmHWM), reset through /proc/self/clear_refs just
-before it, minus the resident set at its start (weights, batch and warm-up leftovers excluded).
+before it, minus the resident set at its start (weights, batch and warm-up leftovers excluded); peak RSS
+is that high-water mark itself (weights, shared embedding and head, and batch included). On the CPU this
+is what the step allocates: torch keeps no allocator statistics there.
 
 - before: one attention call per layer with the dense [queries x keys] bool mask and logits for every
   supervised row at once (autograd keeps them for the backward): what this repository did before it
@@ -248,11 +255,12 @@ def worker(spec: dict) -> dict:
     start = time.perf_counter()
     loss, supervised, block_rows = step(batch)
     seconds = time.perf_counter() - start
-    peak = _status_kib("VmHWM") - rss0
+    hwm = _status_kib("VmHWM")
     return {
         **spec,
         "step_s": seconds,
-        "peak_mib": peak / 1024,
+        "peak_mib": (hwm - rss0) / 1024,
+        "peak_rss_mib": hwm / 1024,
         "rss_before_mib": rss0 / 1024,
         "loss": float(loss),
         "supervised_rows": supervised,
@@ -301,15 +309,19 @@ def run(spec: dict, timeout_s: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--anchors", type=int, nargs="+", default=[32, 64], help="DFlash anchors a sequence")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 2], help="sequences a micro-batch")
+    parser.add_argument("--anchors", type=int, nargs="+", default=[512], help="DFlash anchors a sequence")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1], help="sequences a micro-batch")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--prompt-len", type=int, default=256, help="unsupervised tokens at the start")
-    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=5, help="draft decoder layers (presets: 5)")
+    parser.add_argument(
+        "--variants", nargs="+", choices=("before", "after"), default=["after"],
+        help="after: index masks and chunked losses (what trains); before: dense mask, whole-batch logits",
+    )  # fmt: skip
     parser.add_argument(
         "--threads", type=int, default=2, help="torch threads a worker (1: other work on the cores)"
     )
-    parser.add_argument("--dspark-anchors", type=int, default=32)
+    parser.add_argument("--dspark-anchors", type=int, default=512)
     parser.add_argument("--eagle3-len", type=int, default=128, help="Eagle3 tokens a sequence")
     parser.add_argument("--skip-dspark", action="store_true")
     parser.add_argument("--skip-eagle3", action="store_true")
@@ -335,7 +347,7 @@ def main() -> None:
                      "prompt_len": prompt})  # fmt: skip
     results = []
     for spec in grid:
-        for variant in ("before", "after"):
+        for variant in args.variants:
             full = {**spec, "variant": variant}
             result = {
                 **run(full, args.timeout_s),
@@ -344,11 +356,13 @@ def main() -> None:
             }
             results.append(result)
             say(f"{spec['algo']} anchors={spec['anchors']} batch={spec['batch']} {variant}: "
-                f"{result.get('step_s', float('nan')):.1f} s, {result.get('peak_mib', float('nan')):.0f} MiB "
+                f"{result.get('step_s', float('nan')):.1f} s, {result.get('peak_mib', float('nan')):.0f} MiB rise, "
+                f"{result.get('peak_rss_mib', float('nan')):.0f} MiB peak RSS "
                 f"{result.get('error', '')}")  # fmt: skip
 
     header = (f"{'algo':7} {'T':>5} {'anchors':>7} {'batch':>5} {'variant':7} {'rows':>6} {'step s':>7} "
-              f"{'rows/s':>7} {'tok/s':>7} {'peak MiB':>9} {'old mask MiB':>12} {'upstream MiB':>12} {'loss':>9}")  # fmt: skip
+              f"{'rows/s':>7} {'tok/s':>7} {'peak MiB':>9} {'RSS MiB':>8} {'old mask MiB':>12} {'upstream MiB':>12} "
+              f"{'loss':>9}")  # fmt: skip
     print(header)
     print("-" * len(header))
     for r in results:
@@ -364,11 +378,16 @@ def main() -> None:
         )
         print(f"{r['algo']:7} {r['seq_len']:>5} {r['anchors'] or '-':>7} {r['batch']:>5} {r['variant']:7} "
               f"{r['supervised_rows']:>6} {r['step_s']:>7.1f} {r['supervised_rows_per_s']:>7.1f} "
-              f"{r['context_tokens_per_s']:>7.1f} {r['peak_mib']:>9.0f} {r['dense_mask_mib']:>12.1f} "
+              f"{r['context_tokens_per_s']:>7.1f} {r['peak_mib']:>9.0f} {r['peak_rss_mib']:>8.0f} {r['dense_mask_mib']:>12.1f} "
               f"{upstream:>12} {r['loss']:>9.5f}")  # fmt: skip
     print(
         "\nrows: supervised slots (Eagle3: supervised TTT rows); tok/s: context tokens a second; peak: the step's "
-        "resident-set rise; old mask: the former packed bool mask; upstream: fp32 logits + bool mask by formula."
+        "resident-set rise; RSS: the process's peak resident set; old mask: the former packed bool mask; "
+        "upstream: fp32 logits + bool mask by formula."
+    )
+    print(
+        f"Cut from a real run: {args.layers} draft layers, {args.seq_len}-token sequences (real ones reach "
+        "4,096), one step without the optimizer, fp32 on the CPU; DFlash's loss over all 7 slots."
     )
     geometry = {
         "hidden": HIDDEN, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "intermediate": MLP,

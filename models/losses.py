@@ -96,11 +96,17 @@ def slot_weights(block_size: int, decay: float, device=None) -> torch.Tensor:
 def block_labels(
     input_ids: torch.Tensor, loss_mask: torch.Tensor, anchors: torch.Tensor, block_size: int
 ) -> torch.Tensor:
-    """Label of slot k of the block anchored at p: token p+k+1 if it exists and is supervised, else IGNORE."""
+    """Label of slot k of the block anchored at p: token p+k+1 if it and tokens p+1..p+k all exist and are
+    supervised, else IGNORE [n_anchors, block_size].
+
+    The prefix rule is upstream's `build_eval_mask` (a cumprod over the block): a draft is accepted left
+    to right, so a slot after an unsupervised one (a user turn, a tool output) would be trained on a
+    prefix that verification of the data never reaches.
+    """
     targets = anchors[:, None] + 1 + torch.arange(block_size)[None, :]  # [n_anchors, B]
     inside = targets < input_ids.shape[0]
     safe = targets.clamp(max=input_ids.shape[0] - 1)
-    supervised = inside & loss_mask[safe].bool()
+    supervised = (inside & loss_mask[safe].bool()).to(torch.int32).cumprod(dim=-1).bool()
     return torch.where(supervised, input_ids[safe], torch.full_like(safe, IGNORE))
 
 

@@ -32,7 +32,12 @@ def deepspeed_config(cfg: DictConfig, world_size: int) -> dict:
         # torch's AdamW: DeepSpeed's fused CPU Adam would compile for minutes on first use.
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": t.lr, "betas": [0.9, 0.95], "weight_decay": t.weight_decay, "torch_adam": True},
+            "params": {
+                "lr": t.lr,
+                "betas": list(t.betas),
+                "weight_decay": t.weight_decay,
+                "torch_adam": True,
+            },
         },
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},

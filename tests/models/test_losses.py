@@ -26,8 +26,21 @@ def test_slot_weights_decay():
 def test_block_labels_follow_anchor_and_mask():
     ids = torch.tensor([10, 11, 12, 13, 14, 15])
     mask = torch.tensor([0, 0, 1, 1, 0, 1])
-    labels = block_labels(ids, mask, torch.tensor([1, 3]), block_size=3)
-    assert labels.tolist() == [[12, 13, IGNORE], [IGNORE, 15, IGNORE]]
+    labels = block_labels(ids, mask, torch.tensor([1, 3, 4]), block_size=3)
+    assert labels.tolist() == [[12, 13, IGNORE], [IGNORE] * 3, [15, IGNORE, IGNORE]]
+
+
+def test_block_labels_stop_at_the_first_unsupervised_slot():
+    """A hole in the loss mask ends the block's supervision, as upstream's cumprod `eval_mask`: token 14
+    is supervised but follows the unsupervised 13, so slot 2 of the block at 1 learns nothing."""
+    ids = torch.tensor([10, 11, 12, 13, 14, 15, 16])
+    mask = torch.tensor([1, 1, 1, 0, 1, 1, 1])
+    labels = block_labels(ids, mask, torch.tensor([0, 1, 4]), block_size=4)
+    assert labels.tolist() == [
+        [11, 12, IGNORE, IGNORE],
+        [12, IGNORE, IGNORE, IGNORE],
+        [15, 16, IGNORE, IGNORE],  # past the end
+    ]
 
 
 def test_weighted_cross_entropy_by_hand():

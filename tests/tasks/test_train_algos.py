@@ -23,6 +23,7 @@ from deepspec.tasks.cache.format import iter_samples
 from deepspec.tasks.cache.loader import open_stream, supervised_token_counts
 from deepspec.tasks.config import algo_settings, compose
 from deepspec.tasks.paths import run_paths
+from deepspec.tasks.train.schedule import deepspeed_config
 from deepspec.tasks.train.stage import stale_build_locks
 
 # ----------------------------------------------------------------------------------------------------
@@ -47,9 +48,18 @@ def test_presets_carry_the_upstream_recipes():
     assert (dspark.block_size, dspark.num_layers, dspark.loss_decay, dspark.markov_rank) == (7, 5, 4.0, 256)
     assert (dspark.markov_head_type, dspark.confidence_head) == ("vanilla", True)
     assert (dspark.ce_weight, dspark.l1_weight, dspark.confidence_weight) == (0.1, 0.9, 1.0)
+    # upstream's num_anchors (config/dflash/*.py, config/dspark/dspark_qwen3_4b_online.py)
+    assert dspark.anchors_per_sequence == compose(["algo=dflash"]).algo.anchors_per_sequence == 512
     for algo in DRAFTS:
         settings = algo_settings(compose([f"algo={algo}", "target=stories260k"]))
         assert isinstance(settings, DRAFTS[algo].settings)
+
+
+def test_the_engine_takes_adamw_betas_from_the_train_section():
+    params = deepspeed_config(compose([]), 1)["optimizer"]["params"]
+    assert params["betas"] == [0.9, 0.999]  # upstream's: torch's AdamW defaults
+    tuned = deepspeed_config(compose(["train.betas=[0.8,0.95]"]), 1)["optimizer"]["params"]
+    assert tuned["betas"] == [0.8, 0.95]
 
 
 def test_every_preset_target_takes_every_algorithm_without_overrides():
