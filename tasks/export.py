@@ -4,7 +4,7 @@
 
 Each algorithm's module writes and validates its own layout (`DraftSpec.export`, `.validate_export`):
 DFlash's `DFlashDraftModel`, Eagle3's `LlamaForCausalLMEagle3` for vLLM and SGLang, DSpark's
-`Qwen3DSparkModel`/`Gemma4DSparkModel`. The export is loaded on the target's embedding and LM head,
+`Qwen3DSparkModel`. The export is loaded on the target's embedding and LM head,
 written to `<run_dir>/export/<algo>/`, checked, then `_DONE.json` records the draft it came from; a
 re-run with the same draft and a still-valid export skips.
 """

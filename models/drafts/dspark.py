@@ -34,21 +34,29 @@ verified prefixes to measure calibration; the paper's load-aware scheduler, whic
 request's verify length from those products, belongs to a serving engine and is not here.
 
 Teacher: the target's final hidden states through its frozen LM head, capped as the target caps its logits
-(Gemma's `final_logit_softcapping`: softcap * tanh(logits / softcap)); the trainer hands over the kept
-slots' states (`forward(..., chunked=True)`) and `losses.chunked_dspark_loss` forms both sides' logits a
-chunk of rows at a time. Upstream's `Gemma4DSparkModel.compute_logits` caps the draft's base logits too
-(before the Markov bias); this draft's are not capped.
+(a target config's `final_logit_softcapping`: softcap * tanh(logits / softcap)); the trainer hands over the
+kept slots' states (`forward(..., chunked=True)`) and `losses.chunked_dspark_loss` forms both sides' logits
+a chunk of rows at a time.
 
-Upstream references: `deepspec/modeling/dspark/{qwen3,gemma4}/modeling.py`, `markov_head.py`,
-`common.py`, `loss.py`, `qwen3/config.py`, `config/dspark/dspark_qwen3_4b_online.py`.
-Weight names and `config.json` keys follow their `Qwen3DSparkModel`/`Gemma4DSparkModel`, whose
-`from_pretrained` loads the whole checkpoint, the target's embedding and LM head included.
+Targets: the draft layer is upstream's Qwen3 one (`Qwen3DSparkModel`, also for Llama targets). Gemma
+targets are refused (`DSparkConfig.from_target`): upstream's and vLLM's `Gemma4DSparkModel` layer is a
+different one (sandwich norms, a GELU MLP, attention scale 1.0, a weightless v_norm, k = v sharing, a layer
+scalar, scaled embeddings, capped draft logits), which this module does not build; `algo=dflash` serves them.
+
+Serving: vLLM's `qwen3_dspark` (`Qwen3DSparkForCausalLM`) loads the export by these weight names and drafts
+in this slot convention (`sample_from_anchor`: the anchor and B - 1 mask tokens as the queries, slot k
+drafting token p + k + 1, the Markov head fed the anchor first); it has only the vanilla Markov head, so
+`validate_export` refuses the gated and RNN heads (`tests/tasks/test_vllm_dspark_export.py`).
+
+Upstream references: `deepspec/modeling/dspark/qwen3/modeling.py`, `markov_head.py`, `common.py`,
+`loss.py`, `qwen3/config.py`, `config/dspark/dspark_qwen3_4b_online.py`. Weight names and `config.json`
+keys follow their `Qwen3DSparkModel`, whose `from_pretrained` loads the whole checkpoint, the target's
+embedding and LM head included.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,10 +86,17 @@ from deepspec.models.errors import ConfigError
 from deepspec.models.losses import chunked_dspark_loss, slot_weights, supervised_prefix
 
 NAME = "dspark"
-QWEN3_ARCHITECTURE = "Qwen3DSparkModel"
-GEMMA4_ARCHITECTURE = "Gemma4DSparkModel"
-ARCHITECTURES = (QWEN3_ARCHITECTURE, GEMMA4_ARCHITECTURE)
+ARCHITECTURE = "Qwen3DSparkModel"
+ARCHITECTURES = (ARCHITECTURE,)
+GEMMA4_ARCHITECTURE = "Gemma4DSparkModel"  # upstream's Gemma layer, not built here: refused by name
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
+SERVED_MARKOV_HEAD_TYPES = ("vanilla",)  # vLLM's DSparkMarkovHead: markov_w1 and markov_w2 only
+GEMMA_REFUSAL = (
+    "DSpark for Gemma targets needs upstream's Gemma4DSparkModel draft layer (sandwich norms, a GELU MLP, "
+    "attention scale 1.0, a weightless v_norm, k = v sharing, a layer scalar), which DeepSpec does not "
+    "build yet: its layer is the Qwen3 one, which vLLM's and upstream's Gemma4DSparkModel cannot load. "
+    "For a Gemma target use algo=dflash (vLLM serves its Qwen3-style DFlashDraftModel for Gemma targets)"
+)
 TARGET_WEIGHTS = ("embed_tokens.", "lm_head.")  # the target's, frozen; exported because upstream loads them
 INIT_STD = 0.02  # upstream's initializer_range for the new heads (HF `_init_weights`)
 
@@ -160,10 +175,13 @@ class DSparkConfig:
         confidence_head_with_markov: bool,
         num_anchors: int,
     ) -> DSparkConfig:
-        """DFlash's geometry for the target, with q/k norms whatever its family: upstream's DSpark layers
-        (`Qwen3DSparkModel`, also for Llama targets, and `Gemma4DSparkModel`) always normalise queries
-        and keys, so the export must carry `q_norm`/`k_norm`. The target's logit cap, if any, comes along
-        for the teacher (`DSparkDraft.target_logits`)."""
+        """DFlash's geometry for the target, with q/k norms whatever its family: upstream's DSpark layer
+        (`Qwen3DSparkModel`, also for Llama targets) always normalises queries and keys, so the export
+        must carry `q_norm`/`k_norm`. The target's logit cap, if any, comes along for the teacher
+        (`DSparkDraft.target_logits`). Gemma targets are refused (`GEMMA_REFUSAL`)."""
+        text = getattr(target_config, "text_config", None) or target_config
+        if str(text.model_type).startswith("gemma"):
+            raise ConfigError(f"algo=dspark for a {text.model_type!r} target: {GEMMA_REFUSAL}")
         backbone = DFlashConfig.from_target(
             target_config,
             num_layers=num_layers,
@@ -171,7 +189,6 @@ class DSparkConfig:
             layer_ids=layer_ids,
             mask_token_id=mask_token_id,
         )
-        text = getattr(target_config, "text_config", None) or target_config
         softcap = getattr(text, "final_logit_softcapping", None)
         return cls(
             backbone=dataclasses.replace(backbone, qk_norm=True),
@@ -183,12 +200,6 @@ class DSparkConfig:
             final_logit_softcapping=float(softcap) if softcap else None,
         )
 
-    @property
-    def architecture(self) -> str:
-        """Upstream has a Qwen3 and a Gemma4 model class; other targets use the Qwen3 layout."""
-        gemma = self.backbone.target_model_type.startswith("gemma")
-        return GEMMA4_ARCHITECTURE if gemma else QWEN3_ARCHITECTURE
-
     def to_hf_dict(self, target_config: dict | None = None) -> dict:
         """`config.json` as upstream's `build_draft_config` writes it: the target's config (when given)
         overlaid with the draft's geometry and the DSpark keys their model classes read."""
@@ -196,7 +207,7 @@ class DSparkConfig:
         data = dict(target_config or {})
         data.update(
             {
-                "architectures": [self.architecture],
+                "architectures": [ARCHITECTURE],
                 "model_type": b.target_model_type,
                 "hidden_size": b.hidden_size,
                 "num_attention_heads": b.num_attention_heads,
@@ -210,6 +221,7 @@ class DSparkConfig:
                 "rms_norm_eps": b.rms_norm_eps,
                 "rope_theta": b.rope_theta,
                 "rope_parameters": {"rope_theta": b.rope_theta, "rope_type": "default"},
+                "max_position_embeddings": b.max_position_embeddings,
                 "hidden_act": "silu",
                 "attention_bias": False,
                 "tie_word_embeddings": False,
@@ -219,9 +231,10 @@ class DSparkConfig:
                 "num_anchors": self.num_anchors,
                 "markov_rank": self.markov_rank,
                 "enable_confidence_head": self.confidence_head,
-                # how our backbone was built, read back by `from_hf_dict`
-                "qk_norm": b.qk_norm,
-                "embed_scale": b.embed_scale,
+                "qk_norm": b.qk_norm,  # how our backbone was built, read back by `from_hf_dict`
+                # vLLM's DSpark speculator: the anchor and B - 1 mask tokens are the queries and slot k
+                # drafts token p + k + 1 (its default; said here so a change of default cannot shift us)
+                "sample_from_anchor": True,
             }
         )
         # upstream asserts these keys exist only when the head they describe does
@@ -231,13 +244,15 @@ class DSparkConfig:
             data["markov_head_type"] = self.markov_head_type
         if self.confidence_head:
             data["confidence_head_with_markov"] = self.confidence_head_with_markov
-        if self.final_logit_softcapping is not None:  # the target config's key (Gemma's), read back
+        if self.final_logit_softcapping is not None:  # the target config's key, read back
             data["final_logit_softcapping"] = self.final_logit_softcapping
         return data
 
     @classmethod
     def from_hf_dict(cls, data: dict) -> DSparkConfig:
         architectures = data.get("architectures") or []
+        if GEMMA4_ARCHITECTURE in architectures:
+            raise ConfigError(f"config.json architectures={architectures}: {GEMMA_REFUSAL}")
         if not set(architectures) & set(ARCHITECTURES):
             raise ConfigError(
                 f"config.json architectures={architectures}: expected one of {list(ARCHITECTURES)}"
@@ -250,7 +265,6 @@ class DSparkConfig:
         missing = [k for k in needed if k not in data]
         if missing:
             raise ConfigError(f"config.json: missing fields {missing}")
-        gemma = GEMMA4_ARCHITECTURE in architectures
         rope = data.get("rope_parameters") or {}
         backbone = DFlashConfig(
             hidden_size=data["hidden_size"],
@@ -265,9 +279,9 @@ class DSparkConfig:
             mask_token_id=data["mask_token_id"],
             rms_norm_eps=data.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope.get("rope_theta", data.get("rope_theta", 10000.0))),
+            max_position_embeddings=data.get("max_position_embeddings", 32768),
             qk_norm=data.get("qk_norm", True),  # upstream's layers always normalise q and k
-            embed_scale=data.get("embed_scale", math.sqrt(data["hidden_size"]) if gemma else 1.0),
-            target_model_type=data.get("model_type", "gemma4_text" if gemma else "qwen3"),
+            target_model_type=data.get("model_type", "qwen3"),
             target_num_hidden_layers=data.get("num_target_layers", 0),
         )
         return cls(
@@ -680,11 +694,11 @@ def save(model: DSparkDraft, out_dir: Path) -> None:
 
 
 def export(model: DSparkDraft, out_dir: Path, target_config) -> str:
-    """`Qwen3DSparkModel`/`Gemma4DSparkModel` as upstream's `from_pretrained` loads it: the target's
+    """`Qwen3DSparkModel` as upstream's `from_pretrained` and vLLM's `qwen3_dspark` load it: the target's
     `config.json` overlaid with the draft's (upstream builds it so), and the target's embedding and LM
-    head in the weights, which that loader would otherwise leave at random values."""
+    head in the weights, which upstream's loader would otherwise leave at random values."""
     _write(model, out_dir, include_target_weights=True, target_config=target_config.to_dict())
-    return model.cfg.architecture
+    return ARCHITECTURE
 
 
 def load(draft_dir: Path, embed_weight: torch.Tensor, head_weight: torch.Tensor) -> DSparkDraft:
@@ -699,9 +713,8 @@ def load(draft_dir: Path, embed_weight: torch.Tensor, head_weight: torch.Tensor)
 
 
 def expected_weights(config: dict) -> dict[str, tuple[int, ...] | None]:
-    """Tensor names (and, where cheap to state, shapes) that upstream's model class for `config`
-    creates and `from_pretrained` must find."""
-    gemma = GEMMA4_ARCHITECTURE in (config.get("architectures") or [])
+    """Tensor names (and, where cheap to state, shapes) that upstream's `Qwen3DSparkModel` creates and
+    `from_pretrained` must find."""
     d, vocab, rank = (
         config.get("hidden_size", 0),
         config.get("vocab_size", 0),
@@ -715,12 +728,8 @@ def expected_weights(config: dict) -> dict[str, tuple[int, ...] | None]:
         "hidden_norm.weight": (d,),
         "norm.weight": (d,),
     }
-    projections = ["q_proj", "k_proj", "o_proj"]
-    if not (gemma and config.get("attention_k_eq_v")):  # Gemma4 may share k for v
-        projections.append("v_proj")
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj"]
     norms = ["input_layernorm", "post_attention_layernorm"]
-    if gemma:
-        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
     for i in range(int(config.get("num_hidden_layers", 0))):
         names |= {f"layers.{i}.self_attn.{p}.weight": None for p in projections}
         names |= {f"layers.{i}.self_attn.{p}.weight": None for p in ("q_norm", "k_norm")}
@@ -742,9 +751,10 @@ def expected_weights(config: dict) -> dict[str, tuple[int, ...] | None]:
 
 
 def validate_export(path: Path) -> list[str]:
-    """Problems that would stop upstream's `Qwen3DSparkModel`/`Gemma4DSparkModel.from_pretrained` from
-    loading the draft at `path` as trained; empty when it loads. Their loader asserts the DSpark keys
-    and silently re-initialises missing tensors, so both are checked here."""
+    """Problems that would stop upstream's `Qwen3DSparkModel.from_pretrained` or vLLM's `qwen3_dspark`
+    from loading the draft at `path` as trained, or would make vLLM draft it otherwise; empty when it
+    loads. Upstream's loader asserts the DSpark keys and silently re-initialises missing tensors; vLLM
+    has only the vanilla Markov head and refuses the others' weights."""
     config, shapes, problems = read_export(path)
     if config is None:
         return problems
@@ -755,27 +765,32 @@ def validate_export(path: Path) -> list[str]:
         or architectures[0] not in ARCHITECTURES
     ):
         problems.append(f"config.json: architectures={architectures}, expected one of {list(ARCHITECTURES)}")
-    gemma = architectures == [GEMMA4_ARCHITECTURE]
     required = [
         "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size",
         "num_hidden_layers", "rms_norm_eps", "block_size", "target_layer_ids", "mask_token_id", "num_anchors",
         "enable_confidence_head", "markov_rank",
+        "layer_types",  # Qwen3 attention indexes it per layer
     ]  # fmt: skip
-    if gemma:  # read by upstream's Gemma4 attention and decoder layer
-        required += [
-            "num_global_key_value_heads", "global_head_dim", "attention_k_eq_v", "enable_moe_block",
-            "hidden_size_per_layer_input",
-        ]  # fmt: skip
-    else:
-        required.append("layer_types")  # Qwen3 attention indexes it per layer
     problems += missing_fields(config, required)
     rank = config.get("markov_rank", 0)
     if not isinstance(rank, int) or rank < 0:
         problems.append(f"config.json: markov_rank={rank!r}, expected an integer >= 0")
         rank = 0
-    if rank > 0 and config.get("markov_head_type") not in MARKOV_HEAD_TYPES:
-        kind = config.get("markov_head_type")
+    kind = config.get("markov_head_type")
+    if rank > 0 and kind not in MARKOV_HEAD_TYPES:
         problems.append(f"config.json: markov_head_type={kind!r}, expected one of {MARKOV_HEAD_TYPES}")
+    elif rank > 0 and kind not in SERVED_MARKOV_HEAD_TYPES:
+        problems.append(
+            f"config.json: markov_head_type={kind!r}: vLLM's Qwen3DSparkModel has only the vanilla Markov "
+            "head (markov_w1, markov_w2) and refuses this head's other weights; upstream DeepSpec loads it, "
+            "but to serve a draft train it with algo.markov_head_type=vanilla"
+        )
+    if config.get("sample_from_anchor", True) is not True:  # vLLM's default when absent
+        problems.append(
+            f"config.json: sample_from_anchor={config['sample_from_anchor']!r}: vLLM would then draft from "
+            "the mask slots only (the anchor a bonus token); this draft's slot k, the anchor's included, "
+            "drafts token p + k + 1"
+        )
     if config.get("enable_confidence_head"):
         problems += missing_fields(config, ["confidence_head_with_markov"], " (confidence head enabled)")
         if config.get("confidence_head_with_markov") and rank == 0:
@@ -790,9 +805,7 @@ def validate_export(path: Path) -> list[str]:
         problems.append(f"config.json: target_layer_ids={layer_ids} must increase strictly, from -1 up")
     if layer_ids and n_target and layer_ids[-1] >= n_target:
         problems.append(f"config.json: target_layer_ids={layer_ids} exceed num_target_layers={n_target}")
-    # a Gemma4 buffer, ones when absent
-    scalars = [k for k in shapes if k.endswith(".layer_scalar")]
-    problems += tensor_problems(shapes, expected_weights(config), may_have=scalars)
+    problems += tensor_problems(shapes, expected_weights(config))
     return problems
 
 

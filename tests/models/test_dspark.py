@@ -38,6 +38,7 @@ from deepspec.models.losses import (
 torch.set_num_threads(1)
 
 LLAMA, QWEN3, GEMMA = tiny.llama(layers=3), tiny.qwen3(layers=3), tiny.gemma3()
+CAPPED = tiny.qwen3(layers=3, final_logit_softcapping=2.0)  # a target that caps its logits, as Gemma does
 HEADS = ("vanilla", "gated", "rnn")
 BLOCK = 4
 LOSS_WEIGHTS = {"ce_weight": 0.1, "l1_weight": 0.9, "confidence_weight": 1.0}  # upstream's recipe
@@ -163,7 +164,9 @@ def test_without_markov_head_the_logits_are_dflash_logits():
     model = tiny_dspark(QWEN3, rank=0, confidence=False).eval()
     assert model.markov_head is None and model.confidence_head is None
     _, feats = random_sequences(lengths=(12,))[0]
-    torch.testing.assert_close(model.draft_logits(feats[:6], 9), model.backbone.draft_logits(feats[:6], 9))
+    # every slot, the anchor's included (upstream's convention): the backbone's hidden states through the head
+    backbone_logits = model.backbone.lm_head(model._block_hidden(feats[:6], 9)).float()
+    torch.testing.assert_close(model.draft_logits(feats[:6], 9), backbone_logits)
     assert model.propose(feats[:6], 9).confidence is None
 
 
@@ -344,9 +347,12 @@ def test_save_load_round_trip_and_upstream_export(tmp_path, head):
 
     out = tmp_path / "export"
     assert export(model, out, QWEN3) == "Qwen3DSparkModel"
-    assert validate_export(out) == []
+    # vLLM's qwen3_dspark has only the vanilla head (tests/tasks/test_vllm_dspark_export.py)
+    served = [] if head == "vanilla" else [f"config.json: markov_head_type={head!r}: vLLM's Qwen3DSparkModel"]
+    assert [p[: len(served[0])] for p in validate_export(out)] == served
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["Qwen3DSparkModel"] and config["markov_head_type"] == head
+    assert config["sample_from_anchor"] is True  # vLLM's DSpark slot convention, ours
     assert (
         config["markov_rank"] == 8
         and config["enable_confidence_head"]
@@ -379,24 +385,18 @@ def test_export_validation_names_what_upstream_would_miss(tmp_path):
     assert "model.safetensors: missing tensor 'layers.0.self_attn.q_norm.weight'" in validate_export(
         tmp_path / "llama"
     )
-    gemma_config = tiny.gemma3(final_logit_softcapping=None)
-    gemma = tiny_dspark(gemma_config)
-    assert gemma.cfg.architecture == "Gemma4DSparkModel"
-    export(gemma, tmp_path / "gemma", gemma_config)
-    problems = validate_export(tmp_path / "gemma")
-    assert "config.json: missing field 'global_head_dim'" in problems
-    assert "model.safetensors: missing tensor 'layers.0.pre_feedforward_layernorm.weight'" in problems
-
     qwen = tiny_dspark(QWEN3, "gated")
     export(qwen, tmp_path / "qwen", QWEN3)
     config_file = tmp_path / "qwen" / "config.json"
     config = json.loads(config_file.read_text())
     config["markov_head_type"] = "vanilla"  # gate_proj would be unexpected
     del config["confidence_head_with_markov"]
+    config["sample_from_anchor"] = False  # vLLM would read the anchor as a bonus token
     config_file.write_text(json.dumps(config))
     problems = validate_export(tmp_path / "qwen")
     assert "config.json: missing field 'confidence_head_with_markov' (confidence head enabled)" in problems
     assert "model.safetensors: unexpected tensor 'markov_head.gate_proj.weight'" in problems
+    assert any(p.startswith("config.json: sample_from_anchor=False: vLLM would") for p in problems)
     assert validate_export(tmp_path / "nowhere") == [
         f"{tmp_path / 'nowhere'}: missing config.json and model.safetensors"
     ]
@@ -429,8 +429,18 @@ def test_tied_target_exports_its_head_under_both_names(tmp_path):
         assert torch.equal(f.get_tensor("lm_head.weight"), tied)
 
 
-def test_gemma_teacher_is_capped_as_the_target_caps_its_logits(tmp_path):
-    model = tiny_dspark(GEMMA)
+def test_gemma_targets_are_refused_until_the_layer_is_upstreams(tmp_path):
+    """Upstream's and vLLM's Gemma4DSparkModel layer is not the Qwen3 one built here: a Gemma target fails
+    when the draft is configured, and names the way out; an upstream Gemma4 checkpoint is not loaded."""
+    with pytest.raises(ConfigError, match="'gemma3_text' target.*v_norm.*use algo=dflash"):
+        tiny_dspark(GEMMA)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Gemma4DSparkModel"]}))
+    with pytest.raises(ConfigError, match="Gemma4DSparkModel.*algo=dflash"):
+        load(tmp_path, torch.zeros(1, 1), torch.zeros(1, 1))
+
+
+def test_teacher_is_capped_as_the_target_caps_its_logits(tmp_path):
+    model = tiny_dspark(CAPPED)
     assert model.cfg.final_logit_softcapping == 2.0 and tiny_dspark(QWEN3).cfg.final_logit_softcapping is None
     final = torch.randn(5, 32) * 10
     raw = final @ model.backbone.lm_head.weight.t()
@@ -445,10 +455,10 @@ def test_gemma_teacher_is_capped_as_the_target_caps_its_logits(tmp_path):
 
 
 @pytest.mark.parametrize("head", [*HEADS, "none"])
-@pytest.mark.parametrize("target_config", [QWEN3, GEMMA], ids=["qwen3", "gemma-capped"])
+@pytest.mark.parametrize("target_config", [QWEN3, CAPPED], ids=["qwen3", "qwen3-capped"])
 def test_chunked_rows_give_the_loss_and_gradients_of_the_logits_path(target_config, head):
     """forward(chunked=True) + chunked_dspark_loss, as the trainer runs them, against forward() +
-    dspark_loss on the [M, vocab] logits: same loss, statistics and gradients, the Gemma cap included."""
+    dspark_loss on the [M, vocab] logits: same loss, statistics and gradients, the target's cap included."""
     kwargs = {"rank": 0, "with_markov": False} if head == "none" else {}
     model = tiny_dspark(target_config, "vanilla" if head == "none" else head, **kwargs)
     seqs = random_sequences()
