@@ -46,5 +46,12 @@ def draft_algo(draft_dir: str | Path) -> str:
 
 
 def load_draft(draft_dir: str | Path, embed_weight: torch.Tensor, head_weight: torch.Tensor) -> nn.Module:
-    """A saved draft (training output or export) of any algorithm, on the target's embedding and LM head."""
-    return DRAFTS[draft_algo(draft_dir)].load(Path(draft_dir), embed_weight, head_weight)
+    """A saved draft (training output or export) of any algorithm, on the target's embedding and LM head.
+
+    Dtype: the draft runs in the dtype of the head it shares (the target's: bfloat16 for the Qwen3 and
+    Gemma presets), as vLLM and SGLang run drafts. Its own weights, saved in float32 (or what
+    `train.precision` left), are cast; the shared embedding and head are used as they are, never copied
+    (a float32 copy of a 150k-token embedding and head would cost GBs beside a bf16 target).
+    """
+    model = DRAFTS[draft_algo(draft_dir)].load(Path(draft_dir), embed_weight, head_weight)
+    return model.to(head_weight.dtype)

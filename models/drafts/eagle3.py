@@ -402,6 +402,21 @@ def ttt_loss(
 # The draft
 
 
+@dataclass
+class Eagle3Proposal:
+    """A sampled chain after the anchor (`Eagle3Draft.propose`)."""
+
+    tokens: list[int]
+    probs: torch.Tensor  # [len(tokens), vocab] float32 on CPU: the law each token was drawn from
+
+
+def _law(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sampling law of one row of target-vocabulary logits, as `models/speculative.py` computes it."""
+    if temperature == 0:
+        return F.one_hot(logits.argmax(), logits.shape[-1]).float()
+    return torch.softmax(logits / temperature, dim=-1)
+
+
 class Eagle3Draft(nn.Module):
     def __init__(
         self,
@@ -660,14 +675,16 @@ class Eagle3Draft(nn.Module):
         anchor_token: int,
         num_steps: int,
         tokens: Sequence[int] | None = None,
+        pick: Callable[[torch.Tensor], int] | None = None,
     ) -> torch.Tensor:
         """Draft-vocabulary logits [num_steps, Vd] of a chain after the anchor; row s is for position p+s+1.
 
         context_features [p, 3d] and context_ids [p] cover positions 0..p-1, the anchor sits at p. Step 0
         runs every context position (position j reads feature j and token j+1, the last one the anchor);
         step s > 0 feeds the previous step's output at position p-1 back with the token of position p+s:
-        `tokens[s - 1]` when given (teacher forcing, target ids), else the argmax of row s-1. Stateless:
-        each call recomputes the context, O(p) projections and O(p^2) attention scores for one layer.
+        `tokens[s - 1]` when given (teacher forcing, target ids), else `pick(row s-1)` (a target id; by
+        default the argmax). Stateless: each call recomputes the context, O(p) projections and O(p^2)
+        attention scores for one layer.
         """
         p = context_ids.shape[0]
         if p < 1:
@@ -681,7 +698,12 @@ class Eagle3Draft(nn.Module):
         rows = [self.lm_head(self.norm(hidden))[0, 0]]
         last = index[-1:]
         for s in range(1, num_steps):
-            token = tokens[s - 1] if tokens is not None else int(self.draft_to_target[rows[-1].argmax()])
+            if tokens is not None:
+                token = tokens[s - 1]
+            elif pick is not None:
+                token = pick(rows[-1])
+            else:
+                token = int(self.draft_to_target[rows[-1].argmax()])
             embeds = self._embed(torch.tensor([[token]], device=device))
             hidden = self.midlayer(embeds, hidden, self._rope(last + s), last, cache)
             rows.append(self.lm_head(self.norm(hidden))[0, 0])
@@ -694,13 +716,47 @@ class Eagle3Draft(nn.Module):
         """[block_size, V] target-vocabulary logits of a greedy chain (argmax fed back inside the chain).
 
         Unlike DFlash, Eagle3 needs the context's token ids: position j's step-0 input is token j+1.
-        Greedy feeding keeps every row a fixed function of the context, so rejection sampling stays
-        lossless at any temperature; above 0, sampled drafts that differ from the argmax only lower
-        acceptance.
+        Greedy feeding keeps every row a fixed function of the context, so drafts drawn from the rows
+        afterwards are lossless too, but above temperature 0 a draft that differs from the argmax follows
+        a chain built on another token, and is rarely accepted: `speculative_generate` uses `propose`.
         """
         return self.to_target_vocab(
             self.chain_logits(context_features, context_ids, anchor_token, self.num_draft_tokens)
         )
+
+    @torch.no_grad()
+    def propose(
+        self,
+        context_features: torch.Tensor,
+        anchor_token: int,
+        *,
+        temperature: float,
+        generator: torch.Generator | None,
+        context_ids: torch.Tensor,
+    ) -> Eagle3Proposal:
+        """A chain drawn step by step, each step fed the token drawn at the step before (as upstream's
+        evaluator drafts): step s's law depends on the drafts before it, so the tokens come with the law
+        q each was drawn from (the `ProposingDrafter` protocol of `models/speculative.py`).
+
+        q is softmax(logits / temperature) over the target vocabulary (0 outside a reduced draft
+        vocabulary), in float32 on CPU, drawn from with `generator`; at temperature 0 it is one-hot on the
+        argmax, and the chain is `draft_logits`'s.
+        """
+        tokens: list[int] = []
+        laws: list[torch.Tensor] = []
+
+        def draw(row: torch.Tensor) -> int:
+            law = _law(self.to_target_vocab(row.float().cpu()), temperature)
+            token = int(law.argmax() if temperature == 0 else torch.multinomial(law, 1, generator=generator))
+            tokens.append(token)
+            laws.append(law)
+            return token
+
+        rows = self.chain_logits(
+            context_features, context_ids, anchor_token, self.num_draft_tokens, pick=draw
+        )
+        draw(rows[-1])  # the last step's token is drafted too, though nothing reads it back
+        return Eagle3Proposal(tokens=tokens, probs=torch.stack(laws))
 
 
 # ---------------------------------------------------------------------------------------------------------
