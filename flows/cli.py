@@ -5,6 +5,7 @@
     deepspec train target=qwen3_4b train=gpu_8x
     deepspec config target=stories260k         # print the composed configuration
     deepspec estimate-cache target=qwen3_4b --tokens 1e9   # cache bytes per token and size, per encoding
+    deepspec convert-eval --out-dir eval_datasets    # the nine benchmark files, from their public datasets
 
 Each stage subcommand runs that stage's Prefect flow; arguments after the subcommand are Hydra overrides.
 """
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = {"pipeline": "run every stage in order, then print a table of the figures", **STAGES}
     commands["config"] = "print the composed configuration and exit"
     commands["estimate-cache"] = "print the cache's bytes per token and total size for each encoding"
+    _convert_eval_parser(sub)
     for name, help_text in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -58,6 +60,55 @@ def build_parser() -> argparse.ArgumentParser:
                            help="tokens in the data set (e.g. 1.2e9); default: counted from "
                                 "the run's regenerated answers")  # fmt: skip
     return parser
+
+
+def _convert_eval_parser(sub) -> None:
+    from deepspec.tasks.evaluate import sources
+
+    help_text = 'build the benchmark files (<name>.jsonl of {"turns": [...]}) from their public datasets'
+    p = sub.add_parser(
+        "convert-eval",
+        help=help_text,
+        description=f"{help_text}.\n\nBenchmarks, their Hugging Face dataset and split:\n{sources.listing()}",
+        epilog=textwrap.dedent(
+            """\
+            examples:
+              deepspec convert-eval --out-dir eval_datasets          # all nine, fetched from the hub
+              deepspec convert-eval gsm8k mbpp --source-dir hf_copies --out-dir eval_datasets
+            Then: deepspec evaluate eval=upstream eval.data_dir=eval_datasets
+            """
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "benchmarks", nargs="*", metavar="BENCHMARK", help="benchmarks to build (default: all nine)"
+    )
+    p.add_argument("--out-dir", help="folder to write <benchmark>.jsonl into (eval.data_dir)")
+    p.add_argument("--source-dir", default=None,
+                   help="read DIR/<hub id>/, a local copy in the dataset repository's layout, "
+                        "instead of fetching from the Hugging Face hub")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace files that exist")
+    p.add_argument("--list", action="store_true", help="list the benchmarks and their datasets, and exit")
+
+
+def _convert_eval(args: argparse.Namespace) -> int:
+    from deepspec.tasks.evaluate import sources
+
+    if args.list:
+        print(sources.listing())
+        return 0
+    if not args.out_dir:
+        print("deepspec convert-eval: error: --out-dir is required", file=sys.stderr)
+        return 2
+    unknown = [name for name in args.benchmarks if name not in sources.SOURCES]
+    if unknown:
+        print(f"deepspec convert-eval: error: unknown benchmark(s) {unknown}; "
+              f"choose from {list(sources.SOURCES)}", file=sys.stderr)  # fmt: skip
+        return 2
+    for name in args.benchmarks or list(sources.SOURCES):
+        path, rows = sources.convert(name, args.source_dir, args.out_dir, args.overwrite)
+        print(f"{name}: {rows} rows -> {path}")
+    return 0
 
 
 def _count(text: str) -> int:
@@ -90,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(OmegaConf.to_yaml(compose(args.overrides, args.config_name)))
             return 0
+        if args.command == "convert-eval":
+            return _convert_eval(args)
         if args.command == "estimate-cache":
             from deepspec.tasks.cache.estimate import estimate_cache
 

@@ -110,6 +110,7 @@ class TrainConfig:
     lr: float
     warmup_ratio: float
     weight_decay: float
+    betas: list[float]
     grad_clip: float
     global_batch: int
     micro_batch: int
@@ -127,10 +128,15 @@ class TrainConfig:
 class EvalConfig:
     benchmarks: list[str]
     data_dir: str | None
-    max_samples: int
+    max_samples: int | None
+    caps: dict[str, int]
+    shuffle_seed: int | None
     max_new_tokens: int
     temperature: float
     seed: int
+    confidence_threshold: float
+    domains: dict[str, list[str]]
+    target_dtype: str | None  # null: target.dtype
 
 
 @dataclass
@@ -291,6 +297,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     checks: list[tuple[bool, str]] = [
         # target
         one_of("target.dtype", t.dtype, DTYPES),
+        one_of("eval.target_dtype", e.target_dtype, [None, *DTYPES]),
         (bool(layer_ids), "target.layer_ids is empty: the draft needs at least one target layer"),
         (
             all(b > a for a, b in zip(layer_ids, layer_ids[1:], strict=False))
@@ -346,6 +353,10 @@ def config_problems(cfg: DictConfig) -> list[str]:
         (tr.epochs >= 1, f"train.epochs={tr.epochs}: expected at least 1"),
         (tr.lr > 0, f"train.lr={tr.lr}: expected a positive learning rate"),
         (0 <= tr.warmup_ratio < 1, f"train.warmup_ratio={tr.warmup_ratio}: expected a value in [0, 1)"),
+        (
+            len(tr.betas) == 2 and all(0 <= b < 1 for b in tr.betas),
+            f"train.betas={list(tr.betas)}: expected AdamW's two betas, each in [0, 1)",
+        ),
         *[
             (tr[key] >= 1, f"train.{key}={tr[key]}: expected at least 1")
             for key in ("micro_batch", "nproc_per_node", "nnodes", "log_every_steps", "save_every_steps")
@@ -357,7 +368,20 @@ def config_problems(cfg: DictConfig) -> list[str]:
         ),
         # eval
         (bool(e.benchmarks), "eval.benchmarks is empty"),
-        (e.max_samples >= 1, f"eval.max_samples={e.max_samples}: expected at least 1"),
+        (
+            e.max_samples is None or e.max_samples >= 1,
+            f"eval.max_samples={e.max_samples}: expected at least 1, or null (no common cap)",
+        ),
+        *[(n >= 1, f"eval.caps.{name}={n}: expected at least 1") for name, n in e.caps.items()],
+        (
+            0 <= e.confidence_threshold <= 1,
+            f"eval.confidence_threshold={e.confidence_threshold}: expected a value in [0, 1] (0: off)",
+        ),
+        (
+            e.confidence_threshold == 0 or bool(OmegaConf.select(cfg, "algo.confidence_head", default=False)),
+            f"eval.confidence_threshold={e.confidence_threshold} needs a draft with a confidence head "
+            f"(algo=dspark with algo.confidence_head=true); algo={cfg.algo.name} has none: set it to 0",
+        ),
         (e.max_new_tokens >= 1, f"eval.max_new_tokens={e.max_new_tokens}: expected at least 1"),
         (e.temperature >= 0, f"eval.temperature={e.temperature}: expected 0 (greedy) or more"),
     ]

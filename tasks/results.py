@@ -69,21 +69,63 @@ class TrainResult:
 
 
 @dataclass
+class ConfidenceFigures:
+    """A confidence head's outputs against verification, per draft position k (0-based); entries are
+    None where no round put up position k (`models.speculative.confidence_stats`)."""
+
+    mean: list[float | None]  # mean c_k
+    predicted_prefix: list[float | None]  # mean c_0 * ... * c_k: the head's chance that drafts 0..k survive
+    observed_prefix: list[float | None]  # share of rounds that kept drafts 0..k
+    brier: list[float | None]  # mean (predicted - observed)^2
+
+
+@dataclass
 class BenchmarkFigures:
-    """Speculative against plain decoding on one benchmark (or all of them pooled)."""
+    """Speculative against plain decoding on one benchmark, or all of them with rounds pooled.
+
+    Per round, P drafts put up, A kept, C tokens committed (A + 1, or A when a kept draft ended the turn),
+    R rounds; rates with nothing to count are None (`models.speculative.acceptance_stats`).
+    """
 
     samples: int
     new_tokens: int
     target_new_tokens: int
-    verify_steps: int
-    tau: float  # tokens per target forward, the target's own token included
-    acceptance: list[float]  # per draft position
+    verify_steps: int  # R
+    tau: float | None  # sum C / R: tokens per target forward, the target's own token included
+    propose: float | None  # sum P / R: upstream's #propose
+    verify_rate: float | None  # sum C / (sum P + R): upstream's verify_rate
+    accept_at: list[float | None]  # [k] #(A > k) / #(P > k): upstream's accept_rate@k
+    conditional_acceptance: list[float | None]  # [k] #(A > k) / #(P > k, A >= k): the paper's rate
+    acceptance: list[float]  # [k-1] #(A >= k) / R: share of all rounds that kept at least k drafts
+    stopped_early: int  # rounds whose proposal the confidence head cut short
+    confidence: ConfidenceFigures | None  # a draft with a confidence head (DSpark) only
     spec_time_s: float
     target_time_s: float
     spec_tokens_per_s: float
     target_tokens_per_s: float
     speedup: float | None
     greedy_match: float | None  # at temperature 0: share of prompts whose output equals plain decoding's
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BenchmarkFigures:
+        confidence = data.get("confidence")
+        return from_record(
+            cls, data, confidence=None if confidence is None else ConfidenceFigures(**confidence)
+        )
+
+
+@dataclass
+class MacroFigures:
+    """Unweighted means over benchmarks (each benchmark counts once, however many rounds it ran); a
+    benchmark whose figure is None is left out of that figure's mean."""
+
+    benchmarks: list[str]
+    tau: float | None
+    propose: float | None
+    verify_rate: float | None
+    speedup: float | None
+    accept_at: list[float | None]
+    conditional_acceptance: list[float | None]
 
 
 @dataclass
@@ -92,21 +134,34 @@ class EvalResult:
     data_dir: str | None
     target: str
     algo: str
-    num_draft_tokens: int  # drafted per verify step
+    num_draft_tokens: int  # drafted per verify step (at most, with a confidence threshold)
     temperature: float
     max_new_tokens: int
     seed: int
+    greedy_match_note: str | None  # why greedy_match may be below 1 on a target verified in bf16/fp16
+    shuffle_seed: int | None  # upstream's seeded shuffle of each benchmark file, or null: file order
+    confidence_threshold: float  # 0: off
     draft_file: str
     draft_sha256: str
+    prompts_file: str  # per-prompt records, one JSON object a line
     benchmarks: dict[str, BenchmarkFigures]
-    overall: BenchmarkFigures
+    domains: dict[str, MacroFigures]  # macro averages over each domain's benchmarks
+    macro: MacroFigures  # over every benchmark
+    pooled: BenchmarkFigures  # every round of every benchmark pooled (a micro average)
     skipped: bool = False
 
     @classmethod
     def from_json(cls, data: dict[str, Any], **changes: Any) -> EvalResult:
-        benchmarks = {name: BenchmarkFigures(**f) for name, f in data["benchmarks"].items()}
+        benchmarks = {name: BenchmarkFigures.from_json(f) for name, f in data["benchmarks"].items()}
+        domains = {name: MacroFigures(**f) for name, f in data["domains"].items()}
         return from_record(
-            cls, data, benchmarks=benchmarks, overall=BenchmarkFigures(**data["overall"]), **changes
+            cls,
+            data,
+            benchmarks=benchmarks,
+            domains=domains,
+            macro=MacroFigures(**data["macro"]),
+            pooled=BenchmarkFigures.from_json(data["pooled"]),
+            **changes,
         )
 
 

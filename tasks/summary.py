@@ -23,6 +23,20 @@ def _num(value: float | int | None, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _rates(values: list[float | None]) -> str:
+    return "[" + " ".join("-" if v is None else f"{v:.2f}" for v in values) + "]"
+
+
+def _eval_row(f) -> str:
+    """tau, #propose (drafts + the target's token), verify rate, speedup, accept@k, conditional rate."""
+    greedy = "" if getattr(f, "greedy_match", None) is None else f"  greedy match {_num(f.greedy_match)}"
+    return (
+        f"tau {_num(f.tau)}  #propose {_num(f.propose)}+1  verify {_num(f.verify_rate)}  "
+        f"speedup {_num(f.speedup)}x{greedy}  accept@k {_rates(f.accept_at)}  "
+        f"conditional {_rates(f.conditional_acceptance)}"
+    )
+
+
 def summary_rows(r: PipelineResult) -> list[tuple[str, str]]:
     final, cache, evaluation = r.train.final_metrics, r.cache, r.evaluate
     tokens = cache.tokens or 0
@@ -49,15 +63,25 @@ def summary_rows(r: PipelineResult) -> list[tuple[str, str]]:
     source = "built-in prompts" if evaluation.builtin_eval else evaluation.data_dir
     drafts = f"{evaluation.num_draft_tokens} drafts a round"
     rows.append(("evaluate", f"{drafts}, T={evaluation.temperature}, {source}"))
-    for name, figures in [*evaluation.benchmarks.items(), ("overall", evaluation.overall)]:
-        acceptance = " ".join(f"{a:.2f}" for a in figures.acceptance)
-        rows.append(
-            (
-                f"  {name}",
-                f"tau {_num(figures.tau)}  speedup {_num(figures.speedup)}x  "
-                f"greedy match {_num(figures.greedy_match)}  per-position [{acceptance}]",
+    groups = [
+        *evaluation.benchmarks.items(),
+        *((f"{domain} (macro)", f) for domain, f in evaluation.domains.items()),
+        ("macro", evaluation.macro),
+        ("pooled (micro)", evaluation.pooled),
+    ]
+    for name, figures in groups:
+        rows.append((f"  {name}", _eval_row(figures)))
+        confidence = getattr(figures, "confidence", None)
+        if confidence is not None and name.startswith("pooled"):
+            rows.append(
+                (
+                    "    confidence",
+                    f"mean c_k {_rates(confidence.mean)}  "
+                    f"predicted prefix {_rates(confidence.predicted_prefix)}  "
+                    f"observed {_rates(confidence.observed_prefix)}  "
+                    f"{_num(figures.stopped_early)} rounds stopped early",
+                )
             )
-        )
     rows.append(("export", r.export.path))
     return rows
 

@@ -1,2 +1,3 @@
 """Stage `evaluate`: stage.py runs speculative and plain decoding on the benchmarks and writes the
-results; benchmarks.py reads the benchmark prompts."""
+results; benchmarks.py reads and selects the benchmark prompts; sources.py builds the benchmark files
+from their public datasets."""

@@ -4,6 +4,7 @@ built-in set (`tasks/data/builtin_eval.jsonl`, 2-3 prompts a benchmark, each row
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 from deepspec.models.errors import DataError
@@ -54,3 +55,26 @@ def load_benchmark(name: str, data_dir: str | Path | None) -> list[list[str]]:
         choices = f" (built-in benchmarks: {', '.join(sorted(names))})" if builtin else ""
         raise DataError(f"{path}: no prompts for benchmark {name!r}{choices}")
     return prompts
+
+
+def benchmark_cap(name: str, max_samples: int | None, caps: dict[str, int]) -> int | None:
+    """How many prompts of `name` to evaluate: the smaller of the common and the per-benchmark cap."""
+    limits = [n for n in (max_samples, caps.get(name)) if n is not None]
+    return min(limits) if limits else None
+
+
+def select_prompts(
+    prompts: list[list[str]], cap: int | None, shuffle_seed: int | None
+) -> list[tuple[int, list[str]]]:
+    """(row index in the file, turns) of the prompts to evaluate.
+
+    Without a seed, the first `cap` rows. With one, upstream's selection (`BaseEvaluator.run_dataset` in
+    deepspec/eval/base_evaluator.py): a file longer than its cap is shuffled with `random.Random(seed)`
+    and its first `cap` rows kept; a file within its cap is taken whole, in file order.
+    """
+    rows = list(enumerate(prompts))
+    if cap is None or len(rows) <= cap:
+        return rows
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(rows)
+    return rows[:cap]

@@ -2,17 +2,27 @@
 
     deepspec evaluate                                              # the built-in prompts (a smoke test)
     deepspec evaluate eval.data_dir=../shared/assets/eval eval.max_samples=20 eval.temperature=0.0
+    deepspec evaluate eval=upstream eval.data_dir=../shared/assets/eval   # upstream's protocol (GPU-sized)
 
-Each benchmark is `<eval.data_dir>/<name>.jsonl`, one `{"turns": [str, ...]}` a line; only the first turn
-is answered (`benchmarks.py`). With `eval.data_dir` unset, a small built-in set (2-3 prompts a
-benchmark) is used instead, with a warning and `builtin_eval: true` in the results: its
+Each benchmark is `<eval.data_dir>/<name>.jsonl`, one `{"turns": [str, ...]}` a line (`deepspec
+convert-eval` builds them); only the first turn is answered (`benchmarks.py`). `eval=default` takes the
+first `eval.max_samples` rows of each file; `eval=upstream` takes upstream's subsets (per-benchmark
+`eval.caps`, files longer than their cap shuffled with `eval.shuffle_seed`) at T = 1 and 2,048 tokens.
+With `eval.data_dir` unset, a small built-in set (2-3 prompts a benchmark) is used instead,
+with a warning and `builtin_eval: true` in the results: its
 figures say the pipeline works, not how good the draft is.
 
 For every prompt the draft and target run `speculative_generate` at `eval.temperature`, and the target
-alone runs `target_generate` on the same prompt; both are timed. Per benchmark and overall, the results
-give tau (mean tokens per target forward in speculative decoding, the target's own token included),
-the per-position acceptance rate, and the speedup: speculative tokens per second over plain tokens per
-second (the wall-clock ratio when both produce the same tokens, as at temperature 0). At temperature 0
+alone runs `target_generate` on the same prompt; both are timed. Per benchmark the results give tau
+(tokens per target forward, the target's own token included), upstream's #propose, verify_rate and
+accept@k, the paper's conditional per-position acceptance (definitions: `acceptance_stats` in
+`models/speculative.py`; a round whose kept drafts end the turn is counted up to that token, as upstream
+counts it), and the speedup: speculative tokens per second over plain tokens per second (the wall-clock
+ratio when both produce the same tokens, as at temperature 0). Per domain (`eval.domains`) and over all
+benchmarks (`macro`) they are unweighted means of the benchmarks' figures; `pooled` pools every round
+(a micro average). A draft with a confidence head (DSpark) also gets the head's c_k per position against
+what verification kept, and `eval.confidence_threshold` > 0 stops each round where the head says so
+(a config error for a draft without one). At temperature 0
 `greedy_match` is the fraction of prompts whose speculative output equals the plain one, which
 losslessness makes 1 up to floating-point ties.
 
@@ -20,8 +30,9 @@ The draft is the one the train stage wrote, DFlash, Eagle3 or DSpark, as its sav
 names it (`models.drafts.load_draft`); it must be of `algo.name`. Eagle3 also reads the context's token
 ids and DSpark samples its own chain at temperatures above 0 (`models/speculative.py`).
 
-Output: `<run_dir>/eval/<algo>/results.json`, then `_DONE.json` with the hash of the target, algo and eval
-config and of the draft weights file; a re-run with both unchanged skips the stage.
+Output: `<run_dir>/eval/<algo>/results.json`, `prompts.jsonl` (one line per prompt: benchmark, row, tokens,
+and P, A, C of every round, for confidence intervals), then `_DONE.json` with the hash of the target,
+algo and eval config and of the draft weights file; a re-run with both unchanged skips the stage.
 """
 
 from __future__ import annotations
@@ -39,7 +50,7 @@ from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
 from deepspec.models.chat import end_of_turn_ids, render_prompt
-from deepspec.models.errors import DeepSpecError
+from deepspec.models.errors import ConfigError, DeepSpecError
 from deepspec.models.speculative import (
     Drafter,
     SpecResult,
@@ -50,15 +61,22 @@ from deepspec.models.speculative import (
 from deepspec.models.target import input_embeddings, load_target, output_head
 from deepspec.tasks import tracking
 from deepspec.tasks.config import config_hash
-from deepspec.tasks.evaluate.benchmarks import BUILTIN, load_benchmark
+from deepspec.tasks.evaluate.benchmarks import BUILTIN, benchmark_cap, load_benchmark, select_prompts
 from deepspec.tasks.files import atomic_write_text, mark_done, read_done, sha256_file
 from deepspec.tasks.paths import rendering, run_paths
-from deepspec.tasks.results import BenchmarkFigures, EvalResult, to_record
+from deepspec.tasks.results import (
+    BenchmarkFigures,
+    ConfidenceFigures,
+    EvalResult,
+    MacroFigures,
+    to_record,
+)
 from deepspec.tasks.train.stage import trained_draft
 
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
+PROMPTS_FILE = "prompts.jsonl"
 
 
 def stop_token_ids(cfg: DictConfig, tokenizer) -> set[int]:
@@ -78,19 +96,38 @@ def stop_token_ids(cfg: DictConfig, tokenizer) -> set[int]:
     return ids
 
 
+def greedy_match_note(dtype: torch.dtype, greedy: bool) -> str | None:
+    """Why greedy_match can read below 1 though decoding is lossless, for a target not in float32."""
+    if not greedy or dtype == torch.float32:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    return (
+        f"target verified in {name}: a multi-token verify forward and a one-token forward round "
+        "differently, so near-ties can flip the argmax; greedy_match below 1 comes from that rounding, "
+        "not from the acceptance rule (eval.target_dtype=float32 verifies in float32)"
+    )
+
+
 def _figures(results: list[SpecResult], plain: list[list[int]], spec_s: float, plain_s: float, greedy: bool):
     stats = acceptance_stats(results)
     plain_tokens = sum(len(t) for t in plain)
     spec_rate = stats["tokens"] / spec_s if spec_s > 0 else 0.0
     plain_rate = plain_tokens / plain_s if plain_s > 0 else 0.0
     matches = sum(r.tokens == t for r, t in zip(results, plain, strict=True))
+    confidence = stats["confidence"]
     return BenchmarkFigures(
         samples=stats["samples"],
         new_tokens=stats["tokens"],
         target_new_tokens=plain_tokens,
         verify_steps=stats["steps"],
         tau=stats["tau"],
+        propose=stats["propose"],
+        verify_rate=stats["verify_rate"],
+        accept_at=stats["accept_at"],
+        conditional_acceptance=stats["conditional"],
         acceptance=stats["acceptance"],
+        stopped_early=stats["stopped_early"],
+        confidence=None if confidence is None else ConfidenceFigures(**confidence),
         spec_time_s=spec_s,
         target_time_s=plain_s,
         spec_tokens_per_s=spec_rate,
@@ -98,6 +135,54 @@ def _figures(results: list[SpecResult], plain: list[list[int]], spec_s: float, p
         speedup=spec_rate / plain_rate if plain_rate > 0 else None,
         greedy_match=matches / len(results) if greedy and results else None,
     )
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def macro_figures(per_bench: dict[str, BenchmarkFigures], names: list[str]) -> MacroFigures:
+    """Each figure's unweighted mean over the benchmarks `names` (those without the figure left out)."""
+    figures = [per_bench[n] for n in names]
+    positions = max((len(f.accept_at) for f in figures), default=0)
+
+    def per_position(key: str) -> list[float | None]:
+        return [
+            _mean([getattr(f, key)[k] for f in figures if k < len(getattr(f, key))]) for k in range(positions)
+        ]
+
+    return MacroFigures(
+        benchmarks=list(names),
+        tau=_mean([f.tau for f in figures]),
+        propose=_mean([f.propose for f in figures]),
+        verify_rate=_mean([f.verify_rate for f in figures]),
+        speedup=_mean([f.speedup for f in figures]),
+        accept_at=per_position("accept_at"),
+        conditional_acceptance=per_position("conditional_acceptance"),
+    )
+
+
+def _prompt_record(
+    name: str, index: int, row: int, seed: int, spec: SpecResult, plain: list[int], times: tuple, greedy: bool
+) -> dict:
+    """One line of prompts.jsonl: enough to recompute every figure per prompt (confidence intervals)."""
+    return {
+        "benchmark": name,
+        "index": index,  # position among the benchmark's evaluated prompts
+        "row": row,  # 0-based row of <benchmark>.jsonl (blank lines not counted)
+        "seed": seed,
+        "new_tokens": len(spec.tokens),
+        "target_new_tokens": len(plain),
+        "rounds": len(spec.accepted),
+        "proposed": spec.proposed,
+        "accepted": spec.accepted,
+        "committed": spec.committed,
+        "stopped_early": spec.stopped_early,
+        "spec_time_s": times[0],
+        "target_time_s": times[1],
+        "greedy_match": spec.tokens == plain if greedy else None,
+    }
 
 
 def _valid_results(path: Path, benchmarks: list[str]) -> EvalResult | None:
@@ -144,11 +229,18 @@ def evaluate(
             "<benchmark>.jsonl files for real numbers.",
             BUILTIN,
         )
-    prompts = {name: load_benchmark(name, cfg.eval.data_dir)[: cfg.eval.max_samples] for name in benchmarks}
+    caps, shuffle_seed = dict(cfg.eval.caps), cfg.eval.shuffle_seed
+    prompts = {
+        name: select_prompts(
+            load_benchmark(name, cfg.eval.data_dir),
+            benchmark_cap(name, cfg.eval.max_samples, caps),
+            shuffle_seed,
+        )
+        for name in benchmarks
+    }
 
-    model, tokenizer = load_target(
-        cfg.target.path, cfg.target.gguf_file, cfg.target.revision, cfg.target.dtype
-    )
+    dtype = cfg.eval.target_dtype or cfg.target.dtype  # float32: greedy_match 1 on a bf16 target
+    model, tokenizer = load_target(cfg.target.path, cfg.target.gguf_file, cfg.target.revision, dtype)
     if torch.cuda.is_available():
         model.to("cuda")
     if default_draft:
@@ -163,38 +255,54 @@ def evaluate(
     temperature = float(cfg.eval.temperature)
     greedy = temperature == 0
     decode = {"max_new_tokens": cfg.eval.max_new_tokens, "temperature": temperature, "eos_token_ids": eos}
+    threshold = float(cfg.eval.confidence_threshold)
+    if threshold > 0 and getattr(drafter, "confidence_head", None) is None:
+        raise ConfigError(
+            f"eval.confidence_threshold={threshold}: the {cfg.algo.name} draft at {draft_file} has no "
+            "confidence head to stop drafting with; set eval.confidence_threshold=0"
+        )
 
     def ids_of(turns: list[str]) -> list[int]:
         return render_prompt(tokenizer, [{"role": "user", "content": turns[0]}], **rendering(cfg))
 
     # one untimed run of each, so lazy initialisation does not count against the first benchmark
-    warm = ids_of(next(iter(prompts.values()))[0])
-    speculative_generate(model, layer_ids, drafter, warm, **{**decode, "max_new_tokens": 2})
+    warm = ids_of(next(iter(prompts.values()))[0][1])
+    speculative_generate(
+        model, layer_ids, drafter, warm, **{**decode, "max_new_tokens": 2}, confidence_threshold=threshold
+    )
     target_generate(model, layer_ids, warm, **{**decode, "max_new_tokens": 2})
 
     per_bench: dict[str, BenchmarkFigures] = {}
     pooled: dict[str, list] = {"spec": [], "plain": [], "spec_s": [], "plain_s": []}
+    records: list[dict] = []
     index = 0
     for name, rows in prompts.items():
         spec, plain, spec_s, plain_s = [], [], 0.0, 0.0
-        for turns in tqdm(rows, desc=f"eval {name}", unit="prompt"):
+        for position, (row, turns) in enumerate(tqdm(rows, desc=f"eval {name}", unit="prompt")):
             ids = ids_of(turns)
             seed = cfg.eval.seed * 1_000_003 + index
             index += 1
             start = time.perf_counter()
             spec.append(
                 speculative_generate(
-                    model, layer_ids, drafter, ids, **decode, generator=torch.Generator().manual_seed(seed)
+                    model, layer_ids, drafter, ids, **decode, generator=torch.Generator().manual_seed(seed),
+                    confidence_threshold=threshold,
                 )
-            )
-            spec_s += time.perf_counter() - start
+            )  # fmt: skip
+            spec_elapsed = time.perf_counter() - start
             start = time.perf_counter()
             plain.append(
                 target_generate(
                     model, layer_ids, ids, **decode, generator=torch.Generator().manual_seed(seed)
                 )
             )
-            plain_s += time.perf_counter() - start
+            plain_elapsed = time.perf_counter() - start
+            spec_s, plain_s = spec_s + spec_elapsed, plain_s + plain_elapsed
+            records.append(
+                _prompt_record(
+                    name, position, row, seed, spec[-1], plain[-1], (spec_elapsed, plain_elapsed), greedy
+                )
+            )
         per_bench[name] = _figures(spec, plain, spec_s, plain_s, greedy)
         pooled["spec"] += spec
         pooled["plain"] += plain
@@ -209,6 +317,14 @@ def evaluate(
             len(rows),
         )
     overall = _figures(pooled["spec"], pooled["plain"], sum(pooled["spec_s"]), sum(pooled["plain_s"]), greedy)
+    domains = {
+        domain: macro_figures(per_bench, [n for n in names if n in per_bench])
+        for domain, names in cfg.eval.domains.items()
+        if any(n in per_bench for n in names)
+    }
+    macro = macro_figures(per_bench, list(per_bench))
+    prompts_path = stage / PROMPTS_FILE
+    atomic_write_text(prompts_path, "".join(json.dumps(r) + "\n" for r in records))
 
     result = EvalResult(
         builtin_eval=builtin,
@@ -219,22 +335,48 @@ def evaluate(
         temperature=temperature,
         max_new_tokens=int(cfg.eval.max_new_tokens),
         seed=int(cfg.eval.seed),
+        shuffle_seed=None if shuffle_seed is None else int(shuffle_seed),
+        confidence_threshold=threshold,
+        greedy_match_note=greedy_match_note(model.dtype, greedy),
         draft_file=str(draft_file),
         draft_sha256=draft_sha,
+        prompts_file=str(prompts_path),
         benchmarks=per_bench,
-        overall=overall,
+        domains=domains,
+        macro=macro,
+        pooled=overall,
     )
     atomic_write_text(results_path, json.dumps(to_record(result), indent=2))
-    metrics: dict[str, float] = {}
-    for name, figures in [*per_bench.items(), ("overall", overall)]:
-        for key in ("tau", "speedup", "greedy_match"):
-            if getattr(figures, key) is not None:
-                metrics[f"eval/{name}/{key}"] = getattr(figures, key)
-        for k, rate in enumerate(figures.acceptance, start=1):
-            metrics[f"eval/{name}/accept_{k}"] = rate
-    tracking.log_metrics(cfg, metrics)
+    tracking.log_metrics(cfg, eval_metrics(result))
     mark_done(stage, done_hash, results=RESULTS_FILE, draft_sha256=draft_sha, benchmarks=benchmarks)
     return result
+
+
+def eval_metrics(result: EvalResult) -> dict[str, float]:
+    """MLflow metrics: eval/<benchmark|pooled|macro|domain_<name>>/<figure>; positions k are 0-based."""
+    metrics: dict[str, float] = {}
+    groups: list[tuple[str, BenchmarkFigures | MacroFigures]] = [
+        *result.benchmarks.items(),
+        ("pooled", result.pooled),
+        ("macro", result.macro),
+        *((f"domain_{d}", f) for d, f in result.domains.items()),
+    ]
+    for name, figures in groups:
+        for key in ("tau", "propose", "verify_rate", "speedup", "greedy_match", "stopped_early"):
+            value = getattr(figures, key, None)
+            if value is not None:
+                metrics[f"eval/{name}/{key}"] = float(value)
+        for key, label in (("accept_at", "accept_at"), ("conditional_acceptance", "cond_accept")):
+            for k, rate in enumerate(getattr(figures, key)):
+                if rate is not None:
+                    metrics[f"eval/{name}/{label}_{k}"] = rate
+        confidence = getattr(figures, "confidence", None)
+        if confidence is not None:
+            for key in ("mean", "predicted_prefix", "observed_prefix"):
+                for k, value in enumerate(getattr(confidence, key)):
+                    if value is not None:
+                        metrics[f"eval/{name}/confidence_{key}_{k}"] = value
+    return metrics
 
 
 def _fmt(value: float | None) -> str:

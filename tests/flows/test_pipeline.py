@@ -119,11 +119,11 @@ def test_every_stage_leaves_validated_outputs(run):
 def test_greedy_speculative_output_equals_target_output(run):
     results = run["summary"].evaluate
     assert results.temperature == 0.0 and results.builtin_eval is True
-    assert results.overall.greedy_match == 1.0
-    assert 1.0 <= results.overall.tau <= results.num_draft_tokens + 1
+    assert results.pooled.greedy_match == 1.0
+    assert 1.0 <= results.pooled.tau <= results.num_draft_tokens + 1
     assert set(results.benchmarks) == set(compose().eval.benchmarks)
     on_disk = json.loads((run["dir"] / "eval" / "dflash" / "results.json").read_text())
-    assert on_disk["overall"]["tau"] == results.overall.tau
+    assert on_disk["pooled"]["tau"] == results.pooled.tau
 
 
 def test_all_stages_log_to_the_runs_mlflow_run(run):
@@ -133,7 +133,7 @@ def test_all_stages_log_to_the_runs_mlflow_run(run):
     run_data = MlflowClient(record["tracking_uri"]).get_run(record["run_id"]).data
     metrics = run_data.metrics
     stage_keys = ["prompts/rows", "regen/output_tokens", "cache/bytes_per_token", "train/loss"]
-    for key in [*stage_keys, "eval/overall/tau"]:
+    for key in [*stage_keys, "eval/pooled/tau"]:
         assert key in metrics, key
     assert run_data.params["algo.name"] == "dflash"
 
@@ -178,7 +178,7 @@ def test_eagle3_trains_evaluates_and_exports_from_the_same_cache(run, all_algos)
     assert result.cache.skipped and result.cache.url == run["summary"].cache.url
     assert result.train.optimizer_steps >= 1 and result.train.final_metrics["train/loss"] > 0
     assert result.evaluate.algo == "eagle3" and result.evaluate.num_draft_tokens == 3
-    assert result.evaluate.overall.greedy_match == 1.0
+    assert result.evaluate.pooled.greedy_match == 1.0
     assert result.export.architecture == "LlamaForCausalLMEagle3"
     assert DRAFTS["eagle3"].validate_export(run["dir"] / "export" / "eagle3") == []
 
@@ -191,7 +191,7 @@ def test_dspark_recomputes_its_teacher_from_a_cache_of_earlier_layers(run, all_a
         result.train.final_metrics["train/l1"] > 0
         and "train/expected_tau_accept" in result.train.final_metrics
     )
-    assert result.evaluate.algo == "dspark" and result.evaluate.overall.greedy_match == 1.0
+    assert result.evaluate.algo == "dspark" and result.evaluate.pooled.greedy_match == 1.0
     assert result.export.architecture == "Qwen3DSparkModel"
     assert DRAFTS["dspark"].validate_export(run["dir"] / "export" / "dspark") == []
 

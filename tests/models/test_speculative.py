@@ -262,6 +262,66 @@ def test_acceptance_stats_by_hand():
     assert acceptance_stats([SpecResult(tokens=[2], num_draft_tokens=4)])["tau"] is None
 
 
+def test_upstream_metrics_by_hand():
+    """Rounds (P put up, A kept, C committed): (4, 2, 3), (4, 4, 5), (2, 2, 2: a kept end of turn at
+    draft 1, no bonus), (4, 0, 1); by the definitions of upstream's `build_metrics_row` and the paper."""
+    results = [
+        SpecResult(tokens=[0] * 8, accepted=[2, 4], num_draft_tokens=4, proposed=[4, 4], committed=[3, 5]),
+        SpecResult(tokens=[0] * 4, accepted=[2, 0], num_draft_tokens=4, proposed=[2, 4], committed=[2, 1]),
+    ]
+    stats = acceptance_stats(results)
+    assert stats["steps"] == 4
+    assert stats["tau"] == pytest.approx(11 / 4)
+    assert stats["propose"] == pytest.approx(14 / 4)
+    assert stats["verify_rate"] == pytest.approx(11 / (14 + 4))
+    # accept@k = #(A > k) / #(P > k)
+    assert stats["accept_at"] == pytest.approx([3 / 4, 3 / 4, 1 / 3, 1 / 3])
+    # conditional: #(A > k) / #(P > k and A >= k): k=2 counts the rounds that reached draft 2 and put it up
+    assert stats["conditional"] == pytest.approx([3 / 4, 3 / 3, 1 / 2, 1 / 1])
+    assert stats["acceptance"] == pytest.approx([3 / 4, 3 / 4, 1 / 4, 1 / 4])
+    assert stats["confidence"] is None
+    # a position no round put up has no rate
+    short = [SpecResult(tokens=[0] * 3, accepted=[1], num_draft_tokens=4, proposed=[2], committed=[2])]
+    assert acceptance_stats(short)["accept_at"] == [1.0, 0.0, None, None]
+    assert acceptance_stats(short)["conditional"] == [1.0, 0.0, None, None]
+
+
+def test_confidence_stats_by_hand():
+    """Positions after the effective proposal length are left out, as upstream's recorder does."""
+    results = [
+        SpecResult(tokens=[0] * 3, accepted=[1], num_draft_tokens=3, proposed=[3], committed=[2],
+                   confidence=[[0.8, 0.5, 0.5]]),
+        SpecResult(tokens=[0] * 2, accepted=[1], num_draft_tokens=3, proposed=[1], committed=[1],
+                   confidence=[[0.6, 0.9, 0.9]], stopped_early=1),
+    ]  # fmt: skip
+    stats = acceptance_stats(results)
+    conf = stats["confidence"]
+    assert conf["mean"] == pytest.approx([0.7, 0.5, 0.5])
+    assert conf["predicted_prefix"] == pytest.approx([0.7, 0.4, 0.2])
+    assert conf["observed_prefix"] == pytest.approx([1.0, 0.0, 0.0])
+    assert conf["brier"] == pytest.approx([(0.2**2 + 0.4**2) / 2, 0.4**2, 0.2**2])
+    assert stats["stopped_early"] == 1
+
+
+def test_end_of_turn_round_counted_as_upstream(stories):
+    """A kept draft that ends the turn ends the round's count there: no drafts after it, no bonus."""
+    model, tokenizer = stories
+    prompt = _ids(tokenizer, STORY_PROMPTS[0])
+    reference = target_generate(
+        model, LAYER_IDS, prompt, max_new_tokens=12, temperature=0.0, eos_token_ids=EOS
+    )
+    stop = reference[4]
+    result = speculative_generate(
+        model, LAYER_IDS, ChainDrafter(model, prompt, 7), prompt, max_new_tokens=12, temperature=0.0,
+        eos_token_ids={stop},
+    )  # fmt: skip
+    assert result.tokens == reference[: reference.index(stop) + 1]
+    # the self-drafter guesses right, so the end of turn is a kept draft of the last round
+    assert result.proposed[-1] == result.accepted[-1] == result.committed[-1] < 7
+    assert sum(result.committed) == len(result.tokens) - 1  # the first token comes from the prefill
+    assert len(result.confidence) == len(result.accepted) and result.confidence[-1] == []
+
+
 def test_truncates_at_max_new_tokens(stories):
     model, tokenizer = stories
     prompt = _ids(tokenizer, STORY_PROMPTS[1])

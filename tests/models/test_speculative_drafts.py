@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.eagle3 import target_samples, train_eagle3
 from support.lossless import chi_square_pvalue
 
 from deepspec.models.drafts.dspark import DSparkConfig, DSparkDraft
 from deepspec.models.drafts.eagle3 import Eagle3Config, Eagle3Draft, build_draft_vocab
-from deepspec.models.speculative import speculative_generate, target_generate
+from deepspec.models.speculative import acceptance_stats, speculative_generate, target_generate
 
 LAYER_IDS = [0, 2, 4]
 PROMPTS = ["Once upon a time, there was a little dog", "Tom and his mom went to the", "Lily wanted to"]
@@ -141,6 +142,37 @@ def test_short_proposals_keep_greedy_output(stories):
     assert min(drafter.lengths) < 4, "the threshold never shortened a proposal"
 
 
+def test_confidence_threshold_stops_drafting_and_is_recorded(stories):
+    """`speculative_generate(confidence_threshold=t)` reaches DSpark's `propose`: rounds stop before the
+    first slot whose c_k < t, every recorded c_k is at least t, and the output stays the target's."""
+    model, _, prompts, greedy = stories
+    draft = dspark_draft(model)
+    full = speculative_generate(
+        model, LAYER_IDS, draft, prompts[0], max_new_tokens=TOKENS, temperature=0.0, eos_token_ids=EOS
+    )
+    assert full.stopped_early == 0 and all(len(c) == 4 for c in full.confidence)
+    result = speculative_generate(
+        model, LAYER_IDS, draft, prompts[0], max_new_tokens=TOKENS, temperature=0.0, eos_token_ids=EOS,
+        confidence_threshold=0.5,
+    )  # fmt: skip
+    assert result.tokens == greedy[0]
+    assert result.stopped_early > 0
+    assert result.stopped_early <= sum(p < 4 for p in result.proposed)  # an end of turn also cuts
+    assert all(x >= 0.5 for c in result.confidence for x in c)
+    assert all(len(c) >= p for c, p in zip(result.confidence, result.proposed, strict=True))
+
+
+def test_confidence_threshold_needs_a_confidence_head(stories):
+    from deepspec.models.errors import ConfigError
+
+    model, _, prompts, _ = stories
+    with pytest.raises(ConfigError, match="no confidence head"):
+        speculative_generate(
+            model, LAYER_IDS, eagle3_draft(model), prompts[0], max_new_tokens=4, temperature=0.0,
+            eos_token_ids=EOS, confidence_threshold=0.5,
+        )  # fmt: skip
+
+
 # ---------------------------------------------------------------- sampling: the target's law
 
 CHI_PROMPT = "One day, a"
@@ -185,3 +217,114 @@ def test_accepting_every_proposal_is_caught(stories, monkeypatch):
     monkeypatch.setattr(speculative, "accept_or_resample", lambda p, q, token, generator: (True, None))
     drafter = ShortProposals(bigram_dspark(model, tokenizer.bos_token_id), 0.0)
     assert chi_square_pvalue(model, LAYER_IDS, tokenizer(CHI_PROMPT).input_ids, lambda: drafter, 300) < 0.01
+
+
+# ---------------------------------------------------------------- Eagle3 sampling its own chain
+
+
+class ArgmaxEagle3:
+    """An Eagle3 draft without `propose`: its argmax-fed chain, rows drawn from independently."""
+
+    def __init__(self, draft: Eagle3Draft):
+        self.draft, self.num_draft_tokens = draft, draft.num_draft_tokens
+
+    def draft_logits(self, context_features, anchor_token, *, context_ids):
+        return self.draft.draft_logits(context_features, anchor_token, context_ids=context_ids)
+
+
+@pytest.mark.parametrize("draft_vocab", [None, 64], ids=["full-vocab", "reduced-vocab"])
+def test_eagle3_propose_at_temperature_0_is_the_argmax_chain(stories, draft_vocab):
+    """`propose` at temperature 0 drafts `draft_logits`'s chain, one-hot laws on it; decoding through it
+    gives the target's greedy output, round for round as the `draft_logits` path."""
+    model, _, prompts, greedy = stories
+    draft = eagle3_draft(model, draft_vocab=draft_vocab)
+    sequence = [*prompts[0], *greedy[0]]
+    ids = torch.tensor(sequence)
+    with torch.no_grad():
+        states = model.model(input_ids=ids[None], output_hidden_states=True).hidden_states
+    features = torch.cat([states[i + 1][0] for i in LAYER_IDS], dim=-1)
+    for p in range(3, len(sequence) - 1, 4):
+        proposal = draft.propose(
+            features[:p], sequence[p], temperature=0.0, generator=None, context_ids=ids[:p]
+        )
+        chain = draft.draft_logits(features[:p], sequence[p], context_ids=ids[:p]).argmax(-1)
+        assert proposal.tokens == chain.tolist()
+        assert proposal.probs.shape == (4, 512) and proposal.probs.dtype == torch.float32
+        assert torch.equal(proposal.probs.argmax(-1), chain) and bool((proposal.probs.sum(-1) == 1).all())
+    for prompt, expected in zip(prompts, greedy, strict=True):
+        runs = [
+            speculative_generate(
+                model, LAYER_IDS, drafter, prompt, max_new_tokens=TOKENS, temperature=0.0, eos_token_ids=EOS
+            )
+            for drafter in (draft, ArgmaxEagle3(draft))
+        ]
+        assert runs[0].tokens == runs[1].tokens == expected and runs[0].accepted == runs[1].accepted
+
+
+@pytest.fixture(scope="module")
+def sampled_stories(stories):
+    """16 stories the target samples at temperature 1, for drafts that must learn its law."""
+    model, tokenizer, _, _ = stories
+    return target_samples(model, tokenizer.bos_token_id, count=16, length=32, seed=0)
+
+
+class CountingEagle3:
+    """A trained Eagle3 draft whose proposals are counted."""
+
+    def __init__(self, draft: Eagle3Draft):
+        self.draft, self.num_draft_tokens, self.proposals = draft, draft.num_draft_tokens, 0
+
+    def draft_logits(self, context_features, anchor_token, *, context_ids):
+        raise AssertionError("a drafter with propose is never asked for logits")
+
+    def propose(self, context_features, anchor_token, *, temperature, generator, context_ids):
+        self.proposals += 1
+        return self.draft.propose(
+            context_features,
+            anchor_token,
+            temperature=temperature,
+            generator=generator,
+            context_ids=context_ids,
+        )
+
+
+@pytest.mark.parametrize("draft_vocab", [None, 64], ids=["full-vocab", "reduced-vocab"])
+def test_eagle3_sampled_chain_keeps_the_target_law(stories, sampled_stories, draft_vocab):
+    """Temperature 1 through `propose`, each step fed the token drawn at the step before; with a reduced
+    vocabulary the laws are over the target vocabulary, 0 outside the draft's. The draft is trained
+    briefly on the target's samples, so its drafts are often accepted and the test has power."""
+    model, tokenizer, _, _ = stories
+    draft = train_eagle3(model, sampled_stories, LAYER_IDS, ttt_steps=2, steps=40, draft_vocab=draft_vocab)
+    drafter = CountingEagle3(draft)
+    prompt = tokenizer(CHI_PROMPT).input_ids
+    assert chi_square_pvalue(model, LAYER_IDS, prompt, lambda: drafter, 600) > 0.01
+    assert drafter.proposals >= 600
+    generator = torch.Generator().manual_seed(0)
+    proposal = draft.propose(
+        *_context(model, prompt), temperature=1.0, generator=generator, context_ids=torch.tensor(prompt[:-1])
+    )
+    assert proposal.probs.shape == (2, 512) and torch.allclose(proposal.probs.sum(-1), torch.ones(2))
+    outside = ~draft.t2d
+    assert bool((proposal.probs[:, outside] == 0).all()) and bool(draft.t2d[proposal.tokens].all())
+    runs = [
+        speculative_generate(
+            model,
+            LAYER_IDS,
+            draft,
+            prompt,
+            max_new_tokens=TOKENS,
+            temperature=1.0,
+            eos_token_ids=set(),
+            generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+        for seed in range(4)
+    ]
+    assert acceptance_stats(runs)["tau"] > 1.0, "no draft was ever accepted: the test has no power"
+
+
+def _context(model, prompt: list[int]) -> tuple[torch.Tensor, int]:
+    """The target features of the prompt's positions but the last, and its last token (the anchor)."""
+    with torch.no_grad():
+        states = model.model(input_ids=torch.tensor([prompt]), output_hidden_states=True).hidden_states
+    features = torch.cat([states[i + 1][0] for i in LAYER_IDS], dim=-1)
+    return features[:-1], prompt[-1]

@@ -47,10 +47,27 @@ def test_demo_preset_holds_deltas():
 def test_qwen3_4b_carries_upstream_recipe():
     cfg = compose(["target=qwen3_4b"])
     assert list(cfg.target.layer_ids) == [1, 9, 17, 25, 33]
-    assert (cfg.algo.block_size, cfg.algo.num_layers) == (7, 5)
+    # 7 drafts a round as upstream's: 8 slots in the engines' DFlash convention (the anchor drafts nothing)
+    assert (cfg.algo.block_size, cfg.algo.num_layers) == (8, 5)
     assert (cfg.train.lr, cfg.train.global_batch, cfg.train.epochs) == (6e-4, 512, 10)
+    assert (cfg.train.warmup_ratio, cfg.train.weight_decay, cfg.train.grad_clip) == (0.04, 0.0, 1.0)
+    assert list(cfg.train.betas) == [0.9, 0.999]  # torch's AdamW defaults, as upstream's optimizer
+    assert cfg.algo.anchors_per_sequence == 512
     assert cfg.storage.max_length == 4096
     assert cfg.target.chat_template_kwargs.enable_thinking is False
+
+
+def test_target_presets_carry_upstream_layers_and_mask_tokens():
+    """deepseek-ai/DeepSpec `config/dflash/dflash_<target>.py`: target_layer_ids and mask_token_id."""
+    upstream = {
+        "qwen3_4b": ([1, 9, 17, 25, 33], 151669),
+        "qwen3_8b": ([1, 9, 17, 25, 33], 151669),
+        "qwen3_14b": ([1, 10, 19, 28, 37], 151669),
+        "gemma4_12b": ([5, 17, 29, 41, 46], 4),
+    }
+    for target, (layers, mask) in upstream.items():
+        cfg = compose([f"target={target}"])
+        assert (list(cfg.target.layer_ids), cfg.target.mask_token_id) == (layers, mask), target
 
 
 def test_unknown_preset_lists_the_choices():
@@ -74,11 +91,11 @@ def test_every_problem_is_reported_at_compose_time():
     """Checks that need neither data nor weights fail while composing, all listed at once."""
     bad = ["regen.api=grpc", "regen.batch_size=0", "storage.mode=lazy", "storage.task_runner=ray",
            "train.precision=fp16", "train.micro_batch=2", "train.global_batch=5", "prompts.max_samples=0",
-           "target.layer_ids=[4,2]"]  # fmt: skip
+           "target.layer_ids=[4,2]", "train.betas=[0.9]"]  # fmt: skip
     with pytest.raises(ConfigError) as err:
         compose(bad)
     message = str(err.value)
-    assert message.startswith("bad configuration, 8 problems:\n"), message
+    assert message.startswith("bad configuration, 9 problems:\n"), message
     for problem in [
         "regen.api='grpc': expected one of ['completions', 'chat']",
         "regen.batch_size=0: expected a positive count",
@@ -88,6 +105,7 @@ def test_every_problem_is_reported_at_compose_time():
         "train.global_batch=5 must be a multiple of train.micro_batch (2) x ranks (1:",
         "prompts.max_samples=0: expected a positive count or null",
         "target.layer_ids=[4, 2]: expected layer indices in increasing order, from 0",
+        "train.betas=[0.9]: expected AdamW's two betas, each in [0, 1)",
     ]:
         assert problem in message, problem
     with pytest.raises(

@@ -103,19 +103,38 @@ def test_evaluate_end_to_end_and_skip(assets_dir, tracking_uri, tmp_path, caplog
     assert results.builtin_eval is True and results.skipped is False
     assert results.num_draft_tokens == 3
     assert set(results.benchmarks) == set(cfg.eval.benchmarks)
-    for figures in [*results.benchmarks.values(), results.overall]:
+    for figures in [*results.benchmarks.values(), results.pooled]:
         assert 1 <= figures.new_tokens <= 8 * figures.samples
         assert figures.tau is None or 1.0 <= figures.tau <= 4.0
-        assert len(figures.acceptance) == 3
+        assert len(figures.acceptance) == len(figures.accept_at) == len(figures.conditional_acceptance) == 3
+        assert figures.confidence is None and figures.stopped_early == 0
         assert figures.speedup > 0
         assert figures.greedy_match == 1.0  # temperature 0: the same tokens as the target alone
-    assert results.overall.samples == 9
-    assert results.overall.tau > 1.0  # the story model guesses some tokens right
+    assert results.pooled.samples == 9
+    assert results.pooled.tau > 1.0  # the story model guesses some tokens right
     assert (eval_dir / "_DONE.json").is_file()
+    assert set(results.domains) == {"math", "code", "chat"}
+    for figures, names in [
+        (results.domains["math"], ["gsm8k", "math500", "aime25"]),
+        (results.macro, cfg.eval.benchmarks),
+    ]:
+        assert figures.benchmarks == list(names)
+        taus = [results.benchmarks[n].tau for n in names if results.benchmarks[n].tau is not None]
+        assert figures.tau == pytest.approx(sum(taus) / len(taus))  # unweighted: each benchmark once
+
+    records = [json.loads(line) for line in (eval_dir / "prompts.jsonl").read_text().splitlines()]
+    assert results.prompts_file == str(eval_dir / "prompts.jsonl") and len(records) == 9
+    for record in records:
+        figures = results.benchmarks[record["benchmark"]]
+        assert record["index"] == record["row"] == 0  # max_samples=1: the first row of each set
+        assert record["rounds"] == len(record["accepted"]) == figures.verify_steps
+        assert record["new_tokens"] == figures.new_tokens and record["greedy_match"] is True
 
     metrics = MlflowClient(tracking_uri).get_run(tracking.run_id(cfg)).data.metrics
-    assert metrics["eval/overall/tau"] == pytest.approx(results.overall.tau)
-    assert "eval/mt-bench/accept_1" in metrics
+    assert metrics["eval/pooled/tau"] == pytest.approx(results.pooled.tau)
+    assert metrics["eval/macro/tau"] == pytest.approx(results.macro.tau)
+    assert metrics["eval/domain_code/verify_rate"] == pytest.approx(results.domains["code"].verify_rate)
+    assert "eval/mt-bench/accept_at_0" in metrics and "eval/mt-bench/cond_accept_0" in metrics
 
     again = evaluate(cfg, draft_loader, weights)  # unchanged config and draft: skipped
     assert again.skipped is True and to_record(again) == to_record(results)
@@ -144,6 +163,6 @@ def test_evaluate_defaults_to_the_trained_dflash_draft(assets_dir, tracking_uri,
     dflash.save(dflash.DFlashDraft(geometry, embed, head), run_paths(cfg).draft_dir)
 
     results = evaluate(cfg)
-    assert results.num_draft_tokens == 4
+    assert results.num_draft_tokens == 3  # a block of 4 slots: the anchor and 3 drafting mask slots
     assert results.draft_file.endswith("model.safetensors")
-    assert results.overall.greedy_match == 1.0  # an untrained draft changes nothing but speed
+    assert results.pooled.greedy_match == 1.0  # an untrained draft changes nothing but speed

@@ -18,24 +18,37 @@ SMALL = {
 }
 
 
-@pytest.mark.parametrize("algo, temperature", [("eagle3", 0.0), ("dspark", 0.0), ("dspark", 1.0)])
-def test_evaluate_runs_the_trained_draft(assets_dir, tracking_uri, tmp_path, algo, temperature):
+@pytest.mark.parametrize(
+    "algo, temperature, threshold",
+    [("eagle3", 0.0, 0.0), ("dspark", 0.0, 0.0), ("dspark", 1.0, 0.0), ("dspark", 0.0, 0.6)],
+)
+def test_evaluate_runs_the_trained_draft(assets_dir, tracking_uri, tmp_path, algo, temperature, threshold):
     stories = assets_dir / "models" / "stories260k"
     torch.set_num_threads(1)
     cfg = compose(
         ["target=stories260k", f"target.path={stories}", f"run_dir={tmp_path}", f"algo={algo}", *SMALL[algo],
          "eval.benchmarks=[gsm8k,alpaca]", "eval.max_samples=1", "eval.max_new_tokens=8",
-         f"eval.temperature={temperature}", f"tracking.uri={tracking_uri}"]
+         f"eval.temperature={temperature}", f"eval.confidence_threshold={threshold}",
+         f"tracking.uri={tracking_uri}"]
     )  # fmt: skip
     target, _ = load_target(str(stories))
     draft = save_untrained_draft(cfg, target)
 
     results = evaluate(cfg)
     assert results.algo == algo and results.num_draft_tokens == draft.num_draft_tokens
-    overall = results.overall
+    overall = results.pooled
     assert overall.samples == 2 and 1 <= overall.new_tokens <= 16
     assert overall.greedy_match == (1.0 if temperature == 0 else None)
     assert overall.tau is None or 1.0 <= overall.tau <= draft.num_draft_tokens + 1
+    assert results.confidence_threshold == threshold
+    if threshold > 0:  # an untrained head's c_k sit near 0.5: the threshold cuts rounds short
+        assert overall.stopped_early > 0 and overall.propose < draft.num_draft_tokens
+    elif algo == "dspark":  # the confidence head's outputs, per position, for the rounds that reached it
+        assert overall.stopped_early == 0 and overall.propose == draft.num_draft_tokens
+        assert overall.confidence is not None and len(overall.confidence.mean) == draft.num_draft_tokens
+        assert all(0 < c < 1 for c in overall.confidence.mean if c is not None)
+    else:
+        assert overall.confidence is None and overall.stopped_early == 0
 
     # the trained draft of another algorithm is in its own folder: a dflash evaluation finds none
     dflash = compose(["target=stories260k", f"target.path={stories}", f"run_dir={tmp_path}"])
