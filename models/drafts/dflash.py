@@ -1,10 +1,24 @@
 """DFlash: a block-diffusion drafter (arXiv 2602.06036).
 
-The draft sees a block of `block_size` slots, the anchor token (the last token the target committed)
-followed by mask tokens, and predicts every slot's next token in one forward pass. The target's features
-of the context (the residual stream after chosen target layers, concatenated, projected by `fc` and
-normalised) are injected as extra keys and values in every draft layer: a slot attends to the whole
-block bidirectionally and to context positions strictly before its anchor.
+The draft sees a block of `block_size` slots at positions p..p+B-1: the anchor token x_p (the last token
+the target committed, whose own features are not computed yet) followed by B-1 mask tokens, and drafts
+B-1 tokens in one forward pass. The target's features of the context (the residual stream after chosen
+target layers, concatenated, projected by `fc` and normalised) are injected as extra keys and values in
+every draft layer: a slot attends to the whole block bidirectionally and to context positions strictly
+before its anchor.
+
+Slot convention: mask slot k (k = 1..B-1, at position p+k) predicts the token at its own position, x_{p+k};
+the anchor slot predicts nothing. This is the convention of the engines' `DFlashDraftModel`, the class
+this draft exports as: vLLM's DFlash proposer (`v1/spec_decode/dflash.py` and its input kernel
+`copy_and_expand_dflash_inputs` in `utils.py`) feeds [bonus, mask, ..., mask] and samples draft j from
+query slot j, skipping the bonus slot. Upstream DeepSpec's DFlash is its DSpark model with the
+sequential head off, where slot k predicts x_{p+k+1} and the anchor slot drafts too; that convention
+lives in `dspark.py` (`algo=dspark`), exported as `Qwen3DSparkModel`, which vLLM's `qwen3_dspark` reads
+(with a sequential head: vLLM's CPU build cannot even post-process a zero-width one). A draft trained in
+one convention and served in the other gets almost nothing accepted, so the two are separate
+algorithms, each exported to the model class that reads it. `tests/tasks/test_vllm_exports.py` serves
+the DFlash export with vLLM and checks that vLLM accepts what `speculative_generate` measures, and that
+DeepSpec reading the slots shifted by one measures what vLLM does not reproduce.
 
 Training packs many anchor blocks of many sequences into one pass (`pack_blocks`). Who may attend to
 whom is kept as token-level index vectors (sequence, position, anchor, block of every row), and attention
@@ -18,8 +32,7 @@ released DFlash checkpoints (`fc`, `hidden_norm`, `layers.N.self_attn.q_proj`, .
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -57,7 +70,13 @@ class DFlashSettings:
     anchors_per_sequence: int
 
     def problems(self, layer_ids: list[int], num_hidden_layers: int | None) -> list[str]:
-        return block_problems(self)
+        problems = block_problems(self)
+        if self.block_size < 2:
+            problems.append(
+                f"algo.block_size={self.block_size}: DFlash needs at least 2 slots "
+                "(the anchor drafts nothing; mask slots 1..B-1 draft one token each)"
+            )
+        return problems
 
 
 def block_problems(settings) -> list[str]:
@@ -88,8 +107,13 @@ class DFlashConfig:
     mask_token_id: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    qk_norm: bool = False  # Qwen3-style RMSNorm on queries and keys
-    embed_scale: float = 1.0  # Gemma scales embeddings by sqrt(hidden_size)
+    max_position_embeddings: int = 32768
+    # The engines' DFlash layer (vLLM's `DFlashQwen3Attention`) always normalises queries and keys; False
+    # only in drafts saved before DeepSpec matched it, which load but do not serve as trained.
+    qk_norm: bool = True
+    # DSpark, which builds on this backbone, also keeps how the target embeds and what it is: Gemma
+    # scales embeddings by sqrt(hidden_size). The engines' DFlash embeds without a scale.
+    embed_scale: float = 1.0
     target_model_type: str = "llama"
     target_num_hidden_layers: int = 0
 
@@ -97,7 +121,8 @@ class DFlashConfig:
     def from_target(
         cls, target_config, *, num_layers: int, block_size: int, layer_ids: list[int], mask_token_id: int
     ) -> DFlashConfig:
-        """Draft geometry from the target's config: same width, heads and MLP as one target layer."""
+        """Draft geometry from the target's config: same width, heads and MLP as one target layer, in the
+        engines' Qwen3-style DFlash layer (q/k norms) whatever the target's family."""
         text = getattr(target_config, "text_config", None) or target_config
         heads = text.num_attention_heads
         rope = getattr(text, "rope_parameters", None) or {}
@@ -115,8 +140,7 @@ class DFlashConfig:
             mask_token_id=mask_token_id,
             rms_norm_eps=getattr(text, "rms_norm_eps", 1e-6),
             rope_theta=float(rope.get("rope_theta", getattr(text, "rope_theta", 10000.0))),
-            qk_norm=model_type.startswith(("qwen3", "gemma3", "gemma4")),
-            embed_scale=math.sqrt(text.hidden_size) if model_type.startswith("gemma") else 1.0,
+            max_position_embeddings=getattr(text, "max_position_embeddings", None) or 32768,
             target_model_type=model_type,
             target_num_hidden_layers=text.num_hidden_layers,
         )
@@ -126,12 +150,26 @@ class DFlashConfig:
         return len(self.target_layer_ids)
 
     def to_hf_dict(self) -> dict:
-        """The `config.json` that DFlash loaders read (architecture, block size, dflash_config)."""
-        body = asdict(self)
+        """The `config.json` the engines' `DFlashDraftModel` reads: a Qwen3 config (the draft layer's
+        family, whatever the target's) with `block_size` and `dflash_config` (`mask_token_id`,
+        `target_layer_ids`), and nothing they do not read."""
         return {
             "architectures": [ARCHITECTURE],
-            "model_type": self.target_model_type,
-            **body,
+            "model_type": "qwen3",
+            "hidden_size": self.hidden_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "hidden_act": "silu",
+            "vocab_size": self.vocab_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "max_position_embeddings": self.max_position_embeddings,
+            "attention_bias": False,
+            "tie_word_embeddings": False,
+            "block_size": self.block_size,
             "dflash_config": {"mask_token_id": self.mask_token_id, "target_layer_ids": self.target_layer_ids},
         }
 
@@ -142,7 +180,12 @@ class DFlashConfig:
                 f"config.json architectures={data.get('architectures')}: expected {ARCHITECTURE}"
             )
         names = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in names})
+        values = {k: v for k, v in data.items() if k in names}
+        values.update({k: v for k, v in data.get("dflash_config", {}).items() if k in names})
+        rope = data.get("rope_parameters") or {}
+        if "rope_theta" in rope:
+            values["rope_theta"] = float(rope["rope_theta"])
+        return cls(**values)
 
 
 class DFlashAttention(GroupedQueryProjections):
@@ -343,7 +386,7 @@ class DFlashDraft(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.block_size = cfg.block_size
-        self.num_draft_tokens = cfg.block_size
+        self.num_draft_tokens = cfg.block_size - 1  # mask slots 1..B-1; the anchor slot drafts nothing
         self.attention_chunk_rows: int | None = ATTENTION_CHUNK_ROWS
         self.fc = nn.Linear(cfg.num_target_features * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -387,7 +430,14 @@ class DFlashDraft(nn.Module):
 
     @torch.no_grad()
     def draft_logits(self, context_features: torch.Tensor, anchor_token: int) -> torch.Tensor:
-        """Logits [B, vocab] for the tokens after the anchor, which sits right after the context."""
+        """Logits [B-1, vocab] of the tokens at positions p+1..p+B-1, from mask slots 1..B-1; the anchor
+        sits at position p, right after the context."""
+        return self.block_logits(context_features, anchor_token)[1:]
+
+    @torch.no_grad()
+    def block_logits(self, context_features: torch.Tensor, anchor_token: int) -> torch.Tensor:
+        """Logits [B, vocab] of every slot of the block anchored right after the context, anchor slot
+        included (it drafts nothing: tests read it to show what a shifted convention would draft)."""
         p = context_features.shape[0]
         device = self.fc.weight.device
         ids = torch.full((self.block_size,), self.cfg.mask_token_id, dtype=torch.long, device=device)
@@ -442,15 +492,18 @@ def anchor_blocks(
 def training_loss(
     forward, model: DFlashDraft, samples: Samples, settings: DFlashSettings, teacher, generator
 ) -> tuple[torch.Tensor, Stats]:
-    """Blocks at sampled anchors, cross-entropy against the data's next tokens, slot k weighted
-    exp(-k / loss_decay). DFlash learns from the data alone: `teacher` is unused."""
+    """Blocks at sampled anchors; mask slot k (k >= 1) learns the data's token at its own position p+k
+    by cross-entropy, weighted exp(-(k-1) / loss_decay). DFlash learns from the data alone: `teacher` is
+    unused."""
     device = model.fc.weight.device
     block = model.cfg.block_size
     _, packed, labels = anchor_blocks(
         samples, settings.anchors_per_sequence, block, model.cfg.mask_token_id, generator, device
     )
-    weights = slot_weights(block, settings.loss_decay, device=device)
-    return weighted_block_cross_entropy(forward(packed), model.lm_head.weight, labels, weights)
+    # `anchor_blocks` labels slot k with token p+k+1; mask slot k's token p+k is the label of slot k-1
+    hidden = forward(packed).view(labels.shape[0], block, -1)[:, 1:].reshape(-1, model.cfg.hidden_size)
+    weights = slot_weights(block - 1, settings.loss_decay, device=device)
+    return weighted_block_cross_entropy(hidden, model.lm_head.weight, labels[:, :-1], weights)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -470,7 +523,13 @@ def load(draft_dir: Path, embed_weight: torch.Tensor, head_weight: torch.Tensor)
 def export(model: DFlashDraft, out_dir: Path, target_config) -> str:
     """`DFlashDraftModel`: `config.json` with `block_size` and `dflash_config` (`mask_token_id`,
     `target_layer_ids`, 0-based: engines read hidden state `id + 1`), and only the draft's own weights
-    (the engine shares the target's embedding and LM head)."""
+    (the engine shares the target's embedding and LM head). Serve it with `num_speculative_tokens` =
+    block_size - 1, the tokens it drafts a round."""
+    if not model.cfg.qk_norm:
+        raise ConfigError(
+            "this DFlash draft was trained without q/k norms, which the engines' DFlash layer always "
+            "applies: it would not serve as trained; train it again"
+        )
     save(model, out_dir)
     return ARCHITECTURE
 
@@ -506,9 +565,8 @@ def validate_export(path: Path) -> list[str]:
             expected[f"layers.{i}.mlp.{name}.weight"] = None
         for name in ("input_layernorm", "post_attention_layernorm"):
             expected[f"layers.{i}.{name}.weight"] = None
-        if config.get("qk_norm"):
-            for name in ("q_norm", "k_norm"):
-                expected[f"layers.{i}.self_attn.{name}.weight"] = None
+        for name in ("q_norm", "k_norm"):  # the engines' DFlash layer always applies them
+            expected[f"layers.{i}.self_attn.{name}.weight"] = None
     problems += tensor_problems(shapes, expected)
     return problems
 

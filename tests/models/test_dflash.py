@@ -147,16 +147,46 @@ def test_training_path_matches_inference_path(target_config):
     row = 0
     for (ids, feats), anchor_positions in zip(seqs, anchors, strict=True):
         for p in anchor_positions.tolist():
-            expected = draft.draft_logits(feats[:p], int(ids[p]))
-            torch.testing.assert_close(logits[row : row + 4], expected, atol=1e-5, rtol=1e-5)
+            expected = draft.draft_logits(feats[:p], int(ids[p]))  # mask slots 1..3 of the block
+            torch.testing.assert_close(logits[row + 1 : row + 4], expected, atol=1e-5, rtol=1e-5)
             row += 4
 
 
-def test_qwen3_geometry_has_qk_norm_and_head_dim():
+def test_mask_slot_k_learns_the_token_at_its_own_position():
+    """The engines' DFlash convention: the loss of the block anchored at p asks mask slot k for x_{p+k},
+    and `draft_logits` row k-1 is that slot. Shifting the labels by one slot (upstream's DSpark
+    convention) changes the loss, so this pins what vLLM serves."""
+    from deepspec.models.drafts.dflash import DFlashSettings, training_loss
+
+    draft = tiny_draft(QWEN3).eval()
+    ids, feats = random_sequences(2, 32, lengths=(9,))[0]
+    settings = DFlashSettings(
+        name="dflash", block_size=4, num_layers=2, loss_decay=2.0, anchors_per_sequence=99
+    )
+    sample = {"input_ids": ids, "loss_mask": torch.ones(9, dtype=torch.long), "features": feats}
+    loss, _ = training_loss(draft, draft, [sample], settings, None, torch.Generator().manual_seed(0))
+
+    def expected_loss(shift: int) -> torch.Tensor:
+        total, weight = torch.zeros(()), torch.zeros(())
+        for p in range(8):  # every anchor: each supervised token with a supervised next token
+            rows = draft.draft_logits(feats[:p], int(ids[p]))
+            for k in range(1, 4):
+                if p + k + shift < 9:
+                    w = math.exp(-(k - 1) / 2.0)
+                    total += w * torch.nn.functional.cross_entropy(rows[k - 1], ids[p + k + shift])
+                    weight += w
+        return total / weight
+
+    torch.testing.assert_close(loss, expected_loss(0), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(loss, expected_loss(1), atol=1e-3)
+
+
+def test_every_target_gets_the_engines_layer_with_qk_norm():
     draft = tiny_draft(QWEN3)
     assert draft.cfg.qk_norm and draft.cfg.head_dim == 16
     assert draft.layers[0].self_attn.q_proj.weight.shape == (4 * 16, 32)
-    assert not tiny_draft(LLAMA).cfg.qk_norm
+    assert tiny_draft(LLAMA).cfg.qk_norm  # vLLM's DFlash layer normalises q and k for every target
+    assert draft.num_draft_tokens == 3  # a block of 4 slots: the anchor and 3 drafting mask slots
 
 
 def test_only_draft_weights_get_gradients():
@@ -203,7 +233,7 @@ def test_load_rejects_other_architectures(tmp_path):
         load(tmp_path, torch.zeros(1, 1), torch.zeros(1, 1))
 
 
-def test_gemma_embeddings_are_scaled():
+def test_gemma_embeddings_are_not_scaled_as_the_engines_dflash_embeds():
     from transformers import Gemma3TextConfig
 
     cfg = DFlashConfig.from_target(
@@ -221,4 +251,4 @@ def test_gemma_embeddings_are_scaled():
         layer_ids=[0],
         mask_token_id=0,  # fmt: skip
     )
-    assert cfg.embed_scale == pytest.approx(math.sqrt(64)) and cfg.qk_norm
+    assert cfg.embed_scale == 1.0 and cfg.qk_norm
