@@ -76,6 +76,7 @@ from deepspec.models.losses import (
 )
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, BLOCK = 2560, 32, 8, 128, 9728, 151_936, 7
+DFLASH_BLOCK = BLOCK + 1  # the preset: the anchor slot drafts nothing in DFlash's (the engines') convention
 LAYER_IDS = [1, 9, 17, 25, 33]  # qwen3_4b preset
 EAGLE3_LAYER_IDS = [1, 17, 32]
 MIB = 2**20
@@ -93,10 +94,10 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
 
 
-def backbone_config(layers: int) -> DFlashConfig:
+def backbone_config(layers: int, block: int = BLOCK) -> DFlashConfig:
     return DFlashConfig(
         hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
-        intermediate_size=MLP, vocab_size=VOCAB, num_hidden_layers=layers, block_size=BLOCK,
+        intermediate_size=MLP, vocab_size=VOCAB, num_hidden_layers=layers, block_size=block,
         target_layer_ids=LAYER_IDS, mask_token_id=151_643, rope_theta=1e6, qk_norm=True,
         target_model_type="qwen3", target_num_hidden_layers=36,
     )  # fmt: skip
@@ -121,19 +122,21 @@ def make_batch(spec: dict, n_features: int) -> list[dict]:
 
 
 def dflash_step(spec: dict, embed: torch.Tensor):
-    draft = DFlashDraft(backbone_config(spec["layers"]), embed, embed)
+    draft = DFlashDraft(backbone_config(spec["layers"], DFLASH_BLOCK), embed, embed)
     draft.attention_chunk_rows = ATTENTION_CHUNK_ROWS if spec["variant"] == "after" else None
     chunk_rows = LOSS_CHUNK_ROWS if spec["variant"] == "after" else None
-    weights = slot_weights(BLOCK, 4.0)
+    weights = slot_weights(BLOCK, 4.0)  # the BLOCK drafting mask slots, as `dflash.training_loss` weighs them
     samples = make_batch(spec, len(LAYER_IDS))
 
     def prepare(count: int):
         gen = torch.Generator().manual_seed(spec["seed"])
         anchors = [sample_anchors(s["loss_mask"], count, gen) for s in samples]
-        packed = pack_blocks([(s["input_ids"], s["features"]) for s in samples], anchors, BLOCK, 151_643)
+        packed = pack_blocks(
+            [(s["input_ids"], s["features"]) for s in samples], anchors, DFLASH_BLOCK, 151_643
+        )
         labels = torch.cat(
             [
-                block_labels(s["input_ids"], s["loss_mask"], a, BLOCK)
+                block_labels(s["input_ids"], s["loss_mask"], a, BLOCK)  # mask slot k's label: token p + k
                 for s, a in zip(samples, anchors, strict=True)
             ]
         )
@@ -141,7 +144,7 @@ def dflash_step(spec: dict, embed: torch.Tensor):
 
     def step(batch, backward=True):
         packed, labels = batch
-        hidden = draft(packed)
+        hidden = draft(packed).view(labels.shape[0], DFLASH_BLOCK, -1)[:, 1:].reshape(-1, HIDDEN)
         loss, _ = weighted_block_cross_entropy(
             hidden, draft.lm_head.weight, labels, weights, chunk_rows=chunk_rows
         )
@@ -387,11 +390,11 @@ def main() -> None:
     )
     print(
         f"Cut from a real run: {args.layers} draft layers, {args.seq_len}-token sequences (real ones reach "
-        "4,096), one step without the optimizer, fp32 on the CPU; DFlash's loss over all 7 slots."
+        "4,096), one step without the optimizer, fp32 on the CPU; DFlash's loss over its 7 mask slots (blocks of 8)."
     )
     geometry = {
         "hidden": HIDDEN, "heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "intermediate": MLP,
-        "vocab": VOCAB, "block": BLOCK, "layers": args.layers,
+        "vocab": VOCAB, "block": BLOCK, "dflash_block": DFLASH_BLOCK, "layers": args.layers,
     }  # fmt: skip
     figures = {
         "geometry": geometry,
