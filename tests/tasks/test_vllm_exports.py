@@ -170,13 +170,24 @@ class Target:
         return Acceptance(stats["tau"], stats["acceptance"]), [r.tokens for r in results]
 
 
+@pytest.fixture
+def report(capsys):
+    """Print past pytest's capture, so that `make test` shows vLLM's and DeepSpec's figures side by side."""
+
+    def emit(text: str) -> None:
+        with capsys.disabled():
+            print(text)
+
+    return emit
+
+
 @pytest.fixture(scope="module")
 def target(smollm2_hf_dir, vllm_pool, one_thread) -> Target:
     return Target(smollm2_hf_dir, vllm_pool)
 
 
 def train_until_accepted(
-    target: Target, algo: str, settings, step, steps_per_round: int
+    target: Target, algo: str, settings, step, steps_per_round: int, report
 ) -> tuple[torch.nn.Module, Acceptance]:
     """Build the `algo` draft of the target and train it with `step(draft, samples)` (the loss of one
     full batch) until DeepSpec measures tau >= MIN_TAU on the prompts."""
@@ -200,7 +211,7 @@ def train_until_accepted(
             loss.backward()
             optimizer.step()
         measured, _ = target.measured(draft.eval())
-        print(f"{algo}: {round_ * steps_per_round} steps, loss {loss.item():.3f}, DeepSpec {measured}")
+        report(f"{algo}: {round_ * steps_per_round} steps, loss {loss.item():.3f}, DeepSpec {measured}")
         if measured.tau >= MIN_TAU:
             return draft, measured
     pytest.fail(
@@ -234,7 +245,7 @@ def serve(target: Target, method: str, export_dir: Path, num_draft_tokens: int, 
 
 
 def served_and_measured(
-    target: Target, method: str, draft, export, tmp_path: Path
+    target: Target, method: str, draft, export, tmp_path: Path, report
 ) -> tuple[Acceptance, Acceptance]:
     """Export `draft`, serve it, and return vLLM's acceptance beside DeepSpec's, after checking that both
     decode exactly the target-alone server's tokens."""
@@ -256,7 +267,7 @@ def served_and_measured(
             f"{prompt!r}: with the {method} draft vLLM returned {decode(got)!r}, alone {decode(ref)!r}"
         )
         assert mine == ref, f"{prompt!r}: DeepSpec decoded {decode(mine)!r}, vLLM alone {decode(ref)!r}"
-    print(
+    report(
         f"\n{method}, {draft.num_draft_tokens} draft tokens a verify step:"
         f"\n  vLLM     {served}\n  DeepSpec {measured}"
     )
@@ -274,7 +285,7 @@ class ShiftedDFlash:
         return self.draft.block_logits(context_features, anchor_token)[:-1]
 
 
-def test_dflash_export_is_served_with_the_acceptance_deepspec_measures(target, tmp_path):
+def test_dflash_export_is_served_with_the_acceptance_deepspec_measures(target, tmp_path, report):
     settings = dflash.DFlashSettings(
         name="dflash", block_size=4, num_layers=1, loss_decay=4.0, anchors_per_sequence=64
     )
@@ -283,17 +294,17 @@ def test_dflash_export_is_served_with_the_acceptance_deepspec_measures(target, t
     def step(draft, samples):
         return dflash.training_loss(draft, draft, samples, settings, None, generator)[0]
 
-    draft, _ = train_until_accepted(target, "dflash", settings, step, steps_per_round=120)
-    served, measured = served_and_measured(target, "dflash", draft, dflash.export, tmp_path)
+    draft, _ = train_until_accepted(target, "dflash", settings, step, steps_per_round=120, report=report)
+    served, measured = served_and_measured(target, "dflash", draft, dflash.export, tmp_path, report)
     assert_agrees(served, measured)
 
     shifted, _ = target.measured(ShiftedDFlash(draft))
-    print(f"  DeepSpec reading the slots shifted by one: {shifted}")
+    report(f"  DeepSpec reading the slots shifted by one: {shifted}")
     with pytest.raises(AssertionError):
         assert_agrees(served, shifted)
 
 
-def test_eagle3_export_is_served_with_the_acceptance_deepspec_measures(target, tmp_path):
+def test_eagle3_export_is_served_with_the_acceptance_deepspec_measures(target, tmp_path, report):
     # a reduced vocabulary (the 1,024 tokens the continuations use most, d2t in the export) keeps training
     # cheap on CPU, and has vLLM map draft ids back to the target's
     settings = eagle3.Eagle3Settings(name="eagle3", ttt_steps=3, step_decay=0.8, draft_vocab_size=1024)
@@ -312,6 +323,6 @@ def test_eagle3_export_is_served_with_the_acceptance_deepspec_measures(target, t
             )
         return draft.forward_train(features, ids, mask)[0]
 
-    draft, _ = train_until_accepted(target, "eagle3", settings, step, steps_per_round=15)
-    served, measured = served_and_measured(target, "eagle3", draft, eagle3.export, tmp_path)
+    draft, _ = train_until_accepted(target, "eagle3", settings, step, steps_per_round=15, report=report)
+    served, measured = served_and_measured(target, "eagle3", draft, eagle3.export, tmp_path, report)
     assert_agrees(served, measured)
