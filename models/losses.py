@@ -106,8 +106,8 @@ def block_labels(
     targets = anchors[:, None] + 1 + torch.arange(block_size)[None, :]  # [n_anchors, B]
     inside = targets < input_ids.shape[0]
     safe = targets.clamp(max=input_ids.shape[0] - 1)
-    supervised = (inside & loss_mask[safe].bool()).to(torch.int32).cumprod(dim=-1).bool()
-    return torch.where(supervised, input_ids[safe], torch.full_like(safe, IGNORE))
+    labels = torch.where(inside & loss_mask[safe].bool(), input_ids[safe], torch.full_like(safe, IGNORE))
+    return labels.masked_fill_(~supervised_prefix(labels), IGNORE)
 
 
 def weighted_block_cross_entropy(

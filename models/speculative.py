@@ -91,11 +91,14 @@ class SpecResult:
     stopped_early: int = 0  # rounds whose proposal was shorter than the block (the confidence head)
 
 
-def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Sampling distributions for rows of logits, on CPU: one-hot argmax at temperature 0."""
+def sampling_law(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The law a token is drawn from, for a row (or rows) of logits: on CPU in float32, one-hot on the
+    argmax at temperature 0. Drafters that draw their own chains (`propose`) use it too, so that q is
+    formed exactly as the target's p is."""
+    logits = logits.float().cpu()
     if temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(-1).cpu(), logits.shape[-1]).float()
-    return torch.softmax(logits.float().cpu() / temperature, dim=-1)
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return torch.softmax(logits / temperature, dim=-1)
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
@@ -160,7 +163,7 @@ def _draft(
         return [int(t) for t in proposal.tokens], q, confidence
     logits = drafter.draft_logits(context_features, anchor, **extra)
     assert logits.shape[0] == drafter.num_draft_tokens, (tuple(logits.shape), drafter.num_draft_tokens)
-    q = _probs(logits, temperature)
+    q = sampling_law(logits, temperature)
     return [_draw(q[k], generator) for k in range(q.shape[0])], q, []
 
 
@@ -203,7 +206,7 @@ def speculative_generate(
     context[:n_ctx] = prefill.features
     context_ids = torch.empty(capacity, dtype=torch.long)  # the token of every committed position
     context_ids[:n_ctx] = torch.tensor(list(prompt_ids), dtype=torch.long)
-    anchor = _draw(_probs(prefill.logits[-1], temperature), generator)
+    anchor = _draw(sampling_law(prefill.logits[-1], temperature), generator)
     result.tokens.append(anchor)
     vocab = prefill.logits.shape[-1]
 
@@ -225,7 +228,7 @@ def speculative_generate(
 
         start = runner.length
         step = runner.extend(torch.tensor([anchor, *drafts], dtype=torch.long))
-        p = _probs(step.logits, temperature)  # row i is the target's law for the token after input i
+        p = sampling_law(step.logits, temperature)  # row i is the target's law for the token after input i
         n_accepted, nxt = 0, None
         for i, token in enumerate(drafts):
             ok, replacement = accept_or_resample(p[i], q[i], token, generator)
@@ -286,7 +289,7 @@ def target_generate(
     runner = TargetRunner(model, layer_ids)
     step = runner.extend(torch.tensor(list(prompt_ids), dtype=torch.long))
     while True:
-        token = _draw(_probs(step.logits[-1], temperature), generator)
+        token = _draw(sampling_law(step.logits[-1], temperature), generator)
         tokens.append(token)
         if len(tokens) >= max_new_tokens or token in eos_token_ids:
             return tokens

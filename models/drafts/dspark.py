@@ -20,12 +20,9 @@ runs once for every packed block (`pack_blocks`). At inference, slots are chosen
 from logits conditioned on the token chosen before it. `draft_logits` (the `Drafter` protocol) returns
 the logits of the argmax chain: exact for greedy speculative decoding, where the verifier drafts each
 row's argmax, which is the chain. `propose` samples the chain at a temperature and returns the tokens
-with the law q_k each was drawn from. `models/speculative.py` would use it by replacing its two lines
-`q = _probs(draft_logits, temperature)` / `drafts = [_draw(q[k], generator) ...]` with
-`proposal = drafter.propose(context, anchor, temperature=..., generator=...)`, `drafts, q =
-proposal.tokens, proposal.probs`; the rejection loop stays as it is. With `confidence_threshold > 0`
-the proposal can hold fewer than B tokens (even none, as upstream's evaluator allows), so the loop
-there would also have to use `len(drafts)` instead of `block_size` (the bonus row is `p[len(drafts)]`).
+with the law q_k each was drawn from; `speculative_generate` uses it whenever a drafter has it, and
+its rejection loop verifies whatever the proposal holds. With `confidence_threshold > 0` the proposal
+can hold fewer than B tokens (even none, as upstream's evaluator allows).
 
 Early stopping with the confidence head, as upstream's evaluator does (`deepspec/eval/dspark/
 draft_ops.py`): with a threshold t > 0 the proposal ends before the first slot whose own c_k < t;
@@ -61,7 +58,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from deepspec.models.drafts.dflash import (
@@ -84,6 +80,7 @@ from deepspec.models.drafts.files import (
 from deepspec.models.drafts.spec import DraftInputs, DraftSpec, Samples, Stats
 from deepspec.models.errors import ConfigError
 from deepspec.models.losses import chunked_dspark_loss, slot_weights, supervised_prefix
+from deepspec.models.speculative import sampling_law
 
 NAME = "dspark"
 ARCHITECTURE = "Qwen3DSparkModel"
@@ -415,15 +412,6 @@ def block_rows(values: torch.Tensor, anchors: torch.Tensor, block_size: int) -> 
     return values[index.to(values.device)]
 
 
-def _law(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Sampling law of one row of logits, on CPU in float32 (one-hot argmax at temperature 0), as
-    `models/speculative.py` computes it."""
-    logits = logits.float().cpu()
-    if temperature == 0:
-        return F.one_hot(logits.argmax(), logits.shape[-1]).float()
-    return torch.softmax(logits / temperature, dim=-1)
-
-
 class DSparkDraft(nn.Module):
     def __init__(self, cfg: DSparkConfig, embed_weight: torch.Tensor, head_weight: torch.Tensor):
         super().__init__()
@@ -605,7 +593,7 @@ class DSparkDraft(nn.Module):
                 code, state = self.markov_head.step(hidden[k], prev, state)
                 row = row + self.markov_head.bias(code)
             row = row.float()
-            law = _law(row, temperature)
+            law = sampling_law(row, temperature)
             token = (
                 int(row.argmax()) if temperature == 0 else int(torch.multinomial(law, 1, generator=generator))
             )

@@ -57,6 +57,7 @@ from deepspec.models.drafts.layers import MLP, GroupedQueryProjections, RMSNorm,
 from deepspec.models.drafts.spec import DraftInputs, DraftSpec, Samples, Stats
 from deepspec.models.errors import ConfigError
 from deepspec.models.losses import LOSS_CHUNK_ROWS, chunked_linear_loss
+from deepspec.models.speculative import sampling_law
 from deepspec.models.target import check_layer_ids
 
 log = logging.getLogger(__name__)
@@ -410,13 +411,6 @@ class Eagle3Proposal:
     probs: torch.Tensor  # [len(tokens), vocab] float32 on CPU: the law each token was drawn from
 
 
-def _law(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Sampling law of one row of target-vocabulary logits, as `models/speculative.py` computes it."""
-    if temperature == 0:
-        return F.one_hot(logits.argmax(), logits.shape[-1]).float()
-    return torch.softmax(logits / temperature, dim=-1)
-
-
 class Eagle3Draft(nn.Module):
     def __init__(
         self,
@@ -746,7 +740,7 @@ class Eagle3Draft(nn.Module):
         laws: list[torch.Tensor] = []
 
         def draw(row: torch.Tensor) -> int:
-            law = _law(self.to_target_vocab(row.float().cpu()), temperature)
+            law = sampling_law(self.to_target_vocab(row.float().cpu()), temperature)
             token = int(law.argmax() if temperature == 0 else torch.multinomial(law, 1, generator=generator))
             tokens.append(token)
             laws.append(law)
