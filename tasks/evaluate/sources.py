@@ -122,8 +122,16 @@ def dataset_root(source: Source, source_dir: str | Path | None) -> Path:
             raise DataError(f"--source-dir: {source.benchmark} needs a copy of {source.hub_id} at {root}")
         return root
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    return Path(snapshot_download(source.hub_id, repo_type="dataset", allow_patterns=list(source.files)))
+    try:
+        return Path(snapshot_download(source.hub_id, repo_type="dataset", allow_patterns=list(source.files)))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:  # offline, unknown id, no access
+        raise DataError(
+            f"{source.benchmark}: cannot fetch {source.hub_id} from the Hugging Face hub "
+            f"({type(err).__name__}); download it where the hub is reachable and pass its parent folder "
+            f"as --source-dir (the files go under <source-dir>/{source.hub_id}/)"
+        ) from None
 
 
 def convert(

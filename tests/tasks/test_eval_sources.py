@@ -113,3 +113,15 @@ def test_help_lists_every_dataset(capsys):
     for source in sources.SOURCES.values():
         assert source.benchmark in text and source.hub_id in text
     assert json.dumps({"turns": ["..."]})[:9] in text.replace('\\"', '"')
+
+
+def test_an_unreachable_hub_is_a_clear_error_pointing_at_source_dir(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    # offline with an empty cache: what `deepspec convert-eval --out-dir DIR` meets without the hub
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert main(["convert-eval", "gsm8k", "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "gsm8k: cannot fetch openai/gsm8k from the Hugging Face hub" in err and "--source-dir" in err
+    assert not (tmp_path / "out" / "gsm8k.jsonl").exists()
