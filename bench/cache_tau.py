@@ -32,15 +32,11 @@ The table goes to stdout, progress to stderr, every figure to the results JSON
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import inspect
 import logging
-import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,6 +49,7 @@ from common import (
     build_caches,
     chosen_encodings,
     draft_overrides,
+    output_to,
     prepare_data,
     read_samples,
     say,
@@ -75,25 +72,6 @@ from deepspec.tasks.train.stage import train
 
 ZEROED_VARIANT = "zeroed"  # every feature zeroed, in training and in decoding: no target information
 BOOTSTRAP_DRAWS = 2000
-
-
-@contextlib.contextmanager
-def output_to(path: Path):
-    """Send this process's stdout and stderr, and so its subprocesses', to `path` for a while."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with path.open("ab") as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            for fd, copy in zip((1, 2), saved, strict=True):
-                os.dup2(copy, fd)
-                os.close(copy)
 
 
 class ZeroedFeatures:

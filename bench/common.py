@@ -69,6 +69,25 @@ def say(message: str) -> None:
     print(f"[{_run['name']} {time.perf_counter() - _run['began']:5.0f}s] {message}", file=_progress)
 
 
+@contextlib.contextmanager
+def output_to(path: Path):
+    """Send this process's stdout and stderr, and so its subprocesses', to `path` for a while."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with path.open("ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in zip((1, 2), saved, strict=True):
+                os.dup2(copy, fd)
+                os.close(copy)
+
+
 def mb(n: float) -> float:
     return n / 1e6
 

@@ -88,6 +88,7 @@ class RegenConfig:
     server_dtype: str | None
     max_model_len: int | None
     server_args: list[str]
+    answers_file: str | None
 
 
 @dataclass
@@ -168,7 +169,7 @@ SECTIONS = {
     "eval": EvalConfig,
     "tracking": TrackingConfig,
 }
-REGEN_BACKENDS = ("hf", "vllm", "openai")
+REGEN_BACKENDS = ("hf", "vllm", "openai", "file")
 REGEN_APIS = ("completions", "chat")
 STORAGE_MODES = ("cached", "online")  # train from the cache at storage.url, or run the target in training
 TASK_RUNNERS = ("thread", "dask")  # where the cache stage's shard tasks run
@@ -335,6 +336,10 @@ def config_problems(cfg: DictConfig) -> list[str]:
         (
             r.backend != "openai" or bool(r.endpoints),
             "regen.backend=openai needs regen.endpoints=[https://HOST/v1, ...]",
+        ),
+        (
+            r.backend != "file" or bool(r.answers_file),
+            "regen.backend=file needs regen.answers_file=PATH.jsonl (answers the target already wrote)",
         ),
         # storage
         one_of("storage.mode", s.mode, STORAGE_MODES),

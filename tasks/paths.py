@@ -25,6 +25,7 @@ three algorithms trained one after another in one run keep their outputs side by
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from deepspec.tasks.config import config_hash
+from deepspec.tasks.files import sha256_file
 
 
 def _stem(text: str) -> str:
@@ -69,6 +71,21 @@ def sampling(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
+
+
+def _file_digest(path: str) -> str | None:
+    """A file's sha256 (computed once while it stays unchanged), or None when it is missing: the stage
+    that reads it names the problem."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    stat = p.stat()
+    return _file_sha256(str(p.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
 def prompts_key(cfg: DictConfig) -> str:
     return f"{_stem(cfg.prompts.source)}-{config_hash(cfg.prompts)[:12]}"
 
@@ -89,6 +106,7 @@ def answers_key(cfg: DictConfig, prompts: str | None = None) -> str:
         "extra_body": r.extra_body,
         "seed": r.seed,
         "batch_size": r.batch_size if r.backend == "hf" else None,  # it sets the hf seeds
+        "answers_file": _file_digest(r.answers_file) if r.backend == "file" else None,  # by content
     }
     return f"{_stem(cfg.target.name)}-{config_hash(identity)[:12]}"
 

@@ -124,7 +124,7 @@ def prepare_prompts(cfg: DictConfig) -> PromptsResult:
     duplicates = 0
     for row in rows:
         turns = [t for t in row["conversations"] if t["role"] != "assistant"]
-        key = json.dumps([[t["role"], t["content"]] for t in turns], ensure_ascii=False)
+        key = prompt_key(row["conversations"])
         if key in seen:
             duplicates += 1
             continue
@@ -202,7 +202,7 @@ def _from_dataset(
 
 def _collect(rows: list, bad: list, raw: Any, where: dict, default_id: str, default_source: str) -> None:
     try:
-        rows.append(_row(raw, default_id, default_source))
+        rows.append(normalize_row(raw, default_id, default_source))
     except DataError as err:
         bad.append({**where, "reason": str(err), "raw": raw})
 
@@ -228,7 +228,13 @@ def _describe(reject: dict) -> str:
     return f"{reject['source']}[{reject['split']}] row {reject['index']}: {reject['reason']}"
 
 
-def _row(raw: Any, default_id: str, default_source: str) -> dict:
+def prompt_key(conversations: list[dict]) -> str:
+    """What identifies a prompt: its system and user turns, in order (assistant turns left out)."""
+    turns = [[t["role"], t["content"]] for t in conversations if t["role"] != "assistant"]
+    return json.dumps(turns, ensure_ascii=False)
+
+
+def normalize_row(raw: Any, default_id: str, default_source: str) -> dict:
     """One checked, normalized row; a DataError names the field."""
     if not isinstance(raw, dict):
         raise DataError(f"expected a JSON object, got {type(raw).__name__}")

@@ -1,9 +1,11 @@
-"""Where the regenerate stage's answers come from: one interface, three backends.
+"""Where the regenerate stage's answers come from: one interface, four backends.
 
     hf      in-process transformers `generate`, batched and left padded (the embedded default)
     vllm    vLLM OpenAI-compatible servers: `/v1/completions` fed the token ids DeepSpec renders itself
     openai  any OpenAI-compatible endpoint (SGLang, TGI, a hosted API): `/v1/chat/completions`, so the
             server applies its chat template (`regen.api=completions` sends token ids where it can)
+    file    answers the target already wrote (`regen.answers_file`: another run's answers.jsonl, a batch
+            job's output), matched to each prompt by its system and user turns; nothing is generated
 
 A backend answers a list of prompt rows and hands each finished record (or a batch of them) to `emit`
 as soon as it has it, so the stage can log it before the next one; `emit` is called from one thread.
@@ -27,13 +29,16 @@ import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import torch
 
 from deepspec.models.chat import end_of_turn_ids, render_prompt
-from deepspec.models.errors import ConfigError, DeepSpecError
+from deepspec.models.errors import ConfigError, DataError, DeepSpecError
+from deepspec.tasks.files import read_jsonl, read_once
+from deepspec.tasks.prompts import normalize_row, prompt_key
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +205,56 @@ class HFBackend:
             **self.sampling.generate_kwargs(),
         )
         return [row[width:].tolist() for row in out]
+
+
+# ----------------------------------------------------------------------------------------------------
+# file: answers written before
+
+
+class FileBackend:
+    """Answers looked up in a JSONL file of conversations the target already answered (the prompts
+    stage's row format, plus the optional `finish_reason`, `completion_tokens` and `prompt_tokens` that
+    answers.jsonl records carry). A prompt matches the first row with the same system and user turns;
+    a prompt with no such row, or whose row holds no answer, becomes an error record (see the stage)."""
+
+    def __init__(self, path: str | Path, tokenizer, rendering: Rendering):
+        self.path, self.tokenizer, self.rendering = Path(path), tokenizer, rendering
+        if self.path.suffix != ".jsonl" or not self.path.is_file():
+            raise ConfigError(f"regen.answers_file={str(path)!r}: expected an existing .jsonl file")
+        self.answers, _ = read_once(self.path, _answers_by_prompt)
+
+    def answer(self, rows: list[dict], first_index: int, emit: Emit) -> None:
+        emit([self._answer(row) for row in rows])
+
+    def _answer(self, row: dict) -> dict:
+        given = self.answers.get(prompt_key(row["conversations"]))
+        if given is None:
+            return {"id": row["id"], "error": f"{self.path}: no row with this prompt's system and user turns"}
+        line, conversation, raw = given
+        answers = [t["content"] for t in conversation if t["role"] == "assistant"]
+        if not answers:
+            return {"id": row["id"], "error": f"{self.path}:{line}: the row holds no assistant turn"}
+        completion = raw.get("completion_tokens")
+        if not isinstance(completion, int):
+            completion = sum(len(self.tokenizer.encode(a, add_special_tokens=False)) for a in answers)
+        prompt_tokens = raw.get("prompt_tokens")
+        if not isinstance(prompt_tokens, int):
+            prompt_tokens = len(render_prompt(self.tokenizer, rounds(row)[0], **self.rendering.kwargs()))
+        cut = raw.get("finish_reason") == "length" or raw.get("truncated") is True
+        return record(row, conversation, cut, completion, prompt_tokens)
+
+
+def _answers_by_prompt(path: Path) -> dict[str, tuple[int, list[dict], dict]]:
+    """{prompt key: (line, normalized turns, raw row)} for the first row of each prompt; a malformed
+    line fails, naming the file, the line and the field."""
+    found: dict[str, tuple[int, list[dict], dict]] = {}
+    for line, raw in read_jsonl(path):
+        try:
+            row = normalize_row(raw, f"line-{line}", path.stem)
+        except DataError as err:
+            raise DataError(f"regen.answers_file {path}:{line}: {err}") from None
+        found.setdefault(prompt_key(row["conversations"]), (line, row["conversations"], raw))
+    return found
 
 
 def _log_no_room(row_id: str, turn: int, prompt_len: int, context: int) -> None:

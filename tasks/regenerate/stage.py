@@ -3,6 +3,7 @@
     deepspec regenerate                                            # the embedded SmolLM2 target, in process
     deepspec regenerate regen=vllm regen.replicas=8                # DeepSpec launches 8 vLLM servers
     deepspec regenerate regen=vllm regen.endpoints=[http://gpu1:8000/v1,http://gpu2:8000/v1]
+    deepspec regenerate regen=file regen.answers_file=runs/other/data/answers/KEY/answers.jsonl
     OPENAI_API_KEY=... deepspec regenerate regen=openai regen.endpoints=[https://host/v1] regen.model=NAME
 
 A draft model must learn the target's distribution, so the assistant turns it trains on are sampled
@@ -67,6 +68,7 @@ from deepspec.tasks.files import (
 )
 from deepspec.tasks.paths import answers_key, rendering, run_paths, sampling
 from deepspec.tasks.regenerate.backends import (
+    FileBackend,
     HFBackend,
     HTTPBackend,
     HTTPSettings,
@@ -405,6 +407,9 @@ def _todo_runs(
 
 
 def _backend(cfg: DictConfig, endpoints: list[str] | None):
+    if cfg.regen.backend == "file":
+        tokenizer = load_tokenizer(cfg.target.path, cfg.target.gguf_file, cfg.target.revision)
+        return FileBackend(str(cfg.regen.answers_file), tokenizer, rendering_of(cfg))
     if cfg.regen.backend == "hf":
         from deepspec.tasks.cache.stage import (
             target_replica,  # one target per process, shared with the cache stage
@@ -445,7 +450,7 @@ def _backend(cfg: DictConfig, endpoints: list[str] | None):
 def serving(cfg: DictConfig) -> Iterator[list[str] | None]:
     """The endpoints the shards send requests to: none for `hf`, `regen.endpoints` when given, else
     `regen.replicas` vLLM servers launched here and supervised until the block ends."""
-    if cfg.regen.backend == "hf":
+    if cfg.regen.backend in ("hf", "file"):
         yield None
         return
     if cfg.regen.endpoints:

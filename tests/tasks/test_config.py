@@ -12,8 +12,10 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = ["target", "algo", "regen", "storage", "train", "eval"]
 
 
-# what an option needs besides itself: storage base and s3 have no default url, openai no endpoint
+# what an option needs besides itself: storage base and s3 have no default url, openai no endpoint,
+# file no answers file
 NEEDS = {
+    ("regen", "file"): ["regen.answers_file=answers.jsonl"],
     ("storage", "base"): ["storage.url=s3://bucket/x"],
     ("storage", "s3"): ["storage.url=s3://bucket/x"],
     ("regen", "openai"): ["regen.endpoints=[https://host/v1]"],

@@ -152,11 +152,46 @@ def test_another_config_starts_over(cfg, tmp_path, assets_dir, tracking_uri, sou
 def test_unknown_backend_and_openai_without_endpoints_are_refused(tmp_path, assets_dir, tracking_uri, source):
     """Refused while composing, before the stage runs."""
     with pytest.raises(
-        ConfigError, match=r"regen\.backend='tgi': expected one of \['hf', 'vllm', 'openai'\]"
+        ConfigError, match=r"regen\.backend='tgi': expected one of \['hf', 'vllm', 'openai', 'file'\]"
     ):
         _compose(tmp_path, assets_dir, tracking_uri, source, "regen.backend=tgi")
     with pytest.raises(ConfigError, match=r"regen\.backend=openai needs regen\.endpoints"):
         _compose(tmp_path, assets_dir, tracking_uri, source, "regen=openai")
+
+
+def test_file_backend_reads_answers_written_before_and_fails_on_a_missing_one(
+    cfg, tmp_path, assets_dir, tracking_uri, source
+):
+    """regen=file takes another run's answers.jsonl as it is; a prompt it lacks fails the stage by name,
+    and another file's content is another answers folder."""
+    regenerate(cfg)
+    written = _answers(cfg)
+    given = _compose(
+        tmp_path, assets_dir, tracking_uri, source, "regen=file", f"regen.answers_file={written}",
+        f"run_dir={tmp_path / 'other'}",
+    )  # fmt: skip
+    prepare_prompts(given)
+    info = regenerate(given)
+    assert info.backend == "file" and info.rows == 5 and info.failed == 0
+    assert _rows(_answers(given)) == _rows(written)  # conversations, finish reasons and token counts
+    # rows without the optional counts: counted with the target's tokenizer; one prompt missing
+    rows = [{"id": r["id"], "conversations": r["conversations"]} for r in _rows(written)[1:]]
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    short = _compose(
+        tmp_path, assets_dir, tracking_uri, source, "regen=file", f"regen.answers_file={partial}",
+        f"run_dir={tmp_path / 'short'}",
+    )  # fmt: skip
+    prepare_prompts(short)
+    assert run_paths(short).answers_dir != run_paths(given).answers_dir
+    with pytest.raises(DataError, match="1 prompts failed"):
+        regenerate(short)
+    errors = _rows(run_paths(short).answers_dir / "errors.jsonl")
+    assert [e["id"] for e in errors] == ["s0"] and "no row with this prompt" in errors[0]["error"]
+    got = {r["id"]: r for r in _rows(run_paths(short).answers_dir / "shards" / "part-00001.jsonl")}
+    assert got["s4"]["completion_tokens"] > 0 and got["s4"]["prompt_tokens"] > 0
+    with pytest.raises(ConfigError, match=r"regen\.backend=file needs regen\.answers_file"):
+        _compose(tmp_path, assets_dir, tracking_uri, source, "regen.backend=file")
 
 
 # ----------------------------------------------------------------------------------------------------
