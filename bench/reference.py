@@ -131,6 +131,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work", type=Path, help="working directory (runs/bench/reference/<target>)")
     p.add_argument("--fresh", action="store_true", help="empty the working directory first")
     p.add_argument("--out", type=Path, help="results JSON (bench/results/reference-<target>-<date>.json)")
+    p.add_argument(
+        "--report", type=Path, metavar="RESULTS", help="print the tables of a results JSON; run nothing"
+    )
     return p.parse_args()
 
 
@@ -371,78 +374,110 @@ def rate(tokens: float, seconds: float) -> float | None:
     return tokens / seconds if seconds > 0 else None
 
 
+def md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def md_head(cells: list[str]) -> list[str]:
+    return [md_row(cells), md_row(["---"] * len(cells))]
+
+
+def main_results(evals: dict[str, Any], algo: str, temperature: float) -> list[dict[str, Any]]:
+    """The evaluation results of `algo`'s drafts on the main data at `temperature`, one per seed."""
+    suffix = f"-T={temperature:g}"
+    return [
+        e["result"] for key, e in evals.items()
+        if key.startswith(f"{algo}-s") and key.endswith(suffix) and "-n" not in key
+    ]  # fmt: skip
+
+
 def tables(figures: dict[str, Any], args) -> str:
-    """Table 1 style: tau per benchmark, domain and macro per algorithm (mean ± sd over seeds), then the
-    speedups, then training."""
+    """Markdown: Table 1 style tau per benchmark, domain and macro per algorithm (mean ± sd over seeds),
+    then speed against the baselines, then training, then data scaling."""
     lines: list[str] = []
     evals = figures["evaluations"]
     first = next(iter(evals.values()))["result"]
-    benches = list(first["benchmarks"])
-    domains = list(first["domains"])
+    benches, domains = list(first["benchmarks"]), list(first["domains"])
     for temperature in args.temperatures:
-        t = f"T={temperature:g}"
-        lines.append(f"\ntau at {t} ({args.eval_prompts} prompts a benchmark, {args.eval_tokens} new tokens; "
-                     f"mean ± sd over {args.seeds} training seeds)")  # fmt: skip
-        header = ["algo", *benches, *domains, "macro"]
-        lines.append(" | ".join(header))
+        lines.append(f"\ntau at T = {temperature:g} ({args.eval_prompts} prompts a benchmark, {args.eval_tokens} "
+                     f"new tokens; mean ± sd over {args.seeds} training seeds)\n")  # fmt: skip
+        lines += md_head(["algo", *benches, *domains, "macro"])
         for algo in args.algos:
-            results = [e["result"] for k, e in evals.items() if k.startswith(f"{algo}-s") and k.endswith(t)
-                       and "-n" not in k]  # fmt: skip
+            results = main_results(evals, algo, temperature)
             cells = [algo]
             cells += [fmt(*mean_sd([r["benchmarks"][b]["tau"] for r in results])) for b in benches]
             cells += [fmt(*mean_sd([r["domains"][d]["tau"] for r in results])) for d in domains]
             cells.append(fmt(*mean_sd([r["macro"]["tau"] for r in results])))
-            lines.append(" | ".join(cells))
+            lines.append(md_row(cells))
 
     base = figures.get("baselines") or {}
-    hf = {m: rate(sum(b[m]["tokens"] for b in base.values()), sum(b[m]["seconds"] for b in base.values()))
-          for m in ("generate", "prompt_lookup")} if base else {}  # fmt: skip
-    lines.append("\nspeed: tokens/s pooled over every prompt, one thread; speedup = speculative tokens/s over the "
-                 "baseline's (DeepSpec plain decoding: measured prompt by prompt in the same process)")  # fmt: skip
-    if hf:
-        equal = sum(b["equal_outputs"] for b in base.values())
-        prompts = sum(b["prompts"] for b in base.values())
-        lines.append(f"transformers generate {fmt(hf['generate'], digits=1)} tokens/s, prompt lookup "
-                     f"{fmt(hf['prompt_lookup'], digits=1)} ({hf['prompt_lookup'] / hf['generate']:.2f}x), "
-                     f"identical outputs on {equal}/{prompts} prompts (greedy)")  # fmt: skip
-    lines.append("algo | T | tau pooled | accept@k (macro) | spec tok/s | plain tok/s | vs plain | vs generate "
-                 "| vs prompt lookup")  # fmt: skip
+    hf = {
+        m: rate(sum(b[m]["tokens"] for b in base.values()), sum(b[m]["seconds"] for b in base.values()))
+        for m in ("generate", "prompt_lookup")
+    }
+    equal = sum(b["equal_outputs"] for b in base.values())
+    prompts = sum(b["prompts"] for b in base.values())
+    lines.append(
+        f"\nspeed, one thread a process, tokens/s pooled over every prompt. Baselines on the same prompts: "
+        f"transformers `generate` {fmt(hf['generate'], digits=1)} tokens/s, prompt lookup "
+        f"{fmt(hf['prompt_lookup'], digits=1)} ({fmt(rate(hf['prompt_lookup'] or 0, hf['generate'] or 0))}x "
+        f"`generate`), the same tokens on {equal}/{prompts} prompts (greedy). Speedup: speculative tokens/s "
+        "over the baseline's; `plain` is DeepSpec's own plain decoding, timed prompt by prompt beside it.\n"
+    )
+    lines += md_head(["algo", "T", "tau (pooled)", "accept@k, k = 0..6 (macro)", "spec tok/s", "plain tok/s",
+                      "vs plain", "vs generate", "vs prompt lookup"])  # fmt: skip
     for algo in args.algos:
         for temperature in args.temperatures:
-            t = f"T={temperature:g}"
-            results = [e["result"] for k, e in evals.items() if k.startswith(f"{algo}-s") and k.endswith(t)
-                       and "-n" not in k]  # fmt: skip
+            results = main_results(evals, algo, temperature)
             if not results:
                 continue
             pooled = [r["pooled"] for r in results]
             spec = statistics.fmean(p["spec_tokens_per_s"] for p in pooled)
             plain = statistics.fmean(p["target_tokens_per_s"] for p in pooled)
-            accept = [statistics.fmean(v for v in col if v is not None) if any(v is not None for v in col) else None
-                      for col in zip(*[r["macro"]["accept_at"] for r in results], strict=True)]  # fmt: skip
-            vs_gen = spec / hf["generate"] if hf.get("generate") and temperature == 0 else None
-            vs_pl = spec / hf["prompt_lookup"] if hf.get("prompt_lookup") and temperature == 0 else None
-            lines.append(" | ".join([
+            columns = zip(*[r["macro"]["accept_at"] for r in results], strict=True)
+            accept = [mean_sd(list(col))[0] for col in columns]
+            greedy = temperature == 0  # transformers' baselines run greedy
+            lines.append(md_row([
                 algo, f"{temperature:g}", fmt(*mean_sd([p["tau"] for p in pooled])),
                 " ".join(fmt(a) for a in accept), fmt(spec, digits=1), fmt(plain, digits=1),
-                fmt(*mean_sd([p["speedup"] for p in pooled])), fmt(vs_gen), fmt(vs_pl),
+                fmt(*mean_sd([p["speedup"] for p in pooled])),
+                fmt(rate(spec, hf["generate"] or 0) if greedy else None),
+                fmt(rate(spec, hf["prompt_lookup"] or 0) if greedy else None),
             ]))  # fmt: skip
 
-    lines.append("\ntraining (same epochs, steps, batch, schedule for every algorithm)")
-    lines.append("run | steps | minutes | first loss | final loss | expected tau (train)")
+    lines.append("\ntraining: the same epochs, optimizer steps, batch and schedule for every algorithm\n")
+    lines += md_head(["run", "steps", "minutes", "loss at 0, 25, 50, 75, 100% of the steps",
+                      "expected tau (train, last steps)"])  # fmt: skip
     for name, tr in figures["training"].items():
         curve = tr["curve"].get("train/loss") or []
-        lines.append(" | ".join([
+        marks = [curve[min(len(curve) - 1, round(q * (len(curve) - 1)))][1] for q in (0, 0.25, 0.5, 0.75, 1)]
+        lines.append(md_row([
             name, str(tr["steps"]), fmt(tr["train_s"] / 60 if tr["train_s"] else None, digits=1),
-            fmt(curve[0][1] if curve else None), fmt(curve[-1][1] if curve else None),
-            fmt(tr["final"].get("train/expected_tau")),
+            " ".join(fmt(v) for v in marks) if curve else "-", fmt(tr["final"].get("train/expected_tau")),
         ]))  # fmt: skip
+    stages = figures["stages"]
+    data = stages["data"]
+    eval_min = [e["eval_s"] / 60 for e in evals.values()]
+    lines.append(
+        f"\nwall time on this machine ({args.parallel} runs at a time): prompts {data['prompts_s']:.0f} s, "
+        f"regenerate {data['regenerate_s']:.0f} s ({data['answers']} answers, {data['answer_tokens']:,} tokens), "
+        f"cache {data['cache_s'] / 60:.1f} min ({data['cache_tokens']:,} tokens), training "
+        f"{stages['train_wall_s'] / 60:.1f} min for {len(figures['training'])} drafts, evaluation "
+        f"{stages['eval_wall_s'] / 60:.1f} min for {len(evals)} (each {min(eval_min):.1f} to "
+        f"{max(eval_min):.1f} min, speculative and plain decoding)"
+    )
     if figures.get("scaling"):
-        lines.append(f"\ndata scaling ({args.scaling_algo}, seed 0, same epochs): answers -> macro tau")
-        for n, row in figures["scaling"].items():
-            lines.append(
-                " | ".join([str(n), f"{row['answer_tokens']:,} answer tokens", fmt(row["macro_tau"])])
-            )
+        lines.append(f"\ndata scaling: {args.scaling_algo}, seed 0, the same epochs, T = 0\n")
+        lines += md_head(["answers", "answer tokens", "macro tau"])
+        for n, row in sorted(figures["scaling"].items(), key=lambda kv: int(kv[0])):
+            lines.append(md_row([str(n), f"{row['answer_tokens']:,}", fmt(row["macro_tau"])]))
     return "\n".join(lines)
+
+
+def report(path: Path) -> None:
+    """Print the tables of a finished run's results file again."""
+    record = json.loads(path.read_text())
+    print(tables(record["figures"], argparse.Namespace(**record["options"])))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -450,6 +485,9 @@ def tables(figures: dict[str, Any], args) -> str:
 
 def main() -> None:
     args = parse_args()
+    if args.report:
+        report(args.report)
+        return
     begin("reference")
     work = (args.work or REPO / "runs" / "bench" / "reference" / args.target).resolve()
     if args.fresh:
