@@ -128,6 +128,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-prompts", type=int, default=10, help="prompts a benchmark (default 10)")
     p.add_argument("--eval-tokens", type=int, default=128, help="new tokens a prompt (default 128)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
+    p.add_argument("--sampled-seeds", type=int, help="training seeds evaluated at T > 0 (default: all)")
     p.add_argument(
         "--scaling", type=int, nargs="*", default=[], help="answer counts for the data-scaling line"
     )
@@ -409,8 +410,10 @@ def tables(figures: dict[str, Any], args) -> str:
     first = next(iter(evals.values()))["result"]
     benches, domains = list(first["benchmarks"]), list(first["domains"])
     for temperature in args.temperatures:
+        sampled = getattr(args, "sampled_seeds", None)
+        seeds = args.seeds if temperature == 0 or sampled is None else min(sampled, args.seeds)
         lines.append(f"\ntau at T = {temperature:g} ({args.eval_prompts} prompts a benchmark, {args.eval_tokens} "
-                     f"new tokens; mean ± sd over {args.seeds} training seeds)\n")  # fmt: skip
+                     f"new tokens; mean ± sd over {seeds} training seeds)\n")  # fmt: skip
         lines += md_head(["algo", *benches, *domains, "macro"])
         for algo in args.algos:
             results = main_results(evals, algo, temperature)
@@ -523,11 +526,15 @@ def main() -> None:
     jobs: dict[str, list[str]] = {}
     for run in runs:
         temps = args.temperatures if run.answers is None else [0.0]
-        for temperature in temps:
+        sampled = args.seeds if args.sampled_seeds is None else args.sampled_seeds
+        for temperature in [t for t in temps if t == 0 or run.seed < sampled]:
             folder = evaluation_dir(run, temperature)
             jobs[f"{run.name}-T={temperature:g}"] = [*run.overrides, f"run_dir={folder}",
                                                      *eval_overrides(args, temperature)]  # fmt: skip
     evaluations: dict[str, Any] = {}
+    # finished evaluations are kept under names that hold the evaluation's size
+    done_dir = done_dir / f"eval-p{args.eval_prompts}-t{args.eval_tokens}"
+    done_dir.mkdir(exist_ok=True)
     baseline_file = done_dir / "baselines.json"
     began = time.perf_counter()
     say(f"evaluate stage for {len(jobs)} drafts and temperatures, and the baselines; output -> {log}")
