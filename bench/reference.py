@@ -254,7 +254,10 @@ def prepare_data(args, work: Path, answers: int | None) -> dict[str, Any]:
     began = time.perf_counter()
     cache = build_cache(cfg)
     timed["cache_s"] = time.perf_counter() - began
-    say(f"cache: {cache.samples} samples, {cache.tokens:,} tokens in {timed['cache_s']:.0f}s")
+    for key, skipped in (("prompts_s", prompts.skipped), ("regenerate_s", answered.skipped),
+                         ("cache_s", cache.skipped)):  # fmt: skip
+        timed[key] = kept_time(work / "done" / f"{key}-{answers}.json", None if skipped else timed[key])
+    say(f"cache: {cache.samples} samples, {cache.tokens:,} tokens ({timed['cache_s'] or 0:.0f}s)")
     return {
         "prompts": prompts.rows, "answers": answered.rows, "answer_tokens": answered.output_tokens,
         "cache_samples": cache.samples, "cache_tokens": cache.tokens,
@@ -275,10 +278,18 @@ def train_run(run: Run) -> dict[str, Any]:
         + (" (already trained)" if result.skipped else ""))  # fmt: skip
     return {
         "steps": result.optimizer_steps,
-        "train_s": None if result.skipped else seconds,
+        "train_s": kept_time(run.run_dir / "train_s.json", None if result.skipped else seconds),
         "final": result.final_metrics,
         "curve": loss_curve(cfg),
     }
+
+
+def kept_time(path: Path, seconds: float | None) -> float | None:
+    """`seconds` measured now, written to `path`; or, for work an earlier run did (None), its time."""
+    if seconds is not None:
+        path.write_text(json.dumps(seconds))
+        return seconds
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def loss_curve(cfg) -> dict[str, list[list[float]]]:
@@ -471,13 +482,15 @@ def tables(figures: dict[str, Any], args) -> str:
     stages = figures["stages"]
     data = stages["data"]
     eval_min = [e["eval_s"] / 60 for e in evals.values()]
+    minutes = [tr["train_s"] / 60 for tr in figures["training"].values() if tr["train_s"]]
     lines.append(
-        f"\nwall time on this machine ({args.parallel} runs at a time): prompts {data['prompts_s']:.0f} s, "
-        f"regenerate {data['regenerate_s']:.0f} s ({data['answers']} answers, {data['answer_tokens']:,} tokens), "
-        f"cache {data['cache_s'] / 60:.1f} min ({data['cache_tokens']:,} tokens), training "
-        f"{stages['train_wall_s'] / 60:.1f} min for {len(figures['training'])} drafts, evaluation "
-        f"{stages['eval_wall_s'] / 60:.1f} min for {len(evals)} (each {min(eval_min):.1f} to "
-        f"{max(eval_min):.1f} min, speculative and plain decoding)"
+        f"\nwall time on this machine, {args.parallel} runs at a time (times of work an earlier, stopped "
+        f"run did are that run's): prompts {fmt(data['prompts_s'], digits=0)} s, regenerate "
+        f"{fmt(data['regenerate_s'], digits=0)} s ({data['answers']} answers, {data['answer_tokens']:,} tokens), "
+        f"cache {fmt((data['cache_s'] or 0) / 60, digits=1)} min ({data['cache_tokens']:,} tokens), training "
+        f"{fmt(min(minutes, default=None), digits=1)} to {fmt(max(minutes, default=None), digits=1)} min a draft, "
+        f"evaluation {min(eval_min):.1f} to {max(eval_min):.1f} min a draft and temperature (speculative and "
+        "plain decoding)"
     )
     if figures.get("scaling"):
         lines.append(f"\ndata scaling: {args.scaling_algo}, seed 0, the same epochs, T = 0\n")
