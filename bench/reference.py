@@ -3,9 +3,14 @@ answers, their accepted length (tau) per benchmark, domain and macro at T = 0 an
 seed-to-seed noise, and their wall-clock speedup over plain decoding and over transformers' `generate`
 (plain and prompt lookup) on the same prompts and machine.
 
-    .venv/bin/python bench/reference.py --target stories260k                     # ~25 min on 2 cores
-    .venv/bin/python bench/reference.py --target smollm2 --answers 600 --scaling 150 300
-    .venv/bin/python bench/reference.py --target smollm2                         # all 3,444 answers: hours
+    # the README's Results: ~1.5 h and ~2 h on 2 cores shared with other runs
+    .venv/bin/python bench/reference.py --target stories260k --scaling 120 240 \
+        --eval-prompts 5 --eval-tokens 96 --sampled-seeds 1
+    .venv/bin/python bench/reference.py --target smollm2 --answers 600 --eval-prompts 2 --eval-tokens 64 \
+        --sampled-seeds 1
+    # a two-minute check of the whole path
+    .venv/bin/python bench/reference.py --target stories260k --answers 48 --seeds 1 --epochs 1 \
+        --eval-prompts 1 --eval-tokens 16 --scaling 24 --work /tmp/ref_smoke
 
 A bench, not a `deepspec` subcommand: it compares algorithms and outside baselines and writes its figures
 with the command, commit and machine under bench/results/, which is what `bench/` is for; every step is
