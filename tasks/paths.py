@@ -25,7 +25,6 @@ three algorithms trained one after another in one run keep their outputs side by
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from deepspec.tasks.config import config_hash
-from deepspec.tasks.files import sha256_file
+from deepspec.tasks.files import read_once
 
 
 def _stem(text: str) -> str:
@@ -71,19 +70,15 @@ def sampling(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-@functools.lru_cache(maxsize=8)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(Path(path))
+def _unparsed(path: Path) -> None:
+    return None
 
 
 def _file_digest(path: str) -> str | None:
-    """A file's sha256 (computed once while it stays unchanged), or None when it is missing: the stage
-    that reads it names the problem."""
+    """A file's sha256 (hashed once while it stays unchanged: `read_once`), or None when it is missing:
+    the stage that reads it names the problem."""
     p = Path(path)
-    if not p.is_file():
-        return None
-    stat = p.stat()
-    return _file_sha256(str(p.resolve()), stat.st_size, stat.st_mtime_ns)
+    return read_once(p, _unparsed)[1] if p.is_file() else None
 
 
 def prompts_key(cfg: DictConfig) -> str:
