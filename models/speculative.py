@@ -4,7 +4,8 @@ One round: the draft proposes a block d_1..d_B after the anchor token x (the las
 not run yet); the target runs [x, d_1..d_B] in one forward and rejection sampling keeps a prefix of the
 drafts plus one token of its own, so the output has exactly the target's distribution (Leviathan et al.
 2023, "Fast Inference from Transformers via Speculative Decoding"; Chen et al. 2023). At temperature 0
-both sides are one-hot and the rule reduces to "accept while the draft equals the target's argmax".
+both sides are one-hot and the rule reduces to "accept while the draft equals the target's argmax", which
+`greedy_verify` applies to token ids.
 
 Drafters differ in what they read and how they draft (`Drafter`): DFlash reads the context's target
 features, Eagle3 also its token ids (`context_ids`), and DSpark samples its chain slot by slot, each slot
@@ -13,14 +14,21 @@ conditioned on the token drawn before it, so it hands over the tokens with the l
 is drawn from the q the acceptance rule is given.
 
 The acceptance rule is one small function, `accept_or_resample`, so that a test can swap in a broken one
-and see the losslessness test fail. Sampling runs on CPU in float32 with the caller's generator, so a
-seed gives the same tokens on any device.
+and see the losslessness test fail. Verification runs on the target's device in float32, vectorised over
+the chain, with one host transfer a round (the kept count and the next token). Drafters that sample draw
+with the caller's generator; verification uses it too when it lives on the target's device, else a
+generator seeded from it, so a seed fixes every token on a given device.
+
+Cost per round: the target's forward over the block, plus the draft's; a drafter with a `decoding()`
+context (all three here) keeps the committed context projected inside it (`drafts/kv_cache.py`), so a
+round's draft cost no longer grows with the context beyond attention itself.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -109,62 +117,111 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
 
 
 def accept_or_resample(
-    p: torch.Tensor, q: torch.Tensor, token: int, generator: torch.Generator | None
-) -> tuple[bool, int | None]:
-    """Rejection step for one drafted token: (True, None) to keep it, else (False, replacement).
+    p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, generator: torch.Generator | None
+) -> tuple[int, int]:
+    """The rejection rule over a drafted chain: (drafts kept, the token that follows them).
 
-    The token was drawn from q; it is kept with probability min(1, p(token) / q(token)), and on a
-    rejection the replacement comes from norm(max(0, p - q)), which makes the result exactly p.
+    p [n+1, V]: the target's laws, row i for the token after input i (row n: after the last draft);
+    q [n, V]: the laws the drafts [n] were drawn from. Draft i is kept with probability
+    min(1, p_i(d_i) / q_i(d_i)) while every draft before it was; at the first rejection k the next token
+    comes from norm(max(0, p_k - q_k)), which makes it exactly p_k, and with every draft kept from p_n
+    (the bonus). All on p's device, with `generator` on that device; one host transfer.
     """
-    ratio = float(p[token] / q[token])
-    if ratio >= 1.0 or (ratio > 0.0 and float(torch.rand((), generator=generator)) < ratio):
-        return True, None
-    residual = (p - q).clamp_min(0.0)
-    total = float(residual.sum())
-    if total <= 0.0:  # p == q up to rounding: a rejection had probability ~0, p is the right law
-        return False, _draw(p, generator)
-    return False, _draw(residual / total, generator)
+    n = drafts.shape[0]
+    rows = torch.arange(n, device=p.device)
+    ratio = p[rows, drafts] / q[rows, drafts]  # q > 0 where a draft was drawn
+    kept = (torch.rand(n, generator=generator, device=p.device) < ratio).long().cumprod(0).sum()
+    laws = torch.cat([(p[:n] - q).clamp_min(0.0), p[n:]])  # the residual of each row, then the bonus row
+    law, total = laws[kept], laws[kept].sum()
+    # p == q up to rounding: a rejection had probability ~0, and p is the right law
+    law = torch.where(total > 0, law / total.clamp_min(1e-30), p[kept])
+    token = torch.multinomial(law, 1, generator=generator)[0]
+    kept_count, next_token = torch.stack([kept, token]).tolist()
+    return kept_count, next_token
 
 
-def _takes_context_ids(method: Callable) -> bool:
+def greedy_verify(target_tokens: torch.Tensor, drafts: torch.Tensor) -> tuple[int, int]:
+    """The rule at temperature 0, on token ids: keep drafts while each equals the target's argmax
+    (target_tokens [n+1]), then the argmax after the last kept one. One host transfer."""
+    n = drafts.shape[0]
+    kept = (target_tokens[:n] == drafts).long().cumprod(0).sum()
+    kept_count, next_token = torch.stack([kept, target_tokens[kept]]).tolist()
+    return kept_count, next_token
+
+
+def _device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """The caller's generator where verification runs on its device, else one seeded from it (one draw),
+    so a seed still fixes every token."""
+    if generator is None or generator.device.type == device.type:
+        return generator
+    seed = int(torch.randint(2**62, (), generator=generator))
+    return torch.Generator(device).manual_seed(seed)
+
+
+def _takes(method: Callable, name: str) -> bool:
     try:
-        return "context_ids" in inspect.signature(method).parameters
+        return name in inspect.signature(method).parameters
     except (TypeError, ValueError):  # no signature to read: a builtin or C extension
         return False
 
 
-def _draft(
-    drafter: Drafter,
-    context_features: torch.Tensor,
-    context_ids: torch.Tensor,
-    anchor: int,
-    temperature: float,
-    generator: torch.Generator | None,
-    confidence_threshold: float = 0.0,
-) -> tuple[list[int], torch.Tensor, list[float]]:
-    """One round's drafts, the laws q they were drawn from ([n, vocab] on CPU, n <= block size) and the
-    confidence head's c_k of each draft (empty for a drafter without one)."""
-    propose = getattr(drafter, "propose", None)
-    method = propose if propose is not None else drafter.draft_logits
-    extra = {"context_ids": context_ids} if _takes_context_ids(method) else {}
-    if confidence_threshold > 0:  # only a drafter with a confidence head can stop early
-        if propose is None or "confidence_threshold" not in inspect.signature(propose).parameters:
-            raise ConfigError(
-                f"confidence_threshold={confidence_threshold}: {type(drafter).__name__} has no confidence "
-                "head to stop drafting with; set it to 0"
+class _Drafting:
+    """How to call a drafter, read once per generation: `propose` or `draft_logits`, with which extras."""
+
+    def __init__(self, drafter: Drafter, confidence_threshold: float, vocab: int):
+        self.drafter, self.vocab = drafter, vocab
+        self.propose = getattr(drafter, "propose", None)
+        method = self.propose if self.propose is not None else drafter.draft_logits
+        self.context_ids = _takes(method, "context_ids")
+        self.extra: dict = {}
+        if confidence_threshold > 0:  # only a drafter with a confidence head can stop early
+            if self.propose is None or not _takes(self.propose, "confidence_threshold"):
+                raise ConfigError(
+                    f"confidence_threshold={confidence_threshold}: {type(drafter).__name__} has no "
+                    "confidence head to stop drafting with; set it to 0"
+                )
+            self.extra["confidence_threshold"] = confidence_threshold
+
+    def __call__(
+        self,
+        context_features: torch.Tensor,
+        context_ids: torch.Tensor,
+        anchor: int,
+        temperature: float,
+        generator: torch.Generator | None,
+    ) -> tuple[list[int], torch.Tensor | None, list[float]]:
+        """One round's drafts, the laws q they were drawn from ([n, vocab], n <= block size; None at
+        temperature 0, where verification compares token ids) and the confidence head's c_k of each
+        draft (empty for a drafter without one)."""
+        extra = {**self.extra, "context_ids": context_ids} if self.context_ids else self.extra
+        if self.propose is not None:
+            proposal = self.propose(
+                context_features, anchor, temperature=temperature, generator=generator, **extra
             )
-        extra["confidence_threshold"] = confidence_threshold
-    if propose is not None:
-        proposal = propose(context_features, anchor, temperature=temperature, generator=generator, **extra)
-        q = proposal.probs.float().cpu()
-        assert len(proposal.tokens) == q.shape[0] <= drafter.num_draft_tokens, (len(proposal.tokens), q.shape)
-        head = getattr(proposal, "confidence", None)
-        confidence = [] if head is None else [float(c) for c in head.reshape(-1)]
-        return [int(t) for t in proposal.tokens], q, confidence
-    logits = drafter.draft_logits(context_features, anchor, **extra)
-    assert logits.shape[0] == drafter.num_draft_tokens, (tuple(logits.shape), drafter.num_draft_tokens)
-    q = sampling_law(logits, temperature)
-    return [_draw(q[k], generator) for k in range(q.shape[0])], q, []
+            q = proposal.probs
+            n = len(proposal.tokens)
+            assert q.shape[0] == n <= self.drafter.num_draft_tokens, (n, tuple(q.shape))
+            self._check_vocab(q.shape[-1])
+            head = getattr(proposal, "confidence", None)
+            confidence = [] if head is None else [float(c) for c in head.reshape(-1)]
+            return [int(t) for t in proposal.tokens], q, confidence
+        logits = self.drafter.draft_logits(context_features, anchor, **extra)
+        self._check_vocab(logits.shape[-1])
+        assert logits.shape[0] == self.drafter.num_draft_tokens, (
+            tuple(logits.shape),
+            self.drafter.num_draft_tokens,
+        )
+        if temperature == 0:
+            return logits.argmax(-1).tolist(), None, []
+        q = sampling_law(logits, temperature)
+        return [_draw(q[k], generator) for k in range(q.shape[0])], q, []
+
+    def _check_vocab(self, size: int) -> None:
+        if size != self.vocab:
+            raise ConfigError(
+                f"draft vocabulary {size} differs from the target's {self.vocab}: "
+                "the draft was built for another target"
+            )
 
 
 def _stop_index(tokens: Sequence[int], eos_token_ids: set[int]) -> int | None:
@@ -172,6 +229,13 @@ def _stop_index(tokens: Sequence[int], eos_token_ids: set[int]) -> int | None:
         if token in eos_token_ids:
             return i
     return None
+
+
+def _sample_token(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
+    """A token from one row of logits, on their device: the argmax at temperature 0."""
+    if temperature == 0:
+        return int(logits.argmax())
+    return int(torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=generator))
 
 
 @torch.no_grad()
@@ -191,14 +255,18 @@ def speculative_generate(
 
     Stops after an eos token (kept) or at `max_new_tokens` (the last block is truncated). With
     `confidence_threshold` > 0 a drafter with a confidence head (DSpark) stops drafting where the head
-    says so; the output law is unchanged, only how many drafts each round puts up.
+    says so; the output law is unchanged, only how many drafts each round puts up. A drafter with a
+    `decoding()` context keeps a cache of the committed context inside it, so a round projects only the
+    positions committed since the round before.
     """
     num_drafts = int(drafter.num_draft_tokens)
     result = SpecResult(tokens=[], num_draft_tokens=num_drafts)
     if max_new_tokens <= 0:
         return result
     runner = TargetRunner(model, layer_ids)
-    prefill = runner.extend(torch.tensor(list(prompt_ids), dtype=torch.long))
+    device = runner.model.device
+    verify_generator = _device_generator(generator, device)
+    prefill = runner.extend(torch.tensor(list(prompt_ids), dtype=torch.long), last_logits_only=True)
     # target features of every committed position, in a buffer sized for the longest possible output
     n_ctx = prefill.features.shape[0]
     capacity = n_ctx + max_new_tokens + num_drafts + 1
@@ -206,50 +274,37 @@ def speculative_generate(
     context[:n_ctx] = prefill.features
     context_ids = torch.empty(capacity, dtype=torch.long)  # the token of every committed position
     context_ids[:n_ctx] = torch.tensor(list(prompt_ids), dtype=torch.long)
-    anchor = _draw(sampling_law(prefill.logits[-1], temperature), generator)
+    anchor = _sample_token(prefill.logits[-1], temperature, verify_generator)
     result.tokens.append(anchor)
-    vocab = prefill.logits.shape[-1]
+    draft = _Drafting(drafter, confidence_threshold, vocab=prefill.logits.shape[-1])
+    session = getattr(drafter, "decoding", None)
 
-    while len(result.tokens) < max_new_tokens and anchor not in eos_token_ids:
-        drafts, q, confidence = _draft(
-            drafter,
-            context[:n_ctx],
-            context_ids[:n_ctx],
-            anchor,
-            temperature,
-            generator,
-            confidence_threshold,
-        )
-        if q.shape[-1] != vocab:
-            raise ConfigError(
-                f"draft vocabulary {q.shape[-1]} differs from the target's {vocab}: "
-                "the draft was built for another target"
+    with session() if session is not None else nullcontext():
+        while len(result.tokens) < max_new_tokens and anchor not in eos_token_ids:
+            drafts, q, confidence = draft(
+                context[:n_ctx], context_ids[:n_ctx], anchor, temperature, generator
             )
+            start = runner.length
+            step = runner.extend(torch.tensor([anchor, *drafts], dtype=torch.long))
+            drafted = torch.tensor(drafts, dtype=torch.long, device=step.logits.device)
+            if temperature == 0:
+                n_accepted, nxt = greedy_verify(step.logits.argmax(-1), drafted)
+            else:
+                p = torch.softmax(step.logits.float() / temperature, dim=-1)  # row i: after input i
+                q = q.to(device=p.device, dtype=torch.float32)
+                n_accepted, nxt = accept_or_resample(p, q, drafted, verify_generator)
 
-        start = runner.length
-        step = runner.extend(torch.tensor([anchor, *drafts], dtype=torch.long))
-        p = sampling_law(step.logits, temperature)  # row i is the target's law for the token after input i
-        n_accepted, nxt = 0, None
-        for i, token in enumerate(drafts):
-            ok, replacement = accept_or_resample(p[i], q[i], token, generator)
-            if not ok:
-                nxt = replacement
+            runner.rollback(start + 1 + n_accepted)  # the anchor and the kept drafts stay in the cache
+            context[n_ctx : n_ctx + n_accepted + 1] = step.features[: n_accepted + 1]
+            context_ids[n_ctx : n_ctx + n_accepted + 1] = torch.tensor([anchor, *drafts[:n_accepted]])
+            n_ctx += n_accepted + 1
+            new = [*drafts[:n_accepted], nxt]
+            stop = _stop_index(new, eos_token_ids)
+            result.tokens.extend(new if stop is None else new[: stop + 1])
+            _record_round(result, len(drafts), n_accepted, stop, confidence)
+            anchor = nxt
+            if stop is not None:
                 break
-            n_accepted += 1
-        if nxt is None:  # every draft kept: a bonus token from the row after the last one
-            nxt = _draw(p[len(drafts)], generator)
-
-        runner.rollback(start + 1 + n_accepted)  # the anchor and the kept drafts stay in the cache
-        context[n_ctx : n_ctx + n_accepted + 1] = step.features[: n_accepted + 1]
-        context_ids[n_ctx : n_ctx + n_accepted + 1] = torch.tensor([anchor, *drafts[:n_accepted]])
-        n_ctx += n_accepted + 1
-        new = [*drafts[:n_accepted], nxt]
-        stop = _stop_index(new, eos_token_ids)
-        result.tokens.extend(new if stop is None else new[: stop + 1])
-        _record_round(result, len(drafts), n_accepted, stop, confidence)
-        anchor = nxt
-        if stop is not None:
-            break
 
     del result.tokens[max_new_tokens:]
     return result
@@ -282,18 +337,21 @@ def target_generate(
     eos_token_ids: set[int],
     generator: torch.Generator | None = None,
 ) -> list[int]:
-    """Plain autoregressive decoding on the same `TargetRunner` path, one token per forward."""
+    """Plain autoregressive decoding on the same `TargetRunner` path, one token per forward, without the
+    work only drafting needs (no features, logits of the last position only)."""
     tokens: list[int] = []
     if max_new_tokens <= 0:
         return tokens
     runner = TargetRunner(model, layer_ids)
-    step = runner.extend(torch.tensor(list(prompt_ids), dtype=torch.long))
+    generator = _device_generator(generator, runner.model.device)
+    ids = torch.tensor(list(prompt_ids), dtype=torch.long)
     while True:
-        token = _draw(sampling_law(step.logits[-1], temperature), generator)
+        step = runner.extend(ids, features=False, last_logits_only=True)
+        token = _sample_token(step.logits[-1], temperature, generator)
         tokens.append(token)
         if len(tokens) >= max_new_tokens or token in eos_token_ids:
             return tokens
-        step = runner.extend(torch.tensor([token], dtype=torch.long))
+        ids = torch.tensor([token], dtype=torch.long)
 
 
 def _rounds(result: SpecResult) -> list[tuple[int, int, int, list[float]]]:

@@ -229,8 +229,8 @@ def capture_batches(
 
 @dataclass
 class TargetStep:
-    logits: torch.Tensor  # [n_new, vocab], float32
-    features: torch.Tensor  # [n_new, len(layer_ids) * hidden]
+    logits: torch.Tensor  # [n_new, vocab] float32 ([1, vocab] when only the last position's is asked)
+    features: torch.Tensor | None  # [n_new, len(layer_ids) * hidden]; None when not asked
 
 
 class TargetRunner:
@@ -247,7 +247,11 @@ class TargetRunner:
         self.length = 0
 
     @torch.no_grad()
-    def extend(self, token_ids: torch.Tensor) -> TargetStep:
+    def extend(
+        self, token_ids: torch.Tensor, *, features: bool = True, last_logits_only: bool = False
+    ) -> TargetStep:
+        """Run the new tokens: their float32 logits (only the last one's with `last_logits_only`, as a
+        prefill or plain decoding needs) and captured features (none without `features`)."""
         ids = token_ids.reshape(1, -1).to(self.model.device)
         positions = torch.arange(self.length, self.length + ids.shape[1], device=ids.device).unsqueeze(0)
         out = self.model(
@@ -255,11 +259,14 @@ class TargetRunner:
             position_ids=positions,
             past_key_values=self.cache,  # renamed `cache` in late 5.x; accepted until 5.40 (pinned)
             use_cache=True,
-            output_hidden_states=True,
+            output_hidden_states=features,
+            logits_to_keep=1 if last_logits_only else 0,
         )
         self.length += ids.shape[1]
-        features = torch.cat([out.hidden_states[i + 1][0] for i in self.layer_ids], dim=-1)
-        return TargetStep(logits=out.logits[0].float(), features=features)
+        captured = None
+        if features:
+            captured = torch.cat([out.hidden_states[i + 1][0] for i in self.layer_ids], dim=-1)
+        return TargetStep(logits=out.logits[0].float(), features=captured)
 
     def rollback(self, length: int) -> None:
         if length < self.length:

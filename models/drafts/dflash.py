@@ -32,6 +32,8 @@ released DFlash checkpoints (`fc`, `hidden_norm`, `layers.N.self_attn.q_proj`, .
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -48,6 +50,7 @@ from deepspec.models.drafts.files import (
     tensor_problems,
     write_draft_files,
 )
+from deepspec.models.drafts.kv_cache import DecodeCache, GrowingKV
 from deepspec.models.drafts.layers import MLP, GroupedQueryProjections, RMSNorm, apply_rotary, rotary
 from deepspec.models.drafts.spec import DraftInputs, DraftSpec, Samples, Stats
 from deepspec.models.errors import ConfigError
@@ -230,6 +233,17 @@ class DFlashAttention(GroupedQueryProjections):
             outputs.append(out[0])
         return self.output(outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1))
 
+    def decode(
+        self, block: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: GrowingKV
+    ) -> torch.Tensor:
+        """One block at inference over the cached context keys: the block sees every context position
+        and all of itself, so no mask is needed."""
+        q = apply_rotary(self.queries(block), *rope)
+        k, v = self.keys_values(block)
+        keys, values = cache.with_scratch(apply_rotary(k, *rope), v)
+        out = F.scaled_dot_product_attention(q[None], keys[None], values[None], enable_gqa=True)
+        return self.output(out[0])
+
 
 class DFlashLayer(nn.Module):
     def __init__(self, cfg: DFlashConfig):
@@ -241,6 +255,10 @@ class DFlashLayer(nn.Module):
 
     def forward(self, x, context, block_rope, context_rope, chunks):
         x = x + self.self_attn(self.input_layernorm(x), context, block_rope, context_rope, chunks)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode(self, x, rope, cache: GrowingKV):
+        x = x + self.self_attn.decode(self.input_layernorm(x), rope, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -388,6 +406,7 @@ class DFlashDraft(nn.Module):
         self.block_size = cfg.block_size
         self.num_draft_tokens = cfg.block_size - 1  # mask slots 1..B-1; the anchor slot drafts nothing
         self.attention_chunk_rows: int | None = ATTENTION_CHUNK_ROWS
+        self._decode_cache: DecodeCache | None = None  # set inside `decoding()`
         self.fc = nn.Linear(cfg.num_target_features * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.layers = nn.ModuleList(DFlashLayer(cfg) for _ in range(cfg.num_hidden_layers))
@@ -428,6 +447,16 @@ class DFlashDraft(nn.Module):
     def forward(self, packed: PackedBlocks) -> torch.Tensor:
         return self.hidden(packed)
 
+    @contextmanager
+    def decoding(self) -> Iterator[None]:
+        """Within it, drafting calls are one sequence's rounds: each projects only the context positions
+        committed since the call before (`kv_cache.py`). Outside it, every call recomputes the context."""
+        self._decode_cache = DecodeCache.for_layers(len(self.layers))
+        try:
+            yield
+        finally:
+            self._decode_cache = None
+
     @torch.no_grad()
     def draft_logits(self, context_features: torch.Tensor, anchor_token: int) -> torch.Tensor:
         """Logits [B-1, vocab] of the tokens at positions p+1..p+B-1, from mask slots 1..B-1; the anchor
@@ -438,22 +467,48 @@ class DFlashDraft(nn.Module):
     def block_logits(self, context_features: torch.Tensor, anchor_token: int) -> torch.Tensor:
         """Logits [B, vocab] of every slot of the block anchored right after the context, anchor slot
         included (it drafts nothing: tests read it to show what a shifted convention would draft)."""
-        p = context_features.shape[0]
+        return self.lm_head(self.block_hidden(context_features, anchor_token)).float()
+
+    @torch.no_grad()
+    def block_hidden(self, context_features: torch.Tensor, anchor_token: int) -> torch.Tensor:
+        """Final normalised states [B, d] of the block anchored right after the context [p, L*d]: the
+        anchor at position p, then mask tokens."""
         device = self.fc.weight.device
         ids = torch.full((self.block_size,), self.cfg.mask_token_id, dtype=torch.long, device=device)
         ids[0] = anchor_token
+        p = context_features.shape[0]
+        if self._decode_cache is not None:
+            return self._cached_block_hidden(context_features, ids)
         zeros = torch.zeros(self.block_size, dtype=torch.long, device=device)
-        packed = PackedBlocks(
+        packed = PackedBlocks(  # the training path, with one block that sees all of its context
             context_features=context_features.to(device),
             context_positions=torch.arange(p, device=device),
             context_sequence=torch.zeros(p, dtype=torch.long, device=device),
             block_ids=ids,
             block_positions=p + torch.arange(self.block_size, device=device),
             block_sequence=zeros,
-            block_anchor=zeros + p,  # one block that sees all of its context and itself
+            block_anchor=zeros + p,
             block_index=zeros,
         )
-        return self.lm_head(self.hidden(packed)).float()
+        return self.hidden(packed)
+
+    def _cached_block_hidden(self, context_features: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        cfg, cache = self.cfg, self._decode_cache
+        device, dtype = self.fc.weight.device, self.fc.weight.dtype
+        new = cache.new_positions(context_features.shape[0])
+        if new.stop > new.start:  # every layer's keys read the same projected context
+            context = self.hidden_norm(self.fc(context_features[new].to(device=device, dtype=dtype)))
+            rope = rotary(torch.arange(new.start, new.stop, device=device), cfg.head_dim, cfg.rope_theta)
+            for layer, kv in zip(self.layers, cache.layers, strict=True):
+                k, v = layer.self_attn.keys_values(context)
+                kv.extend(apply_rotary(k, *rope), v)
+            cache.length = new.stop
+        x = self.embed_tokens(ids).to(dtype) * cfg.embed_scale
+        positions = cache.length + torch.arange(self.block_size, device=device)
+        rope = rotary(positions, cfg.head_dim, cfg.rope_theta)
+        for layer, kv in zip(self.layers, cache.layers, strict=True):
+            x = layer.decode(x, rope, kv)
+        return self.norm(x)
 
 
 # ----------------------------------------------------------------------------------------------------

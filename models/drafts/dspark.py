@@ -54,6 +54,7 @@ embedding and LM head included.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,6 @@ from deepspec.models.drafts.dflash import (
     PackedBlocks,
     anchor_blocks,
     block_problems,
-    pack_blocks,
 )
 from deepspec.models.drafts.files import (
     load_weights,
@@ -548,15 +548,12 @@ class DSparkDraft(nn.Module):
     # --- inference (left to right) ---
 
     def _block_hidden(self, context_features: torch.Tensor, anchor_token: int) -> torch.Tensor:
-        """Backbone states [B, d] of the block anchored right after the context, through the same
-        `pack_blocks` path as training: the context plus one masked-out row at the anchor's position."""
-        p = context_features.shape[0]
-        features = torch.cat([context_features, context_features.new_zeros(1, context_features.shape[1])])
-        ids = torch.full((p + 1,), int(anchor_token), dtype=torch.long)
-        packed = pack_blocks(
-            [(ids, features)], [torch.tensor([p])], self.block_size, self.cfg.backbone.mask_token_id
-        )
-        return self.backbone.hidden(packed.to(self.backbone.fc.weight.device))
+        """Backbone states [B, d] of the block anchored right after the context."""
+        return self.backbone.block_hidden(context_features, anchor_token)
+
+    def decoding(self) -> AbstractContextManager[None]:
+        """The backbone's decode cache (`DFlashDraft.decoding`): the heads keep no context of their own."""
+        return self.backbone.decoding()
 
     @torch.no_grad()
     def propose(

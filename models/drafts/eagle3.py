@@ -34,7 +34,8 @@ Weight names are those vLLM's and SGLang's `LlamaForCausalLMEagle3` load: `fc`, 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,7 @@ from deepspec.models.drafts.files import (
     tensor_problems,
     write_draft_files,
 )
+from deepspec.models.drafts.kv_cache import DecodeCache
 from deepspec.models.drafts.layers import MLP, GroupedQueryProjections, RMSNorm, apply_rotary, rotary
 from deepspec.models.drafts.spec import DraftInputs, DraftSpec, Samples, Stats
 from deepspec.models.errors import ConfigError
@@ -428,6 +430,7 @@ class Eagle3Draft(nn.Module):
                 )
         self.cfg = cfg
         self.num_draft_tokens = cfg.ttt_steps  # chain length `speculative_generate` drafts per round
+        self._decode_cache: DecodeCache | None = None  # set inside `decoding()`
         self.fc = nn.Linear(NUM_FEATURE_LAYERS * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.midlayer = Eagle3Layer(cfg)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -661,6 +664,17 @@ class Eagle3Draft(nn.Module):
         """`forward_train` (what a DeepSpeed engine calls); keyword arguments as there."""
         return self.forward_train(features, input_ids, loss_mask, target_logits, **kwargs)
 
+    @contextmanager
+    def decoding(self) -> Iterator[None]:
+        """Within it, drafting calls are one sequence's rounds: step 0's keys and values of the context
+        are kept and only the positions committed since the call before are projected (`kv_cache.py`);
+        step 0 then runs the last position's query alone. Outside it, every call recomputes the context."""
+        self._decode_cache = DecodeCache.for_layers(1)
+        try:
+            yield
+        finally:
+            self._decode_cache = None
+
     @torch.no_grad()
     def chain_logits(
         self,
@@ -677,20 +691,17 @@ class Eagle3Draft(nn.Module):
         runs every context position (position j reads feature j and token j+1, the last one the anchor);
         step s > 0 feeds the previous step's output at position p-1 back with the token of position p+s:
         `tokens[s - 1]` when given (teacher forcing, target ids), else `pick(row s-1)` (a target id; by
-        default the argmax). Stateless: each call recomputes the context, O(p) projections and O(p^2)
-        attention scores for one layer.
+        default the argmax). Outside `decoding()` each call recomputes the context: O(p) projections and
+        O(p^2) attention scores for one layer; inside, O(new positions) projections and O(p) scores.
         """
         p = context_ids.shape[0]
         if p < 1:
             raise ConfigError("Eagle3 drafting needs at least one context position (the prompt was empty)")
         device = self.fc.weight.device
-        ids = torch.cat([context_ids[1:].to(device), torch.tensor([anchor_token], device=device)])[None]
-        hidden = self.fc(context_features.to(device=device, dtype=self.fc.weight.dtype)[None])
-        cache = TTTCache()
-        index = torch.arange(p, device=device)
-        hidden = self.midlayer(self._embed(ids), hidden, self._rope(index), index, cache)[:, -1:]
+        step0 = self._cached_step0 if self._decode_cache is not None else self._step0
+        hidden, cache = step0(context_features, context_ids, anchor_token)
         rows = [self.lm_head(self.norm(hidden))[0, 0]]
-        last = index[-1:]
+        last = torch.tensor([p - 1], device=device)
         for s in range(1, num_steps):
             if tokens is not None:
                 token = tokens[s - 1]
@@ -702,6 +713,52 @@ class Eagle3Draft(nn.Module):
             hidden = self.midlayer(embeds, hidden, self._rope(last + s), last, cache)
             rows.append(self.lm_head(self.norm(hidden))[0, 0])
         return torch.stack(rows).float()
+
+    def _step0_inputs(
+        self, context_features: torch.Tensor, context_ids: torch.Tensor, anchor_token: int, new: slice
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 0's token embeddings and fused features of context positions `new`: [1, n, d] each."""
+        device = self.fc.weight.device
+        ids = torch.cat(
+            [context_ids[new.start + 1 : new.stop].to(device), torch.tensor([anchor_token], device=device)]
+        )
+        features = context_features[new].to(device=device, dtype=self.fc.weight.dtype)
+        return self._embed(ids[None]), self.fc(features[None])
+
+    def _step0(
+        self, context_features: torch.Tensor, context_ids: torch.Tensor, anchor_token: int
+    ) -> tuple[torch.Tensor, TTTCache]:
+        """Step 0 over every context position, as training runs it: the last position's output [1, 1, d]
+        and the chain's cache."""
+        p = context_ids.shape[0]
+        embeds, hidden = self._step0_inputs(context_features, context_ids, anchor_token, slice(0, p))
+        cache = TTTCache()
+        index = torch.arange(p, device=hidden.device)
+        return self.midlayer(embeds, hidden, self._rope(index), index, cache)[:, -1:], cache
+
+    def _cached_step0(
+        self, context_features: torch.Tensor, context_ids: torch.Tensor, anchor_token: int
+    ) -> tuple[torch.Tensor, TTTCache]:
+        """`_step0` from the decode cache: the new positions' keys and values, then one query."""
+        kv = self._decode_cache.layers[0]
+        new = self._decode_cache.new_positions(context_ids.shape[0])
+        layer, attn = self.midlayer, self.midlayer.self_attn
+        embeds, hidden = self._step0_inputs(context_features, context_ids, anchor_token, new)
+        x = torch.cat([layer.input_layernorm(embeds), layer.hidden_norm(hidden)], dim=-1)
+        rope = self._rope(torch.arange(new.start, new.stop, device=x.device))
+        groups = attn.num_heads // attn.num_kv_heads
+        k, v = attn.keys_values(x)
+        kv.length = new.start
+        kv.extend(apply_rotary(k, *rope).repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1))
+        # Position p-1 reads the anchor, which a caller may change between calls on one context, so it
+        # stays uncommitted: the next call projects it again (one position) with whatever anchor it has.
+        self._decode_cache.length = new.stop - 1
+        q = apply_rotary(attn.queries(x[:, -1:]), rope[0][-1:], rope[1][-1:])
+        k0, v0 = kv.committed()
+        last = torch.tensor([new.stop - 1], device=x.device)
+        h = hidden[:, -1:] + attn.output(ttt_attend(q, k0, v0, [], [], last))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return h, TTTCache(k0=k0, v0=v0)
 
     @torch.no_grad()
     def draft_logits(

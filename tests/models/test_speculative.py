@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from scipy.stats import chisquare
-from support.lossless import chi_square_pvalue
+from support.lossless import chi_square_pvalue, keep_every_draft
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from deepspec.models import speculative
@@ -22,6 +22,7 @@ from deepspec.models.speculative import (
     SpecResult,
     accept_or_resample,
     acceptance_stats,
+    greedy_verify,
     speculative_generate,
     target_generate,
 )
@@ -210,9 +211,9 @@ def test_broken_acceptance_rule_is_caught(chi_setup, monkeypatch):
     model, prompt = chi_setup
     calls = []
 
-    def always_accept(p, q, token, generator):
-        calls.append(token)
-        return True, None
+    def always_accept(p, q, drafts, generator):
+        calls.append(drafts)
+        return keep_every_draft(p, q, drafts, generator)
 
     monkeypatch.setattr(speculative, "accept_or_resample", always_accept)
     pvalue = chi_square_pvalue(
@@ -226,10 +227,15 @@ def test_broken_acceptance_rule_is_caught(chi_setup, monkeypatch):
 
 
 def test_accept_or_resample_greedy_is_deterministic():
-    p = torch.nn.functional.one_hot(torch.tensor(3), 8).float()
-    assert accept_or_resample(p, p.clone(), 3, None) == (True, None)
-    q = torch.nn.functional.one_hot(torch.tensor(5), 8).float()
-    assert accept_or_resample(p, q, 5, None) == (False, 3)
+    """One-hot laws: a draft equal to the target's token is kept and the bonus row decides the next
+    token; a different one is replaced by the target's token and stops the chain."""
+    p = torch.nn.functional.one_hot(torch.tensor([3, 1, 6]), 8).float()
+    assert accept_or_resample(p, p[:2].clone(), torch.tensor([3, 1]), None) == (2, 6)
+    q = torch.nn.functional.one_hot(torch.tensor([3, 5]), 8).float()
+    assert accept_or_resample(p, q, torch.tensor([3, 5]), None) == (1, 1)
+    assert greedy_verify(torch.tensor([3, 1, 6]), torch.tensor([3, 5])) == (1, 1)
+    assert greedy_verify(torch.tensor([3, 1, 6]), torch.tensor([3, 1])) == (2, 6)
+    assert greedy_verify(torch.tensor([4]), torch.tensor([], dtype=torch.long)) == (0, 4)
 
 
 def test_accept_or_resample_single_token_law():
@@ -238,11 +244,12 @@ def test_accept_or_resample_single_token_law():
     p = torch.tensor([0.5, 0.3, 0.2, 0.0])
     q = torch.tensor([0.1, 0.2, 0.3, 0.4])
     n = 6000
-    drafts = torch.multinomial(q, n, replacement=True, generator=generator).tolist()
+    drafts = torch.multinomial(q, n, replacement=True, generator=generator)
+    bonus = torch.tensor([0.0, 0.0, 0.0, 1.0])  # the row after a kept draft: token 3, never p's
     counts = [0] * 4
     for d in drafts:
-        ok, replacement = accept_or_resample(p, q, d, generator)
-        counts[d if ok else replacement] += 1
+        kept, token = accept_or_resample(torch.stack([p, bonus]), q[None], d[None], generator)
+        counts[int(d) if kept else token] += 1
     assert counts[3] == 0
     assert chisquare(counts[:3], [n * 0.5, n * 0.3, n * 0.2]).pvalue > 0.01
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from support.eagle3 import target_samples, train_eagle3
-from support.lossless import chi_square_pvalue
+from support.lossless import chi_square_pvalue, keep_every_draft
 
 from deepspec.models.drafts.dspark import DSparkConfig, DSparkDraft
 from deepspec.models.drafts.eagle3 import Eagle3Config, Eagle3Draft, build_draft_vocab
@@ -214,7 +214,7 @@ def test_accepting_every_proposal_is_caught(stories, monkeypatch):
     from deepspec.models import speculative
 
     model, tokenizer, _, _ = stories
-    monkeypatch.setattr(speculative, "accept_or_resample", lambda p, q, token, generator: (True, None))
+    monkeypatch.setattr(speculative, "accept_or_resample", keep_every_draft)
     drafter = ShortProposals(bigram_dspark(model, tokenizer.bos_token_id), 0.0)
     assert chi_square_pvalue(model, LAYER_IDS, tokenizer(CHI_PROMPT).input_ids, lambda: drafter, 300) < 0.01
 

@@ -30,6 +30,11 @@ def exact_law(model, prompt: list[int], n_samples: int) -> dict[tuple[int, ...],
     return dict(frontier)
 
 
+def keep_every_draft(p, q, drafts, generator) -> tuple[int, int]:
+    """A broken `accept_or_resample`: every draft kept, then the bonus token from the last row of p."""
+    return drafts.shape[0], int(torch.multinomial(p[-1], 1, generator=generator))
+
+
 def chi_square_pvalue(
     model, layer_ids: list[int], prompt: list[int], drafter: Callable, n_samples: int
 ) -> float:

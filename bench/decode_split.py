@@ -1,0 +1,292 @@
+"""Where a speculative decoding round's time goes (draft, verify, overhead) against context length, and how
+close decoding comes to its bound, beside plain decoding and transformers' prompt-lookup `generate`.
+
+    # the reference SmolLM2 drafts (bench/reference.py --target smollm2), ~10 min on one core
+    .venv/bin/python bench/decode_split.py runs/bench/reference/smollm2/runs/{dflash,dspark,eagle3}-s0/train/* \
+        --prompts 1 --tokens 128
+    # the same drafts drafting without their decode caches: every round recomputes the context
+    .venv/bin/python bench/decode_split.py runs/bench/reference/smollm2/runs/dflash-s0/train/dflash --no-cache
+
+Each argument is a train stage's folder (its `config.yaml` and `draft/`); every draft must share one target.
+The prompts are the first `--prompts` of each of the nine benchmark files in `../shared/assets/eval`,
+rendered as the evaluate stage renders them, decoded greedily to `--tokens` new tokens by, in turn:
+plain decoding (`target_generate`), each draft (`speculative_generate`, the evaluate stage's engine),
+and transformers' `generate`, plain and with prompt lookup. One thread, one process, so every figure is
+a ratio against a baseline measured in the same run.
+
+Per round, with the engine's own calls timed in place: T_draft (the drafter's call), T_verify (the target's
+forward over the anchor and the drafts) and the overhead (the rest of the round: acceptance, bookkeeping).
+T1 is plain decoding's time a token (one target forward). The bound on speedup is
+tau * T1 / (T_verify + T_draft): what decoding would reach with no overhead; efficiency = achieved / bound,
+where achieved = (plain decode s/token) / (speculative decode s/token), prefills left out of both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import ASSETS, begin, say, write_results
+
+CONTEXT_BINS = (0, 256, 512, 1024, 2048, 1 << 30)
+PROMPT_LOOKUP_TOKENS = 10  # transformers' default n-gram draft length
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("drafts", type=Path, nargs="+", help="train stage folders (config.yaml and draft/)")
+    p.add_argument("--prompts", type=int, default=1, help="prompts per benchmark (9 benchmarks)")
+    p.add_argument("--tokens", type=int, default=128, help="new tokens per prompt")
+    p.add_argument("--eval-dir", type=Path, default=ASSETS / "eval", help="<benchmark>.jsonl files")
+    p.add_argument("--no-cache", action="store_true", help="draft without the decode caches (the old engine)")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers' generate baselines")
+    p.add_argument("--out", type=Path, help="results JSON (bench/results/decode_split-<target>-<date>.json)")
+    return p.parse_args()
+
+
+class Clock:
+    """Time of each engine call, in order: ("draft" | "verify" | "prefill" | "step", context, seconds)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int, float]] = []
+
+
+def timed_runner(clock: Clock):
+    """`TargetRunner` whose `extend` records its time: the prefill, then verify forwards (or plain steps)."""
+    from deepspec.models.target import TargetRunner
+
+    class TimedRunner(TargetRunner):
+        def extend(self, token_ids, **kwargs):
+            kind = "prefill" if self.length == 0 else ("step" if token_ids.numel() == 1 else "verify")
+            began = time.perf_counter()
+            out = super().extend(token_ids, **kwargs)
+            clock.events.append((kind, self.length - token_ids.numel(), time.perf_counter() - began))
+            return out
+
+    return TimedRunner
+
+
+class TimedDrafter:
+    """A drafter whose drafting call records its time; `decoding` passes through unless `no_cache`."""
+
+    def __init__(self, inner, clock: Clock, no_cache: bool):
+        self.num_draft_tokens = inner.num_draft_tokens
+        name = "propose" if hasattr(inner, "propose") else "draft_logits"
+        method = getattr(inner, name)
+
+        @functools.wraps(method)  # keeps the signature the engine reads (context_ids, ...)
+        def timed(context_features, *args, **kwargs):
+            began = time.perf_counter()
+            out = method(context_features, *args, **kwargs)
+            clock.events.append(("draft", context_features.shape[0], time.perf_counter() - began))
+            return out
+
+        setattr(self, name, timed)
+        if hasattr(inner, "decoding") and not no_cache:
+            self.decoding = inner.decoding
+
+
+def rounds_of(events: list[tuple[str, int, float]], total_s: float) -> list[dict[str, float]]:
+    """Rounds from one generation's events: a round starts at a draft call; its overhead is the rest of
+    the time between the end of the prefill and the end of the generation, shared out evenly."""
+    rounds, prefill_s = [], 0.0
+    for kind, context, seconds in events:
+        if kind == "prefill":
+            prefill_s += seconds
+        elif kind == "draft":
+            rounds.append({"context": context, "draft_s": seconds, "verify_s": 0.0})
+        elif kind == "verify" and rounds:
+            rounds[-1]["verify_s"] += seconds
+    spare = total_s - prefill_s - sum(r["draft_s"] + r["verify_s"] for r in rounds)
+    for r in rounds:
+        r["overhead_s"] = spare / len(rounds)
+    return rounds
+
+
+def mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def load_prompts(cfg, tokenizer, eval_dir: Path, count: int) -> list[tuple[str, list[int]]]:
+    from deepspec.models.chat import render_prompt
+    from deepspec.tasks.evaluate.benchmarks import load_benchmark, select_prompts
+    from deepspec.tasks.paths import rendering
+
+    out = []
+    for name in cfg.eval.benchmarks:
+        for _, turns in select_prompts(load_benchmark(name, str(eval_dir)), count, None):
+            out.append(
+                (name, render_prompt(tokenizer, [{"role": "user", "content": turns[0]}], **rendering(cfg)))
+            )
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(1)
+    begin("decode_split")
+    from omegaconf import OmegaConf
+
+    from deepspec.models import speculative
+    from deepspec.models.drafts import load_draft
+    from deepspec.models.speculative import acceptance_stats, speculative_generate, target_generate
+    from deepspec.models.target import input_embeddings, load_target, output_head
+    from deepspec.tasks.evaluate.stage import stop_token_ids
+
+    cfgs = {d: OmegaConf.load(d / "config.yaml") for d in args.drafts}
+    cfg = next(iter(cfgs.values()))
+    targets = {(c.target.path, c.target.gguf_file) for c in cfgs.values()}
+    if len(targets) != 1:
+        raise SystemExit(f"the drafts have different targets: {sorted(map(str, targets))}")
+    model, tokenizer = load_target(cfg.target.path, cfg.target.gguf_file, cfg.target.revision, "float32")
+    embed, head = input_embeddings(model).weight, output_head(model).weight
+    layer_ids = list(cfg.target.layer_ids)
+    eos = stop_token_ids(cfg, tokenizer)
+    prompts = load_prompts(cfg, tokenizer, args.eval_dir, args.prompts)
+    decode = {"max_new_tokens": args.tokens, "temperature": 0.0, "eos_token_ids": eos}
+    say(f"{len(prompts)} prompts, {args.tokens} new tokens, {len(args.drafts)} drafts")
+
+    clock = Clock()
+    speculative.TargetRunner = timed_runner(clock)  # the engine's own calls, timed in place
+
+    def run(fn) -> tuple[Any, list, float]:
+        clock.events.clear()
+        began = time.perf_counter()
+        out = fn()
+        return out, list(clock.events), time.perf_counter() - began
+
+    # plain decoding: T1 and the decode time a token, prefill left out
+    plain_tokens, plain_outputs, steps = 0, [], []
+    plain_decode_s = plain_total_s = 0.0
+    run(lambda: target_generate(model, layer_ids, prompts[0][1], **{**decode, "max_new_tokens": 4}))  # warm
+    for _, ids in prompts:
+        tokens, events, total = run(lambda ids=ids: target_generate(model, layer_ids, ids, **decode))
+        plain_outputs.append(tokens)
+        plain_tokens += len(tokens)
+        plain_total_s += total
+        plain_decode_s += total - sum(s for kind, _, s in events if kind == "prefill")
+        steps += [(c, s) for kind, c, s in events if kind == "step"]
+    t1 = plain_decode_s / max(plain_tokens - len(prompts), 1)  # the first token comes with the prefill
+    figures: dict[str, Any] = {
+        "prompts": len(prompts),
+        "tokens": args.tokens,
+        "no_cache": args.no_cache,
+        "plain": {"tokens": plain_tokens, "decode_s": plain_decode_s, "total_s": plain_total_s, "t1_s": t1,
+                  "t1_by_context": binned([{"context": c, "s": s} for c, s in steps], ["s"])},
+        "drafts": {},
+    }  # fmt: skip
+    say(f"plain: {plain_tokens} tokens, T1 {t1 * 1e3:.1f} ms")
+
+    for folder in args.drafts:
+        algo = cfgs[folder].algo.name
+        drafter = load_draft(folder / "draft", embed, head).eval()
+        timed = TimedDrafter(drafter, clock, args.no_cache)
+        warm = {**decode, "max_new_tokens": 8}
+        run(lambda t=timed, w=warm: speculative_generate(model, layer_ids, t, prompts[0][1], **w))
+        results, rounds, decode_s, total_s, equal = [], [], 0.0, 0.0, 0
+        for (_, ids), reference in zip(prompts, plain_outputs, strict=True):
+            result, events, total = run(
+                lambda ids=ids, t=timed: speculative_generate(model, layer_ids, t, ids, **decode)
+            )
+            results.append(result)
+            equal += result.tokens == reference
+            rounds += rounds_of(events, total)
+            total_s += total
+            decode_s += total - sum(s for kind, _, s in events if kind == "prefill")
+        stats = acceptance_stats(results)
+        tokens = sum(len(r.tokens) for r in results)
+        spec_per_token = decode_s / max(tokens - len(prompts), 1)
+        td, tv, to = (mean([r[k] for r in rounds]) for k in ("draft_s", "verify_s", "overhead_s"))
+        bound = stats["tau"] * t1 / (tv + td)
+        achieved = t1 / spec_per_token
+        figures["drafts"][str(folder)] = {
+            "algo": algo, "tau": stats["tau"], "rounds": len(rounds), "greedy_equal": equal,
+            "draft_s": td, "verify_s": tv, "overhead_s": to, "bound": bound, "achieved": achieved,
+            "efficiency": achieved / bound, "decode_s": decode_s, "total_s": total_s, "tokens": tokens,
+            "by_context": binned(rounds, ["draft_s", "verify_s", "overhead_s"]),
+        }  # fmt: skip
+        say(
+            f"{algo}: tau {stats['tau']:.2f}, {achieved:.2f}x plain (bound {bound:.2f}x), {equal}/{len(prompts)} equal"
+        )
+
+    if not args.no_hf:
+        figures["hf"] = hf_baselines(model, tokenizer, prompts, args.tokens, sorted(eos))
+    print(tables(figures))
+    write_results(figures, target=Path(cfg.target.path).name, args=args, out=args.out)
+
+
+def binned(rows: list[dict[str, float]], keys: list[str]) -> list[dict[str, Any]]:
+    """Mean of `keys` over rows grouped by context length (CONTEXT_BINS)."""
+    out = []
+    for lo, hi in zip(CONTEXT_BINS, CONTEXT_BINS[1:], strict=False):
+        chosen = [r for r in rows if lo <= r["context"] < hi]
+        if chosen:
+            out.append(
+                {"context": [lo, hi], "count": len(chosen), **{k: mean([r[k] for r in chosen]) for k in keys}}
+            )
+    return out
+
+
+def hf_baselines(model, tokenizer, prompts, max_new_tokens: int, eos: list[int]) -> dict[str, Any]:
+    """transformers' `generate`, greedy, plain and with prompt lookup: tokens and seconds, prefill included."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    modes = {"generate": {}, "prompt_lookup": {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS}}
+    out = {m: {"tokens": 0, "seconds": 0.0} for m in modes}
+    for _, ids in prompts:
+        x = torch.tensor([ids])
+        for mode, extra in modes.items():
+            began = time.perf_counter()
+            y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, eos_token_id=eos,
+                               pad_token_id=pad, max_new_tokens=max_new_tokens, **extra)  # fmt: skip
+            out[mode]["seconds"] += time.perf_counter() - began
+            out[mode]["tokens"] += y.shape[1] - len(ids)
+    return out
+
+
+def tables(figures: dict[str, Any]) -> str:
+    ms = lambda s: f"{s * 1e3:.1f}" if s is not None else "-"  # noqa: E731
+    plain = figures["plain"]
+    lines = [
+        f"\nper round, greedy, {figures['prompts']} prompts x {figures['tokens']} tokens"
+        + (" (no decode caches)" if figures["no_cache"] else ""),
+        "",
+        "| draft | tau | T_draft ms | T_verify ms | overhead ms | bound x | achieved x | efficiency | equal |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for d in figures["drafts"].values():
+        lines.append(
+            f"| {d['algo']} | {d['tau']:.2f} | {ms(d['draft_s'])} | {ms(d['verify_s'])} | {ms(d['overhead_s'])} "
+            f"| {d['bound']:.2f} | {d['achieved']:.2f} | {d['efficiency']:.0%} | {d['greedy_equal']}/{figures['prompts']} |"
+        )
+    lines += ["", f"T1 (plain, a token) {ms(plain['t1_s'])} ms", "", "by context length (ms a round):", ""]
+    lines += ["| draft | context | rounds | T_draft | T_verify | overhead |", "|---|---|---|---|---|---|"]
+    for d in figures["drafts"].values():
+        for b in d["by_context"]:
+            lines.append(
+                f"| {d['algo']} | {b['context'][0]}-{b['context'][1] if b['context'][1] < 1 << 29 else ''} "
+                f"| {b['count']} | {ms(b['draft_s'])} | {ms(b['verify_s'])} | {ms(b['overhead_s'])} |"
+            )
+    if "hf" in figures:
+        lines += [
+            "",
+            "tokens/s, prefill included:",
+            "",
+            "| decoding | tokens/s | vs generate |",
+            "|---|---|---|",
+        ]
+        rows = {f"transformers {m}": (v["tokens"], v["seconds"]) for m, v in figures["hf"].items()}
+        rows["plain (target_generate)"] = (plain["tokens"], plain["total_s"])
+        rows.update({d["algo"]: (d["tokens"], d["total_s"]) for d in figures["drafts"].values()})
+        base = rows["transformers generate"][0] / rows["transformers generate"][1]
+        for name, (tokens, seconds) in rows.items():
+            lines.append(f"| {name} | {tokens / seconds:.1f} | {tokens / seconds / base:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
