@@ -35,6 +35,7 @@ from typing import Protocol
 import torch
 from transformers import PreTrainedModel
 
+from deepspec.models import calibration
 from deepspec.models.errors import ConfigError
 from deepspec.models.target import TargetRunner
 
@@ -373,11 +374,19 @@ def confidence_stats(results: Sequence[SpecResult]) -> dict | None:
     Over the rounds that put up position k (positions after a kept end of turn excluded, as upstream's
     `ConfidenceHeadRecorder.observe`): `mean` c_k, `predicted_prefix` the mean of c_0 * ... * c_k (the
     head's estimate that drafts 0..k all survive), `observed_prefix` the share of rounds that kept
-    drafts 0..k, `brier` the mean squared gap between the two. None when no round had a head's output.
+    drafts 0..k, `brier` the mean squared gap between the two. Then the raw c_k against the event it is
+    trained for, draft k surviving once drafts 0..k-1 have (over the rounds that kept them;
+    `models/calibration.py`): `conditional_ece`, `conditional_auroc`, `conditional_brier` per position,
+    and `reliability`, the bins of every position pooled. Then Sequential Temperature Scaling:
+    `sts_temperatures` fitted on every round, `prefix_ece` of the raw products and `prefix_ece_sts` of the
+    calibrated ones, cross-fitted on two folds of the generations (None with fewer than two). None when
+    no round had a head's output.
     """
     num_drafts = max((r.num_draft_tokens for r in results), default=0)
     count = [0] * num_drafts
     sums = {key: [0.0] * num_drafts for key in ("mean", "predicted_prefix", "observed_prefix", "brier")}
+    scores: list[list[float]] = [[] for _ in range(num_drafts)]  # c_k of rounds that kept slots < k
+    outcomes: list[list[bool]] = [[] for _ in range(num_drafts)]
     for result in results:
         for proposed, accepted, _, confidence in _rounds(result):
             prefix = 1.0
@@ -389,9 +398,23 @@ def confidence_stats(results: Sequence[SpecResult]) -> dict | None:
                 sums["predicted_prefix"][k] += prefix
                 sums["observed_prefix"][k] += survived
                 sums["brier"][k] += (prefix - survived) ** 2
+                if accepted >= k:
+                    scores[k].append(c)
+                    outcomes[k].append(accepted > k)
     if not any(count):
         return None
-    return {key: [_ratio(v, n) for v, n in zip(values, count, strict=True)] for key, values in sums.items()}
+    out = {key: [_ratio(v, n) for v, n in zip(values, count, strict=True)] for key, values in sums.items()}
+    out["conditional_ece"] = [calibration.ece(s, o) for s, o in zip(scores, outcomes, strict=True)]
+    out["conditional_auroc"] = [calibration.auroc(s, o) for s, o in zip(scores, outcomes, strict=True)]
+    out["conditional_brier"] = [calibration.brier(s, o) for s, o in zip(scores, outcomes, strict=True)]
+    out["reliability"] = calibration.reliability(sum(scores, []), sum(outcomes, []))
+    # Sequential Temperature Scaling: temperatures fitted on every round, and the prefix ECE before and
+    # after it, the latter cross-fitted over two folds of the generations (even and odd)
+    folds = [[(c[:p], a) for r in results[i::2] for p, a, _, c in _rounds(r) if c] for i in (0, 1)]
+    out["sts_temperatures"] = calibration.fit_sts(folds[0] + folds[1], num_drafts)
+    out["prefix_ece"] = calibration.prefix_ece(folds[0] + folds[1], num_drafts)
+    out["prefix_ece_sts"] = calibration.cross_fitted_prefix_ece(folds, num_drafts) if all(folds) else None
+    return out
 
 
 def acceptance_stats(results: Sequence[SpecResult]) -> dict:

@@ -77,6 +77,15 @@ class ConfidenceFigures:
     predicted_prefix: list[float | None]  # mean c_0 * ... * c_k: the head's chance that drafts 0..k survive
     observed_prefix: list[float | None]  # share of rounds that kept drafts 0..k
     brier: list[float | None]  # mean (predicted - observed)^2
+    # the raw c_k against draft k surviving once drafts 0..k-1 have (`models/calibration.py`); empty in
+    # results written before these were measured
+    conditional_ece: list[float | None] = field(default_factory=list)
+    conditional_auroc: list[float | None] = field(default_factory=list)
+    conditional_brier: list[float | None] = field(default_factory=list)
+    reliability: list[dict[str, float]] = field(default_factory=list)  # bins: lo, hi, count, score, observed
+    sts_temperatures: list[float] = field(default_factory=list)  # Sequential Temperature Scaling, per slot
+    prefix_ece: list[float | None] = field(default_factory=list)  # of the raw c_0 * ... * c_k
+    prefix_ece_sts: list[float | None] | None = None  # of the calibrated ones, cross-fitted on two folds
 
 
 @dataclass

@@ -179,6 +179,7 @@ def _prompt_record(
         "accepted": spec.accepted,
         "committed": spec.committed,
         "stopped_early": spec.stopped_early,
+        "confidence": spec.confidence if any(spec.confidence) else None,  # c_k of each round's drafts
         "spec_time_s": times[0],
         "target_time_s": times[1],
         "greedy_match": spec.tokens == plain if greedy else None,
@@ -372,8 +373,10 @@ def eval_metrics(result: EvalResult) -> dict[str, float]:
                     metrics[f"eval/{name}/{label}_{k}"] = rate
         confidence = getattr(figures, "confidence", None)
         if confidence is not None:
-            for key in ("mean", "predicted_prefix", "observed_prefix"):
-                for k, value in enumerate(getattr(confidence, key)):
+            keys = ("mean", "predicted_prefix", "observed_prefix", "conditional_ece", "conditional_auroc",
+                    "prefix_ece", "prefix_ece_sts")  # fmt: skip
+            for key in keys:
+                for k, value in enumerate(getattr(confidence, key) or []):
                     if value is not None:
                         metrics[f"eval/{name}/confidence_{key}_{k}"] = value
     return metrics

@@ -307,6 +307,13 @@ def test_confidence_stats_by_hand():
     assert conf["predicted_prefix"] == pytest.approx([0.7, 0.4, 0.2])
     assert conf["observed_prefix"] == pytest.approx([1.0, 0.0, 0.0])
     assert conf["brier"] == pytest.approx([(0.2**2 + 0.4**2) / 2, 0.4**2, 0.2**2])
+    # the raw c_k against draft k surviving after drafts 0..k-1 did: position 0 scored 0.8 and 0.6, both
+    # kept; position 1 scored 0.5 once, rejected; position 2 was never reached with its prefix kept
+    assert conf["conditional_brier"][:2] == pytest.approx([(0.2**2 + 0.4**2) / 2, 0.25])
+    assert conf["conditional_ece"][:2] == pytest.approx([0.3, 0.5])
+    assert conf["conditional_auroc"] == [None, None, None]  # one outcome only at every position
+    assert conf["conditional_brier"][2] is None and conf["conditional_ece"][2] is None
+    assert [b["count"] for b in conf["reliability"]] == [1, 1, 1]
     assert stats["stopped_early"] == 1
 
 

@@ -3,6 +3,9 @@ speculative decoding greedily and sampled, and refuses a draft of another algori
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from support.drafts import save_untrained_draft
@@ -47,6 +50,11 @@ def test_evaluate_runs_the_trained_draft(assets_dir, tracking_uri, tmp_path, alg
         assert overall.stopped_early == 0 and overall.propose == draft.num_draft_tokens
         assert overall.confidence is not None and len(overall.confidence.mean) == draft.num_draft_tokens
         assert all(0 < c < 1 for c in overall.confidence.mean if c is not None)
+        # calibration, in results.json and in each prompt's record: STS temperatures for every slot
+        assert len(overall.confidence.sts_temperatures) == draft.num_draft_tokens
+        assert len(overall.confidence.prefix_ece) == draft.num_draft_tokens
+        records = [json.loads(line) for line in Path(results.prompts_file).read_text().splitlines()]
+        assert all(len(c) == p for r in records for c, p in zip(r["confidence"], r["proposed"], strict=True))
     else:
         assert overall.confidence is None and overall.stopped_early == 0
 

@@ -1,0 +1,57 @@
+"""The prefix scheduler (DSpark's Algorithm 1) against brute force, and the serving simulation by hand."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from deepspec.models.prefix_scheduler import StepProfile, schedule, simulate
+
+
+def theta(survival, lengths, sps):
+    expected = sum(1 + sum(row[:n]) for row, n in zip(survival, lengths, strict=True))
+    return expected * sps(len(survival) + sum(lengths))
+
+
+def test_an_idle_engine_verifies_every_draft_and_a_busy_one_only_likely_ones():
+    survival = [[0.9, 0.5, 0.1], [0.6, 0.2, 0.05]]
+    assert schedule(survival, lambda b: 1.0) == [3, 3]  # steps cost nothing more: every draft helps
+    # step time in proportion to the tokens: no draft surviving less than always pays for itself
+    assert schedule(survival, lambda b: 1.0 / b) == [0, 0]
+    # one token of spare room (flat up to 3 tokens): it goes to the likeliest draft
+    assert schedule(survival, lambda b: 1.0 if b <= 3 else 3 / b) == [1, 0]
+
+
+def test_greedy_admission_finds_the_best_prefixes_on_concave_profiles():
+    """For a throughput curve that saturates, greedy admission by survival is optimal among prefixes:
+    checked against every combination of lengths."""
+    rng = random.Random(0)
+    for _ in range(30):
+        survival = []
+        for _ in range(3):
+            c = [rng.uniform(0.3, 0.95) for _ in range(4)]
+            survival.append([float(x) for x in itertools.accumulate(c, lambda a, b: a * b)])
+        knee = rng.choice([4, 6, 9])
+        profile = StepProfile([1, knee, 64], [10.0, 10.0, 10.0 * knee / 64])  # flat, then compute-bound
+        best = max(itertools.product(range(5), repeat=3), key=lambda n: theta(survival, n, profile))
+        got = schedule(survival, profile)
+        assert theta(survival, got, profile) == pytest.approx(theta(survival, best, profile), rel=1e-9)
+
+
+def test_profile_interpolates_and_extrapolates_in_proportion():
+    profile = StepProfile([1, 8, 16], [100.0, 90.0, 50.0])
+    assert profile(1) == 100.0 and profile(4) == pytest.approx(100 - 10 * 3 / 7)
+    assert profile(16) == 50.0 and profile(32) == pytest.approx(25.0)
+
+
+def test_simulation_counts_tokens_and_time():
+    rounds = [([0.9, 0.8], 2), ([0.9, 0.1], 0)]  # a round that keeps both drafts, one that keeps none
+    flat = StepProfile([1, 100], [10.0, 10.0])
+    full = simulate(rounds, flat, 4, steps=50, fixed_length=2, seed=1)
+    none = simulate(rounds, flat, 4, steps=50, fixed_length=0, seed=1)
+    assert none.tokens_per_request_step == 1.0 and none.tokens_per_s == pytest.approx(40.0)
+    assert full.mean_length == 2.0 and 1.0 < full.tokens_per_request_step < 3.0
+    scheduled = simulate(rounds, flat, 4, steps=50, seed=1)  # a flat profile: verify everything offered
+    assert scheduled.tokens_per_s == pytest.approx(full.tokens_per_s)
