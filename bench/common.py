@@ -496,3 +496,19 @@ def s3_server(root: Path, bucket: str = "deepspec"):
         yield server
     finally:
         server.stop()
+
+
+def eval_prompts(cfg, tokenizer, eval_dir: Path, count: int) -> list[tuple[str, list[int]]]:
+    """(benchmark, token ids) of the first `count` prompts of each of `cfg.eval.benchmarks` in `eval_dir`,
+    rendered as the evaluate stage renders a first turn."""
+    from deepspec.models.chat import render_prompt
+    from deepspec.tasks.evaluate.benchmarks import load_benchmark, select_prompts
+    from deepspec.tasks.paths import rendering
+
+    out = []
+    for name in cfg.eval.benchmarks:
+        for _, turns in select_prompts(load_benchmark(name, str(eval_dir)), count, None):
+            out.append(
+                (name, render_prompt(tokenizer, [{"role": "user", "content": turns[0]}], **rendering(cfg)))
+            )
+    return out

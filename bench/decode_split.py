@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import ASSETS, begin, say, write_results
+from common import ASSETS, begin, eval_prompts, say, write_results
 
 CONTEXT_BINS = (0, 256, 512, 1024, 2048, 1 << 30)
 PROMPT_LOOKUP_TOKENS = 10  # transformers' default n-gram draft length
@@ -112,20 +112,6 @@ def mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def load_prompts(cfg, tokenizer, eval_dir: Path, count: int) -> list[tuple[str, list[int]]]:
-    from deepspec.models.chat import render_prompt
-    from deepspec.tasks.evaluate.benchmarks import load_benchmark, select_prompts
-    from deepspec.tasks.paths import rendering
-
-    out = []
-    for name in cfg.eval.benchmarks:
-        for _, turns in select_prompts(load_benchmark(name, str(eval_dir)), count, None):
-            out.append(
-                (name, render_prompt(tokenizer, [{"role": "user", "content": turns[0]}], **rendering(cfg)))
-            )
-    return out
-
-
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
@@ -147,7 +133,7 @@ def main() -> None:
     embed, head = input_embeddings(model).weight, output_head(model).weight
     layer_ids = list(cfg.target.layer_ids)
     eos = stop_token_ids(cfg, tokenizer)
-    prompts = load_prompts(cfg, tokenizer, args.eval_dir, args.prompts)
+    prompts = eval_prompts(cfg, tokenizer, args.eval_dir, args.prompts)
     decode = {"max_new_tokens": args.tokens, "temperature": 0.0, "eos_token_ids": eos}
     say(f"{len(prompts)} prompts, {args.tokens} new tokens, {len(args.drafts)} drafts")
 
