@@ -138,6 +138,7 @@ class EvalConfig:
     confidence_threshold: float
     domains: dict[str, list[str]]
     target_dtype: str | None  # null: target.dtype
+    multi_turn: bool
 
 
 @dataclass

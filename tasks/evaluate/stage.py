@@ -5,9 +5,12 @@
     deepspec evaluate eval=upstream eval.data_dir=../shared/assets/eval   # upstream's protocol (GPU-sized)
 
 Each benchmark is `<eval.data_dir>/<name>.jsonl`, one `{"turns": [str, ...]}` a line (`deepspec
-convert-eval` builds them); only the first turn is answered (`benchmarks.py`). `eval=default` takes the
-first `eval.max_samples` rows of each file; `eval=upstream` takes upstream's subsets (per-benchmark
-`eval.caps`, files longer than their cap shuffled with `eval.shuffle_seed`) at T = 1 and 2,048 tokens.
+convert-eval` builds them); only the first turn is answered (`benchmarks.py`), as upstream does, unless
+`eval.multi_turn=true`: then every turn is (MT-Bench has two), each with the earlier turns and the
+target's own answers to them (its plain decoding) as history, and each turn counts as a generation.
+`eval=default` takes the first `eval.max_samples` rows of each file; `eval=upstream` takes upstream's
+subsets (per-benchmark `eval.caps`, files longer than their cap shuffled with `eval.shuffle_seed`) at
+T = 1 and 2,048 tokens.
 With `eval.data_dir` unset, a small built-in set (2-3 prompts a benchmark) is used instead,
 with a warning and `builtin_eval: true` in the results: its
 figures say the pipeline works, not how good the draft is.
@@ -263,11 +266,11 @@ def evaluate(
             "confidence head to stop drafting with; set eval.confidence_threshold=0"
         )
 
-    def ids_of(turns: list[str]) -> list[int]:
-        return render_prompt(tokenizer, [{"role": "user", "content": turns[0]}], **rendering(cfg))
+    def ids_of(messages: list[dict]) -> list[int]:
+        return render_prompt(tokenizer, messages, **rendering(cfg))
 
     # one untimed run of each, so lazy initialisation does not count against the first benchmark
-    warm = ids_of(next(iter(prompts.values()))[0][1])
+    warm = ids_of([{"role": "user", "content": next(iter(prompts.values()))[0][1][0]}])
     speculative_generate(
         model, layer_ids, drafter, warm, **{**decode, "max_new_tokens": 2}, confidence_threshold=threshold
     )
@@ -276,34 +279,41 @@ def evaluate(
     per_bench: dict[str, BenchmarkFigures] = {}
     pooled: dict[str, list] = {"spec": [], "plain": [], "spec_s": [], "plain_s": []}
     records: list[dict] = []
-    index = 0
+    index = 0  # generations so far: each has its own sampling seed
     for name, rows in prompts.items():
         spec, plain, spec_s, plain_s = [], [], 0.0, 0.0
         for position, (row, turns) in enumerate(tqdm(rows, desc=f"eval {name}", unit="prompt")):
-            ids = ids_of(turns)
-            seed = cfg.eval.seed * 1_000_003 + index
-            index += 1
-            start = time.perf_counter()
-            spec.append(
-                speculative_generate(
-                    model, layer_ids, drafter, ids, **decode, generator=torch.Generator().manual_seed(seed),
-                    confidence_threshold=threshold,
+            history: list[dict] = []
+            for turn, text in enumerate(turns if cfg.eval.multi_turn else turns[:1]):
+                history.append({"role": "user", "content": text})
+                ids = ids_of(history)
+                seed = cfg.eval.seed * 1_000_003 + index
+                index += 1
+                start = time.perf_counter()
+                spec.append(
+                    speculative_generate(
+                        model, layer_ids, drafter, ids, **decode,
+                        generator=torch.Generator().manual_seed(seed), confidence_threshold=threshold,
+                    )
+                )  # fmt: skip
+                spec_elapsed = time.perf_counter() - start
+                start = time.perf_counter()
+                plain.append(
+                    target_generate(
+                        model, layer_ids, ids, **decode, generator=torch.Generator().manual_seed(seed)
+                    )
                 )
-            )  # fmt: skip
-            spec_elapsed = time.perf_counter() - start
-            start = time.perf_counter()
-            plain.append(
-                target_generate(
-                    model, layer_ids, ids, **decode, generator=torch.Generator().manual_seed(seed)
+                plain_elapsed = time.perf_counter() - start
+                spec_s, plain_s = spec_s + spec_elapsed, plain_s + plain_elapsed
+                records.append(
+                    _prompt_record(
+                        name, position, row, seed, spec[-1], plain[-1], (spec_elapsed, plain_elapsed), greedy
+                    )
+                    | {"turn": turn}
                 )
-            )
-            plain_elapsed = time.perf_counter() - start
-            spec_s, plain_s = spec_s + spec_elapsed, plain_s + plain_elapsed
-            records.append(
-                _prompt_record(
-                    name, position, row, seed, spec[-1], plain[-1], (spec_elapsed, plain_elapsed), greedy
-                )
-            )
+                # the next turn's history holds the target's own answer (its plain decoding)
+                answer = tokenizer.decode(plain[-1], skip_special_tokens=True)
+                history.append({"role": "assistant", "content": answer})
         per_bench[name] = _figures(spec, plain, spec_s, plain_s, greedy)
         pooled["spec"] += spec
         pooled["plain"] += plain

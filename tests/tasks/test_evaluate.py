@@ -6,6 +6,7 @@ greedy chain from the anchor token alone (it ignores the context), which is enou
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -13,8 +14,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from support.stories import stories_overrides
 
+from deepspec.models.chat import render_prompt
 from deepspec.models.drafts import dflash
 from deepspec.models.errors import DataError, DeepSpecError
+from deepspec.models.speculative import target_generate
 from deepspec.models.target import load_target
 from deepspec.tasks import tracking
 from deepspec.tasks.config import compose
@@ -166,3 +169,57 @@ def test_evaluate_defaults_to_the_trained_dflash_draft(assets_dir, tracking_uri,
     assert results.num_draft_tokens == 3  # a block of 4 slots: the anchor and 3 drafting mask slots
     assert results.draft_file.endswith("model.safetensors")
     assert results.pooled.greedy_match == 1.0  # an untrained draft changes nothing but speed
+
+
+class PromptLengths(AnchorChainDrafter):
+    """Records the prompt length of every generation: the context its first round sees."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.lengths: list[int] = []
+        self._first = False
+
+    @contextlib.contextmanager
+    def decoding(self):
+        self._first = True
+        yield
+
+    def draft_logits(self, context_features, anchor_token):
+        if self._first:
+            self.lengths.append(context_features.shape[0])
+            self._first = False
+        return super().draft_logits(context_features, anchor_token)
+
+
+def test_multi_turn_answers_each_turn_after_the_targets_own_answers(assets_dir, tracking_uri, tmp_path):
+    stories = assets_dir / "models" / "stories260k"
+    if not (stories / "config.json").is_file():
+        pytest.skip(f"stories260k not found in {assets_dir}")
+    torch.set_num_threads(1)
+    data = tmp_path / "benchmarks"
+    data.mkdir()
+    turns = ["Once upon a time, there was a cat", "Then the cat saw a"]
+    (data / "mt-bench.jsonl").write_text(json.dumps({"turns": turns}) + "\n", encoding="utf-8")
+    model, tokenizer = load_target(str(stories))
+    drafter = PromptLengths(model, 3, tokenizer.bos_token_id)
+    weights = stories / "model.safetensors"
+    base = ["eval.benchmarks=[mt-bench]", f"eval.data_dir={data}", "eval.max_new_tokens=6",
+            f"tracking.uri={tracking_uri}"]  # fmt: skip
+
+    cfg = compose(stories_overrides(assets_dir, tmp_path / "one", *base))
+    assert evaluate(cfg, lambda: drafter, weights).pooled.samples == 1  # upstream's protocol: turn 1 only
+    drafter.lengths.clear()
+    cfg = compose(stories_overrides(assets_dir, tmp_path / "both", *base, "eval.multi_turn=true"))
+    results = evaluate(cfg, lambda: drafter, weights)
+    assert results.pooled.samples == 2 and results.pooled.greedy_match == 1.0
+
+    # turn 2's prompt: turn 1, the target's own greedy answer to it, then turn 2
+    render = {"use_chat_template": False}
+    first = render_prompt(tokenizer, [{"role": "user", "content": turns[0]}], **render)
+    answer = target_generate(model, [0], first, max_new_tokens=6, temperature=0.0, eos_token_ids={2})
+    history = [{"role": "user", "content": turns[0]},
+               {"role": "assistant", "content": tokenizer.decode(answer, skip_special_tokens=True)},
+               {"role": "user", "content": turns[1]}]  # fmt: skip
+    assert drafter.lengths[1:] == [len(first), len(render_prompt(tokenizer, history, **render))]
+    records = [json.loads(line) for line in (tmp_path / "both" / "eval" / "dflash" / "prompts.jsonl").open()]
+    assert [r["turn"] for r in records] == [0, 1] and records[0]["seed"] != records[1]["seed"]
