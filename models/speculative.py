@@ -15,8 +15,8 @@ is drawn from the q the acceptance rule is given.
 
 The acceptance rule is one small function, `accept_or_resample`, so that a test can swap in a broken one
 and see the losslessness test fail. Verification runs on the target's device in float32, vectorised over
-the chain, with one host transfer a round (the kept count and the next token). Drafters that sample draw
-with the caller's generator; verification uses it too when it lives on the target's device, else a
+the chain, with one host transfer a round (the kept count and the next token). Drafters that sample and
+verification both draw with the caller's generator when it lives on the target's device, else with one
 generator seeded from it, so a seed fixes every token on a given device.
 
 Cost per round: the target's forward over the block, plus the draft's; a drafter with a `decoding()`
@@ -60,7 +60,7 @@ class Drafter(Protocol):
 
 class Proposal(Protocol):
     tokens: list[int]  # the drafted chain, at most num_draft_tokens tokens
-    probs: torch.Tensor  # [len(tokens), vocab] float32 on CPU: the law each token was drawn from
+    probs: torch.Tensor  # [len(tokens), vocab] float32 (any device): the law each token was drawn from
     # optional: a confidence head's c_k for each drafted slot ([len(tokens)]); read with getattr
     # confidence: torch.Tensor | None
 
@@ -98,23 +98,6 @@ class SpecResult:
     committed: list[int] = field(default_factory=list)  # tokens each round added (upstream's accept length)
     confidence: list[list[float]] = field(default_factory=list)  # per round, the head's c_k of each draft
     stopped_early: int = 0  # rounds whose proposal was shorter than the block (the confidence head)
-
-
-def sampling_law(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The law a token is drawn from, for a row (or rows) of logits: on CPU in float32, one-hot on the
-    argmax at temperature 0. Drafters that draw their own chains (`propose`) use it too, so that q is
-    formed exactly as the target's p is."""
-    logits = logits.float().cpu()
-    if temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    return torch.softmax(logits / temperature, dim=-1)
-
-
-def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One token from a distribution; a one-hot one costs no random number."""
-    if probs.max() >= 1.0:
-        return int(probs.argmax())
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def accept_or_resample(
@@ -214,8 +197,8 @@ class _Drafting:
         )
         if temperature == 0:
             return logits.argmax(-1).tolist(), None, []
-        q = sampling_law(logits, temperature)
-        return [_draw(q[k], generator) for k in range(q.shape[0])], q, []
+        q = torch.softmax(logits.float() / temperature, dim=-1)  # on the draft's device, as p is formed
+        return torch.multinomial(q, 1, generator=generator)[:, 0].tolist(), q, []
 
     def _check_vocab(self, size: int) -> None:
         if size != self.vocab:
@@ -266,7 +249,7 @@ def speculative_generate(
         return result
     runner = TargetRunner(model, layer_ids)
     device = runner.model.device
-    verify_generator = _device_generator(generator, device)
+    device_generator = _device_generator(generator, device)
     prefill = runner.extend(torch.tensor(list(prompt_ids), dtype=torch.long), last_logits_only=True)
     # target features of every committed position, in a buffer sized for the longest possible output
     n_ctx = prefill.features.shape[0]
@@ -275,7 +258,7 @@ def speculative_generate(
     context[:n_ctx] = prefill.features
     context_ids = torch.empty(capacity, dtype=torch.long)  # the token of every committed position
     context_ids[:n_ctx] = torch.tensor(list(prompt_ids), dtype=torch.long)
-    anchor = _sample_token(prefill.logits[-1], temperature, verify_generator)
+    anchor = _sample_token(prefill.logits[-1], temperature, device_generator)
     result.tokens.append(anchor)
     draft = _Drafting(drafter, confidence_threshold, vocab=prefill.logits.shape[-1])
     session = getattr(drafter, "decoding", None)
@@ -283,7 +266,7 @@ def speculative_generate(
     with session() if session is not None else nullcontext():
         while len(result.tokens) < max_new_tokens and anchor not in eos_token_ids:
             drafts, q, confidence = draft(
-                context[:n_ctx], context_ids[:n_ctx], anchor, temperature, generator
+                context[:n_ctx], context_ids[:n_ctx], anchor, temperature, device_generator
             )
             start = runner.length
             step = runner.extend(torch.tensor([anchor, *drafts], dtype=torch.long))
@@ -293,7 +276,7 @@ def speculative_generate(
             else:
                 p = torch.softmax(step.logits.float() / temperature, dim=-1)  # row i: after input i
                 q = q.to(device=p.device, dtype=torch.float32)
-                n_accepted, nxt = accept_or_resample(p, q, drafted, verify_generator)
+                n_accepted, nxt = accept_or_resample(p, q, drafted, device_generator)
 
             runner.rollback(start + 1 + n_accepted)  # the anchor and the kept drafts stay in the cache
             context[n_ctx : n_ctx + n_accepted + 1] = step.features[: n_accepted + 1]

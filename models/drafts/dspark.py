@@ -80,7 +80,6 @@ from deepspec.models.drafts.files import (
 from deepspec.models.drafts.spec import DraftInputs, DraftSpec, Samples, Stats
 from deepspec.models.errors import ConfigError
 from deepspec.models.losses import chunked_dspark_loss, slot_weights, supervised_prefix
-from deepspec.models.speculative import sampling_law
 
 NAME = "dspark"
 ARCHITECTURE = "Qwen3DSparkModel"
@@ -394,7 +393,7 @@ class DSparkProposal:
     """A drafted chain x_0..x_{L-1} after the anchor (L <= block size)."""
 
     tokens: list[int]
-    probs: torch.Tensor  # [L, vocab] float32 on CPU: the law q_k each token was drawn from
+    probs: torch.Tensor  # [L, vocab] float32 on the draft's device: the law q_k each token was drawn from
     logits: torch.Tensor  # [L, vocab] float32: logits of the chain, before the temperature
     confidence: torch.Tensor | None  # [L] c_k = sigmoid(confidence logit); prefix survival = cumprod
 
@@ -567,46 +566,47 @@ class DSparkDraft(nn.Module):
     ) -> DSparkProposal:
         """Draft the block slot by slot: each slot's logits use the token chosen at the slot before.
 
-        Tokens are the argmax at temperature 0, else drawn on CPU from softmax(logits / temperature)
-        with `generator`. With a confidence head and `confidence_threshold` > 0, drafting stops before
-        the first slot whose c_k falls below it (c_k depends only on h_k and x_{k-1}, so it is known
-        before slot k is drafted).
+        Tokens are the argmax at temperature 0, else drawn from softmax(logits / temperature) with
+        `generator` (on the draft's device). With a confidence head and `confidence_threshold` > 0, the
+        proposal ends before the first slot whose c_k falls below it (c_k depends only on h_k and
+        x_{k-1}, so cutting there changes nothing before it). Every slot stays on the device until the
+        block is drafted: one host transfer for the tokens and confidences.
         """
         hidden = self._block_hidden(context_features, anchor_token)  # [B, d]
         base = self.backbone.lm_head(hidden)
         prev = torch.tensor(int(anchor_token), device=hidden.device)
         state = None if self.markov_head is None else self.markov_head.initial_state(hidden[0])
-        tokens: list[int] = []
-        logits_rows, law_rows, confidence_rows = [], [], []
+        tokens, rows, confidence = [], [], []
         for k in range(self.block_size):
             c = self._confidence_logits(hidden[k], prev)
             if c is not None:
-                c = torch.sigmoid(c).cpu()
-                if float(c) < confidence_threshold:
-                    break
-                confidence_rows.append(c)
+                confidence.append(torch.sigmoid(c).reshape(()))
             row = base[k]
             if self.markov_head is not None:
                 code, state = self.markov_head.step(hidden[k], prev, state)
                 row = row + self.markov_head.bias(code)
             row = row.float()
-            law = sampling_law(row, temperature)
-            token = (
-                int(row.argmax()) if temperature == 0 else int(torch.multinomial(law, 1, generator=generator))
+            if temperature == 0:
+                prev = row.argmax()
+            else:
+                prev = torch.multinomial(torch.softmax(row / temperature, -1), 1, generator=generator)[0]
+            tokens.append(prev)
+            rows.append(row)
+        token_list = torch.stack(tokens).tolist()
+        head = torch.stack(confidence).float().cpu() if confidence else None
+        n = len(token_list)
+        if head is not None and confidence_threshold > 0:
+            below = (head < confidence_threshold).nonzero()
+            n = int(below[0]) if len(below) else n
+        logits = torch.stack(rows[:n]) if n else base.new_empty(0, base.shape[-1]).float()
+        if temperature == 0:
+            probs = (
+                torch.nn.functional.one_hot(torch.stack(tokens[:n]), base.shape[-1]).float() if n else logits
             )
-            tokens.append(token)
-            logits_rows.append(row)
-            law_rows.append(law)
-            prev = torch.tensor(token, device=hidden.device)
-        vocab = base.shape[-1]
-        confidence = None
-        if self.confidence_head is not None:
-            confidence = torch.stack(confidence_rows) if confidence_rows else torch.empty(0)
+        else:
+            probs = torch.softmax(logits / temperature, -1)
         return DSparkProposal(
-            tokens=tokens,
-            probs=torch.stack(law_rows) if law_rows else torch.empty(0, vocab),
-            logits=torch.stack(logits_rows) if logits_rows else base.new_empty(0, vocab).float(),
-            confidence=confidence,
+            tokens=token_list[:n], probs=probs, logits=logits, confidence=None if head is None else head[:n]
         )
 
     @torch.no_grad()

@@ -59,7 +59,6 @@ from deepspec.models.drafts.layers import MLP, GroupedQueryProjections, RMSNorm,
 from deepspec.models.drafts.spec import DraftInputs, DraftSpec, Samples, Stats
 from deepspec.models.errors import ConfigError
 from deepspec.models.losses import LOSS_CHUNK_ROWS, chunked_linear_loss
-from deepspec.models.speculative import sampling_law
 from deepspec.models.target import check_layer_ids
 
 log = logging.getLogger(__name__)
@@ -410,7 +409,7 @@ class Eagle3Proposal:
     """A sampled chain after the anchor (`Eagle3Draft.propose`)."""
 
     tokens: list[int]
-    probs: torch.Tensor  # [len(tokens), vocab] float32 on CPU: the law each token was drawn from
+    probs: torch.Tensor  # [len(tokens), vocab] float32, the draft's device: the law each token was drawn from
 
 
 class Eagle3Draft(nn.Module):
@@ -683,7 +682,7 @@ class Eagle3Draft(nn.Module):
         anchor_token: int,
         num_steps: int,
         tokens: Sequence[int] | None = None,
-        pick: Callable[[torch.Tensor], int] | None = None,
+        pick: Callable[[torch.Tensor], int | torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Draft-vocabulary logits [num_steps, Vd] of a chain after the anchor; row s is for position p+s+1.
 
@@ -709,7 +708,7 @@ class Eagle3Draft(nn.Module):
                 token = pick(rows[-1])
             else:
                 token = int(self.draft_to_target[rows[-1].argmax()])
-            embeds = self._embed(torch.tensor([[token]], device=device))
+            embeds = self._embed(torch.as_tensor(token, device=device).reshape(1, 1))
             hidden = self.midlayer(embeds, hidden, self._rope(last + s), last, cache)
             rows.append(self.lm_head(self.norm(hidden))[0, 0])
         return torch.stack(rows).float()
@@ -790,15 +789,21 @@ class Eagle3Draft(nn.Module):
         q each was drawn from (the `ProposingDrafter` protocol of `models/speculative.py`).
 
         q is softmax(logits / temperature) over the target vocabulary (0 outside a reduced draft
-        vocabulary), in float32 on CPU, drawn from with `generator`; at temperature 0 it is one-hot on the
-        argmax, and the chain is `draft_logits`'s.
+        vocabulary), in float32 on the draft's device, drawn from with `generator` (on that device); at
+        temperature 0 it is one-hot on the argmax, and the chain is `draft_logits`'s. Tokens stay on the
+        device until the chain is drawn: one host transfer.
         """
-        tokens: list[int] = []
+        tokens: list[torch.Tensor] = []
         laws: list[torch.Tensor] = []
 
-        def draw(row: torch.Tensor) -> int:
-            law = sampling_law(self.to_target_vocab(row.float().cpu()), temperature)
-            token = int(law.argmax() if temperature == 0 else torch.multinomial(law, 1, generator=generator))
+        def draw(row: torch.Tensor) -> torch.Tensor:
+            logits = self.to_target_vocab(row.float())
+            if temperature == 0:
+                token = logits.argmax()
+                law = torch.nn.functional.one_hot(token, logits.shape[-1]).float()
+            else:
+                law = torch.softmax(logits / temperature, dim=-1)
+                token = torch.multinomial(law, 1, generator=generator)[0]
             tokens.append(token)
             laws.append(law)
             return token
@@ -807,7 +812,7 @@ class Eagle3Draft(nn.Module):
             context_features, context_ids, anchor_token, self.num_draft_tokens, pick=draw
         )
         draw(rows[-1])  # the last step's token is drafted too, though nothing reads it back
-        return Eagle3Proposal(tokens=tokens, probs=torch.stack(laws))
+        return Eagle3Proposal(tokens=torch.stack(tokens).tolist(), probs=torch.stack(laws))
 
 
 # ---------------------------------------------------------------------------------------------------------
