@@ -6,6 +6,7 @@
     deepspec config target=stories260k         # print the composed configuration
     deepspec estimate-cache target=qwen3_4b --tokens 1e9   # cache bytes per token and size, per encoding
     deepspec convert-eval --out-dir eval_datasets    # the nine benchmark files, from their public datasets
+    deepspec report runs/exp1 runs/exp2 --out compare.html   # evaluation figures as tables and an HTML page
 
 Each stage subcommand runs that stage's Prefect flow; arguments after the subcommand are Hydra overrides.
 """
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands["config"] = "print the composed configuration and exit"
     commands["estimate-cache"] = "print the cache's bytes per token and total size for each encoding"
     _convert_eval_parser(sub)
+    _report_parser(sub)
     for name, help_text in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -111,6 +113,56 @@ def _convert_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_parser(sub) -> None:
+    help_text = "print an evaluation's figures as Markdown tables; --out writes them as one HTML page"
+    p = sub.add_parser(
+        "report",
+        help=help_text,
+        description=f"{help_text}.\n\nOne run: its report (settings, per-benchmark figures, accept@k, "
+        "calibration).\nSeveral: one row per run (tau per benchmark and domain, macro tau and speedup, "
+        "pooled accept@k).\nThe HTML page is self-contained (inline CSS and SVG charts, no scripts).",
+        epilog=textwrap.dedent(
+            """\
+            examples:
+              deepspec report runs/exp1                    # one run: its report.md on stdout
+              deepspec report runs/exp1 runs/exp2 --out compare.html --names dflash,dspark
+            RUN_DIR may also be an eval/<algo> folder or a results.json file.
+            """
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    where = "a run folder holding eval/<algo>/results.json (or that folder, or the file)"
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help=where)
+    p.add_argument("--out", metavar="FILE.html", help="also write the tables and charts as one HTML page")
+    p.add_argument("--names", help="comma-separated names for the runs (default: each run folder's name)")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from deepspec.tasks.evaluate import report
+    from deepspec.tasks.files import atomic_write_text
+
+    paths = [Path(run) for run in args.runs]
+    names = args.names.split(",") if args.names else report.run_names(paths)
+    if len(names) != len(paths) or len(set(names)) != len(names) or not all(names):
+        print(f"deepspec report: error: --names needs {len(paths)} distinct, non-empty names, one per run; "
+              f"got {args.names!r}", file=sys.stderr)  # fmt: skip
+        return 2
+    results = list(zip(names, (report.load_results(p) for p in paths), strict=True))
+    one = len(results) == 1
+    text = report.markdown_report(results[0][1], names[0]) if one else report.comparison_markdown(results)
+    print(text, end="")
+    if args.out:
+        try:
+            atomic_write_text(Path(args.out), report.html_report(results))
+        except OSError as err:
+            print(f"deepspec report: error: cannot write {args.out}: {err}", file=sys.stderr)
+            return 2
+        print(f"deepspec report: wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 def _count(text: str) -> int:
     """A token count: 1200000, 1_200_000 or 1.2e6."""
     try:
@@ -143,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "convert-eval":
             return _convert_eval(args)
+        if args.command == "report":
+            return _report(args)
         if args.command == "estimate-cache":
             from deepspec.tasks.cache.estimate import estimate_cache
 

@@ -34,7 +34,9 @@ names it (`models.drafts.load_draft`); it must be of `algo.name`. Eagle3 also re
 ids and DSpark samples its own chain at temperatures above 0 (`models/speculative.py`).
 
 Output: `<run_dir>/eval/<algo>/results.json`, `prompts.jsonl` (one line per prompt: benchmark, row, tokens,
-and P, A, C of every round, for confidence intervals), then `_DONE.json` with the hash of the target,
+and P, A, C of every round, for confidence intervals), `report.md` and a self-contained `report.html`
+(tables and charts, `report.py`; all four are MLflow artifacts under `eval/`, and the tables a markdown
+artifact on the Prefect flow run), then `_DONE.json` with the hash of the target,
 algo and eval config and of the draft weights file; a re-run with both unchanged skips the stage.
 """
 
@@ -64,6 +66,7 @@ from deepspec.models.speculative import (
 from deepspec.models.target import input_embeddings, load_target, output_head
 from deepspec.tasks import tracking
 from deepspec.tasks.config import config_hash
+from deepspec.tasks.evaluate import report
 from deepspec.tasks.evaluate.benchmarks import BUILTIN, benchmark_cap, load_benchmark, select_prompts
 from deepspec.tasks.files import atomic_write_text, mark_done, read_done, sha256_file
 from deepspec.tasks.paths import rendering, run_paths
@@ -78,7 +81,7 @@ from deepspec.tasks.train.stage import trained_draft
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.json"
+RESULTS_FILE = report.RESULTS_FILE  # report.py finds results by this name
 PROMPTS_FILE = "prompts.jsonl"
 
 
@@ -359,6 +362,8 @@ def evaluate(
     )
     atomic_write_text(results_path, json.dumps(to_record(result), indent=2))
     tracking.log_metrics(cfg, eval_metrics(result))
+    for path in [results_path, prompts_path, *report.write_reports(result, stage)]:
+        tracking.log_artifact(cfg, path, "eval")
     mark_done(stage, done_hash, results=RESULTS_FILE, draft_sha256=draft_sha, benchmarks=benchmarks)
     return result
 
@@ -398,4 +403,13 @@ def _fmt(value: float | None) -> str:
 
 @task(name="evaluate", cache_policy=NO_CACHE)  # stages validate their own outputs
 def evaluate_task(cfg: DictConfig) -> EvalResult:
-    return evaluate(cfg)
+    """The stage, plus its tables as a markdown artifact on the flow run's page in the Prefect UI."""
+    from prefect.artifacts import create_markdown_artifact
+
+    result = evaluate(cfg)
+    create_markdown_artifact(
+        markdown=report.markdown_report(result),
+        key=f"evaluation-{result.algo}",  # the UI's "latest" of a key is the newest run's
+        description=f"{result.algo} on {result.target}: tau and speedup per benchmark",
+    )
+    return result

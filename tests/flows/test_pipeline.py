@@ -149,6 +149,24 @@ def test_flow_run_is_recorded_by_the_prefect_server(run):
     assert first.state.type.value == "COMPLETED"
 
 
+def test_the_flow_run_shows_the_evaluation_tables(run):
+    """The evaluate task's markdown artifact (the Prefect UI's Artifacts tab) holds the report's tables;
+    MLflow holds the report files."""
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluation-dflash"]))
+        )
+    tau = json.loads((run["dir"] / "eval" / "dflash" / "results.json").read_text())["pooled"]["tau"]
+    assert artifacts and artifacts[0].type == "markdown" and f"| {tau:.2f} |" in artifacts[0].data
+    record = json.loads((run["dir"] / "mlflow_run-dflash.json").read_text())
+    files = MlflowClient(record["tracking_uri"]).list_artifacts(record["run_id"], "eval")
+    assert {"eval/report.md", "eval/report.html"} <= {f.path for f in files}
+
+
 def test_the_algorithms_share_the_runs_data(run, all_algos):
     """Trained one after another in one run directory, the three algorithms make the prompts and answers
     once, and a cache once per set of captured layers; each keeps its own draft, evaluation and export.

@@ -133,6 +133,12 @@ def test_evaluate_end_to_end_and_skip(assets_dir, tracking_uri, tmp_path, caplog
         assert record["rounds"] == len(record["accepted"]) == figures.verify_steps
         assert record["new_tokens"] == figures.new_tokens and record["greedy_match"] is True
 
+    report = (eval_dir / "report.md").read_text()  # tables people read, beside the figures
+    assert f"| pooled (micro) | 9 | {results.pooled.tau:.2f} |" in report
+    assert "<svg" in (eval_dir / "report.html").read_text()
+    artifacts = MlflowClient(tracking_uri).list_artifacts(tracking.run_id(cfg), "eval")
+    assert {a.path for a in artifacts} == {f"eval/{n}" for n in ("results.json", "prompts.jsonl", "report.md",
+                                                                  "report.html")}  # fmt: skip
     metrics = MlflowClient(tracking_uri).get_run(tracking.run_id(cfg)).data.metrics
     assert metrics["eval/pooled/tau"] == pytest.approx(results.pooled.tau)
     assert metrics["eval/macro/tau"] == pytest.approx(results.macro.tau)
