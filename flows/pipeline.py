@@ -9,6 +9,9 @@ re-runs alone: `deepspec-regenerate-shards` (plan, one `regenerate-shard` task p
 prompts, `regen.parallel_shards` at a time, against the servers `serving` provides, then finalize) and
 `deepspec-cache-build` (plan, one `build_shard` task per missing shard on the task runner
 `storage.task_runner` selects: threads here, or a Dask cluster spanning machines, then finalize).
+
+Every flow holds the run's MLflow run open while it runs and ends it FINISHED or FAILED with the flow,
+tagged with the Prefect flow run's id and URL (`tracking.tracked`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from omegaconf import DictConfig
 from prefect import flow, unmapped
 from prefect.futures import wait
 
+from deepspec.tasks import tracking
 from deepspec.tasks.cache.stage import (
     build_shard_task,
     cache_task_runner,
@@ -86,45 +90,52 @@ def pipeline(overrides: list[str] | None = None, config_name: str = "config") ->
     """prompts -> regenerate -> cache -> train -> evaluate -> export, then a summary of the figures.
     The config is composed and checked first, so a bad value fails before any stage runs."""
     cfg = compose(overrides, config_name)
-    results = PipelineResult(
-        prompts=prompts_task(cfg),
-        regenerate=regenerate_stage(cfg),
-        cache=build_cache_stage(cfg),
-        train=train_task(cfg),
-        evaluate=evaluate_task(cfg),
-        export=export_task(cfg),
-    )
-    return summary_task(cfg, results)
+    with tracking.tracked(cfg):
+        results = PipelineResult(
+            prompts=prompts_task(cfg),
+            regenerate=regenerate_stage(cfg),
+            cache=build_cache_stage(cfg),
+            train=train_task(cfg),
+            evaluate=evaluate_task(cfg),
+            export=export_task(cfg),
+        )
+        return summary_task(cfg, results)
+
+
+def _tracked(stage, cfg: DictConfig):
+    """A stage flow's one stage, inside the run's MLflow lifecycle (`tracking.tracked`)."""
+    with tracking.tracked(cfg):
+        return stage(cfg)
 
 
 @flow(name="deepspec-prompts")
 def prompts_flow(overrides: list[str] | None = None, config_name: str = "config") -> PromptsResult:
-    return prompts_task(compose(overrides, config_name))
+    return _tracked(prompts_task, compose(overrides, config_name))
 
 
 @flow(name="deepspec-regenerate")
 def regenerate_flow(overrides: list[str] | None = None, config_name: str = "config") -> RegenResult:
-    return regenerate_stage(compose(overrides, config_name))
+    return _tracked(regenerate_stage, compose(overrides, config_name))
 
 
 @flow(name="deepspec-cache")
 def cache_flow(overrides: list[str] | None = None, config_name: str = "config") -> CacheResult:
-    return build_cache_stage(compose(overrides, config_name))
+    return _tracked(build_cache_stage, compose(overrides, config_name))
 
 
 @flow(name="deepspec-train")
 def train_flow(overrides: list[str] | None = None, config_name: str = "config") -> TrainResult:
-    return train_task(compose(overrides, config_name))
+    return _tracked(train_task, compose(overrides, config_name))
 
 
 @flow(name="deepspec-evaluate")
 def evaluate_flow(overrides: list[str] | None = None, config_name: str = "config") -> EvalResult:
-    return evaluate_task(compose(overrides, config_name))
+    return _tracked(evaluate_task, compose(overrides, config_name))
 
 
 @flow(name="deepspec-export")
 def export_flow(overrides: list[str] | None = None, config_name: str = "config") -> ExportResult:
-    return export_task(compose(overrides, config_name))
+    return _tracked(export_task, compose(overrides, config_name))
 
 
 STAGE_FLOWS = {

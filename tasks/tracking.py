@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,27 @@ def run_id(cfg: DictConfig) -> str:
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"tracking_uri": uri, "run_id": run.info.run_id}))
     return run.info.run_id
+
+
+@contextmanager
+def tracked(cfg: DictConfig) -> Iterator[str]:
+    """The run for the length of a flow: RUNNING while it runs, then FINISHED, or FAILED when the flow
+    raises (a re-run sets it RUNNING again). Tagged with the Prefect flow run it belongs to, when there
+    is one, so the MLflow run links back to the Prefect UI."""
+    client, rid = MlflowClient(tracking_uri(cfg)), run_id(cfg)
+    client.update_run(rid, status="RUNNING")
+    from prefect.runtime import flow_run
+
+    if flow_run.id:
+        client.set_tag(rid, "prefect.flow_run_id", str(flow_run.id))
+    if flow_run.ui_url:  # None without a UI (PREFECT_UI_URL unset)
+        client.set_tag(rid, "prefect.flow_run_url", str(flow_run.ui_url))
+    try:
+        yield rid
+    except BaseException:
+        client.set_terminated(rid, status="FAILED")
+        raise
+    client.set_terminated(rid, status="FINISHED")
 
 
 def log_metrics(cfg: DictConfig, metrics: dict[str, float], step: int | None = None) -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from deepspec.flows.pipeline import cache_flow, export_flow, pipeline, train_flow
+from deepspec.flows.pipeline import cache_flow, evaluate_flow, export_flow, pipeline, train_flow
 from deepspec.models.drafts import DRAFTS
-from deepspec.models.errors import ConfigError
+from deepspec.models.errors import ConfigError, DeepSpecError
 from deepspec.tasks.config import compose
 from deepspec.tasks.paths import run_paths
 
@@ -136,6 +136,9 @@ def test_all_stages_log_to_the_runs_mlflow_run(run):
     for key in [*stage_keys, "eval/pooled/tau"]:
         assert key in metrics, key
     assert run_data.params["algo.name"] == "dflash"
+    info = MlflowClient(record["tracking_uri"]).get_run(record["run_id"]).info
+    assert info.status == "FINISHED" and info.end_time is not None  # ended with its flow
+    assert run_data.tags["prefect.flow_run_url"].endswith(run_data.tags["prefect.flow_run_id"])
 
 
 def test_flow_run_is_recorded_by_the_prefect_server(run):
@@ -219,6 +222,16 @@ def test_a_stage_reruns_alone(run, all_algos):
     record = export_flow(overrides=run["overrides"])
     assert record.skipped is False
     assert DRAFTS["dflash"].validate_export(run["dir"] / "export" / "dflash") == []
+
+
+def test_a_failed_stage_flow_ends_its_mlflow_run_failed(run, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    overrides = [*run["overrides"], f"run_dir={tmp_path}"]  # a run with nothing trained yet
+    with pytest.raises(DeepSpecError, match="no trained draft"):
+        evaluate_flow(overrides=overrides)
+    record = json.loads((tmp_path / "mlflow_run-dflash.json").read_text())
+    assert MlflowClient(record["tracking_uri"]).get_run(record["run_id"]).info.status == "FAILED"
 
 
 def test_a_bad_configuration_fails_before_the_first_stage(run, monkeypatch, tmp_path):
