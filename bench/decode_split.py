@@ -24,16 +24,14 @@ where achieved = (plain decode s/token) / (speculative decode s/token), prefills
 from __future__ import annotations
 
 import argparse
-import functools
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from common import ASSETS, begin, eval_prompts, say, write_results
+from round_timing import Clock, TimedDrafter, binned, mean, rounds_of, timed_runner
 
-CONTEXT_BINS = (0, 256, 512, 1024, 2048, 1 << 30)
 PROMPT_LOOKUP_TOKENS = 10  # transformers' default n-gram draft length
 
 
@@ -47,69 +45,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-hf", action="store_true", help="skip transformers' generate baselines")
     p.add_argument("--out", type=Path, help="results JSON (bench/results/decode_split-<target>-<date>.json)")
     return p.parse_args()
-
-
-class Clock:
-    """Time of each engine call, in order: ("draft" | "verify" | "prefill" | "step", context, seconds)."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, int, float]] = []
-
-
-def timed_runner(clock: Clock):
-    """`TargetRunner` whose `extend` records its time: the prefill, then verify forwards (or plain steps)."""
-    from deepspec.models.target import TargetRunner
-
-    class TimedRunner(TargetRunner):
-        def extend(self, token_ids, **kwargs):
-            kind = "prefill" if self.length == 0 else ("step" if token_ids.numel() == 1 else "verify")
-            began = time.perf_counter()
-            out = super().extend(token_ids, **kwargs)
-            clock.events.append((kind, self.length - token_ids.numel(), time.perf_counter() - began))
-            return out
-
-    return TimedRunner
-
-
-class TimedDrafter:
-    """A drafter whose drafting call records its time; `decoding` passes through unless `no_cache`."""
-
-    def __init__(self, inner, clock: Clock, no_cache: bool):
-        self.num_draft_tokens = inner.num_draft_tokens
-        name = "propose" if hasattr(inner, "propose") else "draft_logits"
-        method = getattr(inner, name)
-
-        @functools.wraps(method)  # keeps the signature the engine reads (context_ids, ...)
-        def timed(context_features, *args, **kwargs):
-            began = time.perf_counter()
-            out = method(context_features, *args, **kwargs)
-            clock.events.append(("draft", context_features.shape[0], time.perf_counter() - began))
-            return out
-
-        setattr(self, name, timed)
-        if hasattr(inner, "decoding") and not no_cache:
-            self.decoding = inner.decoding
-
-
-def rounds_of(events: list[tuple[str, int, float]], total_s: float) -> list[dict[str, float]]:
-    """Rounds from one generation's events: a round starts at a draft call; its overhead is the rest of
-    the time between the end of the prefill and the end of the generation, shared out evenly."""
-    rounds, prefill_s = [], 0.0
-    for kind, context, seconds in events:
-        if kind == "prefill":
-            prefill_s += seconds
-        elif kind == "draft":
-            rounds.append({"context": context, "draft_s": seconds, "verify_s": 0.0})
-        elif kind == "verify" and rounds:
-            rounds[-1]["verify_s"] += seconds
-    spare = total_s - prefill_s - sum(r["draft_s"] + r["verify_s"] for r in rounds)
-    for r in rounds:
-        r["overhead_s"] = spare / len(rounds)
-    return rounds
-
-
-def mean(values: list[float]) -> float | None:
-    return statistics.fmean(values) if values else None
 
 
 def main() -> None:
@@ -204,18 +139,6 @@ def main() -> None:
         figures["hf"] = hf_baselines(model, tokenizer, prompts, args.tokens, sorted(eos))
     print(tables(figures))
     write_results(figures, target=Path(cfg.target.path).name, args=args, out=args.out)
-
-
-def binned(rows: list[dict[str, float]], keys: list[str]) -> list[dict[str, Any]]:
-    """Mean of `keys` over rows grouped by context length (CONTEXT_BINS)."""
-    out = []
-    for lo, hi in zip(CONTEXT_BINS, CONTEXT_BINS[1:], strict=False):
-        chosen = [r for r in rows if lo <= r["context"] < hi]
-        if chosen:
-            out.append(
-                {"context": [lo, hi], "count": len(chosen), **{k: mean([r[k] for r in chosen]) for k in keys}}
-            )
-    return out
 
 
 def hf_baselines(model, tokenizer, prompts, max_new_tokens: int, eos: list[int]) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""bench/gpu_reference.py, the prepared GPU run: it skips cleanly without CUDA, and its CPU check runs the
-whole path (import shim, data, training, step time, evaluation) on stories260k and writes its figures."""
+"""The prepared GPU runs skip cleanly without CUDA, and their CPU checks run the whole path and write their
+figures: bench/gpu_reference.py (import shim, data, training, step time, evaluation on stories260k) and
+bench/gpu_decode_split.py (a round's draft, verify and overhead time at each context length)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ SCRIPT = REPO / "bench" / "gpu_reference.py"
 ALGOS = ("eagle3", "dflash", "dspark")
 
 
-def run_script(args: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+def run_script(
+    args: list[str], env: dict[str, str], timeout: int, script: Path = SCRIPT
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [sys.executable, str(script), *args],
         cwd=REPO,
         env={**os.environ, "OMP_NUM_THREADS": "1", **env},
         capture_output=True,
@@ -69,3 +72,24 @@ def test_gpu_reference_skips_without_cuda_and_its_cpu_check_reports_every_figure
             assert all(f["tau"] >= 1.0 for f in per_algo[name]["benchmarks"].values())
             if key == "T=0":  # lossless: a float32 target's greedy output is the plain one
                 assert per_algo[name]["greedy_match"] == 1.0
+
+
+def test_gpu_decode_split_skips_without_cuda_and_its_cpu_check_splits_every_round(tmp_path):
+    split = REPO / "bench" / "gpu_decode_split.py"
+    skipped = run_script([], {"CUDA_VISIBLE_DEVICES": ""}, timeout=120, script=split)
+    assert skipped.returncode == 0, skipped.stderr
+    assert skipped.stdout.strip().splitlines() == [
+        "gpu_decode_split: no CUDA device here; nothing to measure (use --device cpu for the check)"
+    ]
+    out = tmp_path / "split.json"
+    args = ["--device", "cpu", "--smoke", "--force-shim", "--out", str(out)]
+    done = run_script(args, {"CUDA_VISIBLE_DEVICES": ""}, timeout=300, script=split)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["import"]["mode"] == "shim" and record["import"]["forbidden_loaded"] == []
+    figures = record["figures"]
+    assert set(figures["t1_s"]) == {"16", "64"} and all(t > 0 for t in figures["t1_s"].values())
+    for name in ("dflash", "dspark", "eagle3"):
+        for context, row in figures["algos"][name].items():
+            assert row["rounds"] > 0 and row["draft_s"] > 0 and row["verify_s"] > 0, (name, context)
+            assert 0 <= row["overhead_share"] < 0.5, (name, context, row)
