@@ -14,7 +14,9 @@ The schedule only chooses how many drafts each request verifies; verification ke
 
 `simulate` replays recorded rounds (each round's c_k and how many drafts verification kept of a full
 block) at a concurrency: each step draws one round per request, the scheduler (or a fixed length) picks
-the lengths, a request gains min(kept, l_r) + 1 tokens, and the step takes 1 / SPS(B) seconds.
+the lengths, a request gains min(kept, l_r) + 1 tokens, and the step takes 1 / SPS(B) seconds, plus the
+drafting time of a step when given (`draft_s`: the batch's drafts, run before it is scheduled; none
+when no request drafts).
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def simulate(
     steps: int = 200,
     temperatures: Sequence[float] | None = None,
     fixed_length: int | None = None,
+    draft_s: float = 0.0,
     seed: int = 0,
 ) -> Served:
     """Serve `concurrency` requests for `steps` steps from recorded rounds (see the module docstring):
@@ -93,6 +96,6 @@ def simulate(
         else:
             lengths = [min(fixed_length, len(c)) for c, _ in batch]
         tokens += sum(min(kept, n) + 1 for (_, kept), n in zip(batch, lengths, strict=True))
-        seconds += 1.0 / profile(concurrency + sum(lengths))
+        seconds += 1.0 / profile(concurrency + sum(lengths)) + (draft_s if fixed_length != 0 else 0.0)
         drafts += sum(lengths)
     return Served(tokens / seconds, tokens / (steps * concurrency), drafts / (steps * concurrency))

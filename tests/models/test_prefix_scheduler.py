@@ -55,3 +55,9 @@ def test_simulation_counts_tokens_and_time():
     assert full.mean_length == 2.0 and 1.0 < full.tokens_per_request_step < 3.0
     scheduled = simulate(rounds, flat, 4, steps=50, seed=1)  # a flat profile: verify everything offered
     assert scheduled.tokens_per_s == pytest.approx(full.tokens_per_s)
+    # drafting costs a step its time: 0.1 s of verify plus 0.1 s of drafting halves the rate
+    drafting = simulate(rounds, flat, 4, steps=50, fixed_length=2, seed=1, draft_s=0.1)
+    assert drafting.tokens_per_s == pytest.approx(full.tokens_per_s / 2)
+    assert simulate(
+        rounds, flat, 4, steps=50, fixed_length=0, seed=1, draft_s=0.1
+    ).tokens_per_s == pytest.approx(40)
