@@ -136,9 +136,9 @@ def main() -> None:
     serving = []
     for n in CONCURRENCY:
         row: dict[str, Any] = {"concurrency": n}
-        row["scheduler"] = vars(simulate(rounds, step_profile, n, temperatures=temperatures))
+        row["scheduler"] = vars(simulate(rounds, step_profile, n, temperatures=temperatures, draft_s=draft_s))
         row["fixed"] = {
-            length: vars(simulate(rounds, step_profile, n, fixed_length=length))
+            length: vars(simulate(rounds, step_profile, n, fixed_length=length, draft_s=draft_s))
             for length in range(slots + 1)
         }
         serving.append(row)
