@@ -374,9 +374,17 @@ def _run_folder(path: Path) -> Path:
     return path.parent.parent if path.parent.name == "eval" else path
 
 
+def _algo_folder(path: Path) -> str | None:
+    """The algorithm a path names, when it points into `<run>/eval/<algo>`."""
+    path = Path(path).resolve()
+    path = path.parent if path.is_file() else path
+    return path.name if path.parent.name == "eval" else None
+
+
 def run_names(paths: list[Path]) -> list[str]:
-    """Each run folder's name; runs of one name get parent folders prepended until they differ, and the
-    same folder given twice gets "#2", "#3"."""
+    """Each run folder's name; runs of one name get parent folders prepended until they differ; one run
+    folder named for several of its algorithms (`<run>/eval/<algo>`) gives "<run>/<algo>"; the same
+    folder given twice gets "#2", "#3"."""
     folders = [_run_folder(p) for p in paths]
     depth = [1] * len(folders)
 
@@ -391,6 +399,10 @@ def run_names(paths: list[Path]) -> list[str]:
         for i in clash:
             depth[i] += 1
     names, seen = [name(i) for i in range(len(folders))], {}
+    for i, path in enumerate(paths):
+        algo = _algo_folder(path)
+        if algo and folders.count(folders[i]) > 1:
+            names[i] = f"{names[i]}/{algo}"
     for i, base in enumerate(names):
         seen[base] = seen.get(base, 0) + 1
         names[i] = base if seen[base] == 1 else f"{base}#{seen[base]}"

@@ -10,6 +10,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from support.documented import documented_commands
 from support.drafts import save_untrained_draft
 
 from deepspec.flows.cli import main
@@ -81,7 +82,7 @@ def _result(**changes) -> EvalResult:
 def _run_dir(root: Path, record: dict) -> Path:
     """A run folder as the evaluate stage leaves it: <run>/eval/<algo>/results.json."""
     path = root / "eval" / record["algo"] / "results.json"
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record), encoding="utf-8")
     return root
 
@@ -217,7 +218,8 @@ def test_run_names_tell_runs_apart(tmp_path):
         "a/exp", "b/exp", "other"
     ]  # fmt: skip
     same = tmp_path / "c/other"
-    assert run_names([same, same / "eval/dspark/results.json"]) == ["other", "other#2"]
+    assert run_names([same, same / "eval/dspark/results.json"]) == ["other", "other/dspark"]
+    assert run_names([same, same]) == ["other", "other#2"]
 
 
 def test_report_command(tmp_path, capsys):
@@ -302,3 +304,18 @@ def test_a_browser_renders_the_page(evaluated_run, tmp_path):
     counts = {rgb: n for n, rgb in colours}
     assert counts.get((255, 255, 255), 0) < 1200 * 1600 * 0.95
     assert counts.get((31, 119, 180), 0) > 20 and counts.get((255, 127, 14), 0) > 20  # chart lines drawn
+
+
+def test_the_readmes_report_command_runs_as_written(tmp_path, monkeypatch, capsys):
+    """The README's `deepspec report` line, in a folder holding the runs it names."""
+    readme = [argv for place, argv in documented_commands() if place.startswith("README")]
+    argv = next(argv for argv in readme if argv[0] == "report")
+    monkeypatch.chdir(tmp_path)
+    _run_dir(Path("runs/stories260k"), _record(algo="dflash"))
+    _run_dir(Path("runs/stories260k"), _record(tau=(1.25, 3.0), algo="eagle3"))
+    _run_dir(Path("runs/stories-lr"), _record(tau=(1.25, 3.0), algo="dflash"))
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| stories260k/dflash | 1.50 | 2.25 |" in out and "| stories260k/eagle3 | 1.25 | 3.00 |" in out
+    assert "| stories-lr | 1.25 | 3.00 |" in out
+    check_page_text(tmp_path / "compare.html")
