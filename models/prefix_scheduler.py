@@ -99,3 +99,17 @@ def simulate(
         seconds += 1.0 / profile(concurrency + sum(lengths)) + (draft_s if fixed_length != 0 else 0.0)
         drafts += sum(lengths)
     return Served(tokens / seconds, tokens / (steps * concurrency), drafts / (steps * concurrency))
+
+
+def scheduled_lengths(
+    profile: Callable[[int], float], temperatures: Sequence[float] | None = None
+) -> Callable[[list[tuple]], list[int]]:
+    """Algorithm 1 as `batch_speculative.batch_speculative_generate`'s `choose_lengths`: the requests'
+    proposals (drafts, laws, confidences) in, the draft length each verifies out."""
+
+    def choose(proposals: list[tuple]) -> list[int]:
+        return schedule(
+            [prefix_survival(confidence, temperatures) for _, _, confidence in proposals], profile
+        )
+
+    return choose

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from support.eagle3 import target_samples, train_eagle3
-from support.lossless import chi_square_pvalue, keep_every_draft
+from support.lossless import bigram_dspark, chi_square_pvalue, keep_every_draft
 
 from deepspec.models.drafts.dspark import DSparkConfig, DSparkDraft
 from deepspec.models.drafts.eagle3 import Eagle3Config, Eagle3Draft, build_draft_vocab
@@ -177,27 +177,6 @@ def test_confidence_threshold_needs_a_confidence_head(stories):
 
 CHI_PROMPT = "One day, a"
 # CHI_TOKENS = 3: the first token is the target's own; a round of two slots drafts the next two
-
-
-@torch.no_grad()
-def bigram_dspark(target, bos: int) -> DSparkDraft:
-    """A DSpark draft whose slot logits are the target's next-token logits after [bos, x_{k-1}]: the
-    backbone outputs zeros and a full-rank vanilla Markov head holds the bigram table. Its slot 1 law
-    depends on the token drawn at slot 0, and it is close enough to the target to be accepted often."""
-    vocab = target.config.vocab_size
-    cfg = DSparkConfig.from_target(
-        target.config, num_layers=1, block_size=2, layer_ids=LAYER_IDS, mask_token_id=0, markov_rank=vocab,
-        markov_head_type="vanilla", confidence_head=True, confidence_head_with_markov=True, num_anchors=8,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    draft = DSparkDraft(cfg, *_weights(target))
-    pairs = torch.stack([torch.full((vocab,), bos), torch.arange(vocab)], dim=1)
-    bigram = target(input_ids=pairs).logits[:, -1].float()  # [x, next]
-    draft.backbone.norm.weight.zero_()  # h_k = 0: the base logits vanish
-    draft.markov_head.markov_w1.weight.copy_(torch.eye(vocab))
-    draft.markov_head.markov_w2.weight.copy_(0.8 * bigram.t())  # flattened: not the target's law
-    draft.confidence_head.proj.weight.normal_(std=2.0)  # c_k varies with x_{k-1}
-    return draft.eval()
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.5], ids=["whole-blocks", "short-proposals"])

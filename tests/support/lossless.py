@@ -1,5 +1,6 @@
 """The statistical test of lossless sampling: the joint law of the first tokens speculative decoding
-samples at temperature 1, against the target's exact law of those tokens (a chi-square test)."""
+samples at temperature 1, against the target's exact law of those tokens (a chi-square test); a broken
+acceptance rule to swap in, and a DSpark drafter close enough to a target to be accepted often."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Callable
 import torch
 from scipy.stats import chisquare
 
+from deepspec.models.drafts.dspark import DSparkConfig, DSparkDraft
 from deepspec.models.speculative import speculative_generate
 
 CHI_TOKENS = 3  # the joint law of the first three new tokens
@@ -39,17 +41,24 @@ def chi_square_pvalue(
     model, layer_ids: list[int], prompt: list[int], drafter: Callable, n_samples: int
 ) -> float:
     """p-value of `n_samples` speculative samples (temperature 1, one seeded generator) against the exact
-    law; `drafter()` gives the drafter of each sample. Bins: each likely continuation, plus the rest,
-    made large enough by pooling the smallest."""
-    law = exact_law(model, prompt, n_samples)
+    law; `drafter()` gives the drafter of each sample."""
     generator = torch.Generator().manual_seed(0)
-    counts, other = dict.fromkeys(law, 0), 0
+    samples = []
     for _ in range(n_samples):
         result = speculative_generate(
             model, layer_ids, drafter(), prompt, max_new_tokens=CHI_TOKENS, temperature=1.0,
             eos_token_ids=set(), generator=generator,
         )  # fmt: skip
-        key = tuple(result.tokens)
+        samples.append(tuple(result.tokens))
+    return pvalue_of(samples, exact_law(model, prompt, len(samples)))
+
+
+def pvalue_of(samples: list[tuple[int, ...]], law: dict[tuple[int, ...], float]) -> float:
+    """Chi-square p-value of sampled continuations against their exact law. Bins: each likely
+    continuation, plus the rest, made large enough by pooling the smallest."""
+    n_samples = len(samples)
+    counts, other = dict.fromkeys(law, 0), 0
+    for key in samples:
         if key in counts:
             counts[key] += 1
         else:
@@ -64,3 +73,25 @@ def chi_square_pvalue(
     observed = [counts[k] for k in bins] + [other]
     expected = [law[k] * n_samples for k in bins] + [rest * n_samples]
     return chisquare(observed, expected).pvalue
+
+
+@torch.no_grad()
+def bigram_dspark(target, bos: int, layer_ids: tuple[int, ...] = (0, 2, 4)) -> DSparkDraft:
+    """A DSpark draft whose slot logits are the target's next-token logits after [bos, x_{k-1}]: the
+    backbone outputs zeros and a full-rank vanilla Markov head holds the bigram table. Its slot 1 law
+    depends on the token drawn at slot 0, and it is close enough to the target to be accepted often."""
+    vocab = target.config.vocab_size
+    cfg = DSparkConfig.from_target(
+        target.config, num_layers=1, block_size=2, layer_ids=list(layer_ids), mask_token_id=0,
+        markov_rank=vocab, markov_head_type="vanilla", confidence_head=True, confidence_head_with_markov=True,
+        num_anchors=8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    draft = DSparkDraft(cfg, target.get_input_embeddings().weight, target.get_output_embeddings().weight)
+    pairs = torch.stack([torch.full((vocab,), bos), torch.arange(vocab)], dim=1)
+    bigram = target(input_ids=pairs).logits[:, -1].float()  # [x, next]
+    draft.backbone.norm.weight.zero_()  # h_k = 0: the base logits vanish
+    draft.markov_head.markov_w1.weight.copy_(torch.eye(vocab))
+    draft.markov_head.markov_w2.weight.copy_(0.8 * bigram.t())  # flattened: not the target's law
+    draft.confidence_head.proj.weight.normal_(std=2.0)  # c_k varies with x_{k-1}
+    return draft.eval()
