@@ -93,7 +93,7 @@ def main() -> None:
     from deepspec.models import calibration
     from deepspec.models.drafts import load_draft
     from deepspec.models.prefix_scheduler import StepProfile, simulate
-    from deepspec.models.speculative import acceptance_stats, speculative_generate
+    from deepspec.models.speculative import acceptance_stats, confidence_rounds, speculative_generate
     from deepspec.models.target import input_embeddings, load_target, output_head
     from deepspec.tasks.evaluate.stage import stop_token_ids
 
@@ -118,7 +118,7 @@ def main() -> None:
     timed = TimedDrafter(drafter, clock)
     results = [speculative_generate(model, layer_ids, timed, ids, **decode) for _, ids in prompts]
     draft_s = statistics.fmean(seconds for kind, _, seconds in clock.events if kind == "draft")
-    rounds = [(c, a) for r in results for c, a in zip(r.confidence, r.accepted, strict=True) if c]
+    rounds = confidence_rounds(results)
     stats = acceptance_stats(results)
     slots = drafter.num_draft_tokens
     say(f"{len(rounds)} rounds, tau {stats['tau']:.2f}")

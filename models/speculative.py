@@ -347,6 +347,12 @@ def _rounds(result: SpecResult) -> list[tuple[int, int, int, list[float]]]:
     return list(zip(proposed, result.accepted, committed, confidence, strict=True))
 
 
+def confidence_rounds(results: Sequence[SpecResult]) -> list[tuple[list[float], int]]:
+    """(c_k of the drafts each round put up, drafts it kept) of every round with a confidence head's
+    output: what `calibration.py` fits and scores."""
+    return [(c[:p], a) for r in results for p, a, _, c in _rounds(r) if c]
+
+
 def _ratio(num: float, den: float) -> float | None:
     return num / den if den else None
 
@@ -393,7 +399,7 @@ def confidence_stats(results: Sequence[SpecResult]) -> dict | None:
     out["reliability"] = calibration.reliability(sum(scores, []), sum(outcomes, []))
     # Sequential Temperature Scaling: temperatures fitted on every round, and the prefix ECE before and
     # after it, the latter cross-fitted over two folds of the generations (even and odd)
-    folds = [[(c[:p], a) for r in results[i::2] for p, a, _, c in _rounds(r) if c] for i in (0, 1)]
+    folds = [confidence_rounds(results[i::2]) for i in (0, 1)]
     out["sts_temperatures"] = calibration.fit_sts(folds[0] + folds[1], num_drafts)
     out["prefix_ece"] = calibration.prefix_ece(folds[0] + folds[1], num_drafts)
     out["prefix_ece_sts"] = calibration.cross_fitted_prefix_ece(folds, num_drafts) if all(folds) else None

@@ -139,6 +139,7 @@ class EvalConfig:
     domains: dict[str, list[str]]
     target_dtype: str | None  # null: target.dtype
     multi_turn: bool
+    calibration_prompts: int
 
 
 @dataclass

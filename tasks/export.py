@@ -22,6 +22,7 @@ from deepspec.models.drafts import draft_spec
 from deepspec.models.drafts.spec import DraftSpec
 from deepspec.models.errors import DeepSpecError
 from deepspec.tasks import files, tracking
+from deepspec.tasks.evaluate.stage import STS_FILE
 from deepspec.tasks.paths import run_paths
 from deepspec.tasks.results import ExportResult, from_record, to_record
 from deepspec.tasks.train.stage import train_hash, trained_draft
@@ -59,7 +60,11 @@ def write_export(cfg: DictConfig, spec: DraftSpec, source: Path, out: Path) -> s
     embed, head = load_embedding_and_head(t.path, t.gguf_file, t.revision, "float32")
     target_config = AutoConfig.from_pretrained(resolve_source(t.path, t.gguf_file), revision=t.revision)
     out.mkdir(parents=True, exist_ok=True)
-    return spec.export(spec.load(source, embed, head), out, target_config)
+    architecture = spec.export(spec.load(source, embed, head), out, target_config)
+    calibration = source / STS_FILE  # DSpark's fitted temperatures: no engine reads them yet
+    if calibration.is_file():
+        files.atomic_write_text(out / STS_FILE, calibration.read_text(encoding="utf-8"))
+    return architecture
 
 
 @task(name="export", cache_policy=NO_CACHE)  # stages validate their own outputs

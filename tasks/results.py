@@ -86,6 +86,9 @@ class ConfidenceFigures:
     sts_temperatures: list[float] = field(default_factory=list)  # Sequential Temperature Scaling, per slot
     prefix_ece: list[float | None] = field(default_factory=list)  # of the raw c_0 * ... * c_k
     prefix_ece_sts: list[float | None] | None = None  # of the calibrated ones, cross-fitted on two folds
+    # eval.calibration_prompts > 0: STS fitted on held-out prompts (temperatures, prompts, rounds, the
+    # held-out file) and the prefix ECE of these rounds after it
+    sts_heldout: dict[str, Any] | None = None
 
 
 @dataclass

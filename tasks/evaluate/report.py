@@ -71,6 +71,9 @@ def calibration_table(c: ConfidenceFigures) -> Table:
               "cond. Brier", "prefix ECE", "prefix ECE (STS)", "STS temperature"]  # fmt: skip
     columns = [c.mean, c.predicted_prefix, c.observed_prefix, c.conditional_ece, c.conditional_auroc,
                c.conditional_brier, c.prefix_ece, c.prefix_ece_sts, c.sts_temperatures]  # fmt: skip
+    if c.sts_heldout:  # eval.calibration_prompts: the temperatures saved with the draft
+        header = [*header, "prefix ECE (held-out STS)", "held-out temperature"]
+        columns += [c.sts_heldout["prefix_ece"], c.sts_heldout["temperatures"]]
     return header, [[str(k), *(num(_at(col, k), 3) for col in columns)] for k in range(len(c.mean))]
 
 

@@ -54,12 +54,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
+from deepspec.models import calibration
 from deepspec.models.chat import end_of_turn_ids, render_prompt
 from deepspec.models.errors import ConfigError, DeepSpecError
 from deepspec.models.speculative import (
     Drafter,
     SpecResult,
     acceptance_stats,
+    confidence_rounds,
     speculative_generate,
     target_generate,
 )
@@ -68,7 +70,7 @@ from deepspec.tasks import tracking
 from deepspec.tasks.config import config_hash
 from deepspec.tasks.evaluate import report
 from deepspec.tasks.evaluate.benchmarks import BUILTIN, benchmark_cap, load_benchmark, select_prompts
-from deepspec.tasks.files import atomic_write_text, mark_done, read_done, sha256_file
+from deepspec.tasks.files import atomic_write_text, mark_done, read_done, read_jsonl, sha256_file
 from deepspec.tasks.paths import rendering, run_paths
 from deepspec.tasks.results import (
     BenchmarkFigures,
@@ -83,6 +85,7 @@ log = logging.getLogger(__name__)
 
 RESULTS_FILE = report.RESULTS_FILE  # report.py finds results by this name
 PROMPTS_FILE = "prompts.jsonl"
+STS_FILE = "sts.json"  # beside the draft: Sequential Temperature Scaling fitted on held-out prompts
 
 
 def stop_token_ids(cfg: DictConfig, tokenizer) -> set[int]:
@@ -272,6 +275,10 @@ def evaluate(
     def ids_of(messages: list[dict]) -> list[int]:
         return render_prompt(tokenizer, messages, **rendering(cfg))
 
+    sts = None
+    if cfg.eval.calibration_prompts > 0:
+        sts = fit_heldout_sts(cfg, model, tokenizer, drafter, Path(draft_file).parent, decode)
+
     # one untimed run of each, so lazy initialisation does not count against the first benchmark
     warm = ids_of([{"role": "user", "content": next(iter(prompts.values()))[0][1][0]}])
     speculative_generate(
@@ -331,6 +338,10 @@ def evaluate(
             len(rows),
         )
     overall = _figures(pooled["spec"], pooled["plain"], sum(pooled["spec_s"]), sum(pooled["plain_s"]), greedy)
+    if sts is not None and overall.confidence is not None:  # held-out temperatures on the benchmarks' rounds
+        rounds = confidence_rounds(pooled["spec"])
+        sts["prefix_ece"] = calibration.prefix_ece(rounds, drafter.num_draft_tokens, sts["temperatures"])
+        overall.confidence.sts_heldout = sts
     domains = {
         domain: macro_figures(per_bench, [n for n in names if n in per_bench])
         for domain, names in cfg.eval.domains.items()
@@ -366,6 +377,42 @@ def evaluate(
         tracking.log_artifact(cfg, path, "eval")
     mark_done(stage, done_hash, results=RESULTS_FILE, draft_sha256=draft_sha, benchmarks=benchmarks)
     return result
+
+
+def fit_heldout_sts(cfg: DictConfig, model, tokenizer, drafter, draft_dir: Path, decode: dict) -> dict:
+    """Sequential Temperature Scaling of a DSpark draft's confidence head, fitted on the rounds of greedy
+    decoding of `eval.calibration_prompts` held-out prompts (the prompts stage's heldout.jsonl, first
+    user turn), saved beside the draft as `sts.json` (the export stage carries it along)."""
+    if getattr(drafter, "confidence_head", None) is None:
+        raise ConfigError(
+            f"eval.calibration_prompts={cfg.eval.calibration_prompts}: the {cfg.algo.name} draft has no "
+            "confidence head to calibrate; set eval.calibration_prompts=0"
+        )
+    path = run_paths(cfg).heldout
+    if not path.is_file():
+        raise DeepSpecError(
+            f"eval.calibration_prompts: {path} does not exist; run `deepspec prompts` (with "
+            "prompts.heldout_fraction > 0) first, or set eval.calibration_prompts=0"
+        )
+    rows = [row for _, row in read_jsonl(path)][: cfg.eval.calibration_prompts]
+    rounds = []
+    for row in tqdm(rows, desc="calibrate", unit="prompt"):
+        first = next(t for t in row["conversations"] if t["role"] == "user")
+        ids = render_prompt(tokenizer, [first], **rendering(cfg))
+        result = speculative_generate(
+            model, list(cfg.target.layer_ids), drafter, ids, **{**decode, "temperature": 0.0}
+        )
+        rounds += confidence_rounds([result])
+    sts = {
+        "temperatures": calibration.fit_sts(rounds, int(drafter.num_draft_tokens)),
+        "prompts": len(rows),
+        "rounds": len(rounds),
+        "heldout": str(path),
+    }
+    atomic_write_text(draft_dir / STS_FILE, json.dumps(sts, indent=2))
+    log.info("evaluate: STS temperatures %s from %d held-out rounds -> %s", sts["temperatures"],
+             len(rounds), draft_dir / STS_FILE)  # fmt: skip
+    return sts
 
 
 def eval_metrics(result: EvalResult) -> dict[str, float]:

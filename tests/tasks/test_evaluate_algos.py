@@ -14,6 +14,8 @@ from deepspec.models.errors import ConfigError, DeepSpecError
 from deepspec.models.target import load_target
 from deepspec.tasks.config import compose
 from deepspec.tasks.evaluate.stage import evaluate
+from deepspec.tasks.export import export
+from deepspec.tasks.paths import run_paths
 
 SMALL = {
     "eagle3": ["algo.ttt_steps=3", "algo.draft_vocab_size=null"],
@@ -65,3 +67,36 @@ def test_evaluate_runs_the_trained_draft(assets_dir, tracking_uri, tmp_path, alg
     (tmp_path / "train" / algo).rename(tmp_path / "train" / "dflash")  # another algorithm's, by hand
     with pytest.raises(ConfigError, match=f"is a {algo} draft, but algo=dflash"):
         evaluate(dflash)
+
+
+def test_dspark_confidence_is_calibrated_on_held_out_prompts(assets_dir, tracking_uri, tmp_path):
+    """eval.calibration_prompts: STS fitted on the prompts stage's held-out prompts, saved beside the draft
+    and carried by the export; the benchmarks' prefix ECE after it is in the results."""
+    stories = assets_dir / "models" / "stories260k"
+    torch.set_num_threads(1)
+    cfg = compose(
+        ["target=stories260k", f"target.path={stories}", f"run_dir={tmp_path}", "algo=dspark",
+         *SMALL["dspark"], "eval.benchmarks=[gsm8k]", "eval.max_samples=1", "eval.max_new_tokens=8",
+         "eval.calibration_prompts=2", f"tracking.uri={tracking_uri}"]
+    )  # fmt: skip
+    target, _ = load_target(str(stories))
+    draft = save_untrained_draft(cfg, target)
+    with pytest.raises(DeepSpecError, match=r"heldout.jsonl does not exist; run `deepspec prompts`"):
+        evaluate(cfg)
+
+    heldout = run_paths(cfg).heldout
+    heldout.parent.mkdir(parents=True)
+    texts = ["Once upon a time", "The dog ran", "never read: past the cap"]
+    rows = [{"id": str(i), "source": "t", "category": "c", "conversations": [{"role": "user", "content": t}]}
+            for i, t in enumerate(texts)]  # fmt: skip
+    heldout.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    results = evaluate(cfg)
+    sts = json.loads((run_paths(cfg).draft_dir / "sts.json").read_text())
+    assert sts["prompts"] == 2 and sts["rounds"] > 0 and len(sts["temperatures"]) == draft.num_draft_tokens
+    heldout_figures = results.pooled.confidence.sts_heldout
+    assert heldout_figures["temperatures"] == sts["temperatures"]
+    assert len(heldout_figures["prefix_ece"]) == draft.num_draft_tokens
+    assert "prefix ECE (held-out STS)" in (run_paths(cfg).eval_dir / "report.md").read_text()
+
+    export(cfg)
+    assert json.loads((run_paths(cfg).export_dir / "sts.json").read_text()) == sts
