@@ -1,7 +1,11 @@
 """Training figures between two logged optimizer steps: loss, per-slot agreement with the labels (and
-DSpark's survival chance), the accepted length they imply, and any scalar a loss reports."""
+DSpark's survival chance), the accepted length they imply, any scalar a loss reports, the gradient norm
+before clipping, and the samples and tokens a second (this rank's, times the ranks: every rank trains on
+an equal share of each optimizer step's samples)."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -18,9 +22,14 @@ class Metrics:
         self.hits, self.counts = torch.zeros(self.slots), torch.zeros(self.slots)
         self.accept: torch.Tensor | None = None
         self.scalars: dict[str, float] = {}
+        self.samples, self.tokens, self.began = 0, 0, time.perf_counter()
+        self.grad_norms: list[float] = []
 
-    def add(self, loss: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+    def add(
+        self, loss: torch.Tensor, stats: dict[str, torch.Tensor], samples: int = 0, tokens: int = 0
+    ) -> None:
         self.loss, self.n = self.loss + loss.item(), self.n + 1
+        self.samples, self.tokens = self.samples + samples, self.tokens + tokens
         self.hits += stats["slot_hits"]
         self.counts += stats["slot_counts"]
         if "slot_accept" in stats:  # DSpark: the chance each slot survives verification, 1 - TV
@@ -29,15 +38,25 @@ class Metrics:
             if torch.is_tensor(value) and value.dim() == 0:
                 self.scalars[key] = self.scalars.get(key, 0.0) + float(value)
 
-    def summary(self, lr: float) -> dict[str, float]:
+    def add_grad_norm(self, norm: float | None) -> None:
+        """An optimizer step's global gradient norm (before clipping), when the engine reports one."""
+        if norm is not None:
+            self.grad_norms.append(float(norm))
+
+    def summary(self, lr: float, world: int = 1) -> dict[str, float]:
         accuracy = self.hits / self.counts.clamp(min=1)
+        seconds = max(time.perf_counter() - self.began, 1e-9)
         metrics = {
             "train/loss": self.loss / max(1, self.n),
             "train/lr": lr,
             "train/expected_tau": expected_accepted_length(accuracy),
             **{f"train/acc_slot{k}": float(a) for k, a in enumerate(accuracy)},
             **{f"train/{key}": total / max(1, self.n) for key, total in self.scalars.items()},
+            "train/samples_per_s": self.samples * world / seconds,
+            "train/tokens_per_s": self.tokens * world / seconds,
         }
+        if self.grad_norms:
+            metrics["train/grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
         if self.accept is not None:
             accept = self.accept / self.counts.clamp(min=1)
             metrics["train/expected_tau_accept"] = expected_accepted_length(accept)

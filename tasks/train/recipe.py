@@ -172,17 +172,20 @@ class TrainRecipe:
             )
             self.engine.backward(loss)  # gradients add up over the micro-steps of one optimizer step
             boundary = self.engine.is_gradient_accumulation_boundary()
+            unclipped = self._grad_norm() if boundary else None
             # The optimizer and the lr schedule step here, but only at the boundary: every
             # `accumulation` micro-steps DeepSpeed reduces the gradients over the ranks, clips them,
             # steps and zeroes them; on the other micro-steps this call does nothing.
             self.engine.step()
-            running.add(loss, stats)
+            running.add(loss, stats, len(batch), sum(int(b["num_tokens"]) for b in batch))
             bar.update(1)
             if not boundary:
                 continue
+            engine_norm = self.engine.get_global_grad_norm()  # ZeRO's optimizers keep it
+            running.add_grad_norm(unclipped if engine_norm is None else engine_norm)
             step = (micro + 1) // self.accumulation
             if self.rank == 0 and (step % train.log_every_steps == 0 or micro + 1 == self.total_micro):
-                self.metrics = running.summary(self.scheduler.get_last_lr()[0])
+                self.metrics = running.summary(self.scheduler.get_last_lr()[0], self.world)
                 bar.set_postfix(
                     loss=f"{self.metrics['train/loss']:.3f}", tau=f"{self.metrics['train/expected_tau']:.2f}"
                 )
@@ -191,6 +194,14 @@ class TrainRecipe:
             if step % train.save_every_steps == 0:
                 self.save_checkpoint(step, micro + 1)
         bar.close()
+
+    def _grad_norm(self) -> float | None:
+        """The gradient norm before clipping, when every rank holds whole, reduced gradients (no ZeRO:
+        DeepSpeed all-reduces them in the boundary's backward); ZeRO's optimizers report their own."""
+        if self.engine.zero_optimization_stage() != 0:
+            return None
+        grads = [p.grad.detach().float() for p in self.model.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else None
 
     def save_checkpoint(self, step: int, next_micro: int) -> None:
         """Every rank writes its part: the engine's state and where the stream stands."""

@@ -132,7 +132,17 @@ def test_all_stages_log_to_the_runs_mlflow_run(run):
     record = json.loads((run["dir"] / "mlflow_run-dflash.json").read_text())
     run_data = MlflowClient(record["tracking_uri"]).get_run(record["run_id"]).data
     metrics = run_data.metrics
-    stage_keys = ["prompts/rows", "regen/output_tokens", "cache/bytes_per_token", "train/loss"]
+    stage_keys = [
+        "prompts/rows",
+        "regen/output_tokens",
+        "cache/bytes_per_token",
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/samples_per_s",
+        "train/acc_slot0",
+    ]
     for key in [*stage_keys, "eval/pooled/tau"]:
         assert key in metrics, key
     assert run_data.params["algo.name"] == "dflash"
@@ -198,6 +208,8 @@ def test_eagle3_trains_evaluates_and_exports_from_the_same_cache(run, all_algos)
     result = all_algos["summaries"]["eagle3"]
     assert result.cache.skipped and result.cache.url == run["summary"].cache.url
     assert result.train.optimizer_steps >= 1 and result.train.final_metrics["train/loss"] > 0
+    final = result.train.final_metrics
+    assert final["train/grad_norm"] > 0 and final["train/tokens_per_s"] > final["train/samples_per_s"] > 0
     assert result.evaluate.algo == "eagle3" and result.evaluate.num_draft_tokens == 3
     assert result.evaluate.pooled.greedy_match == 1.0
     assert result.export.architecture == "LlamaForCausalLMEagle3"
