@@ -11,6 +11,7 @@ re-run with the same draft and a still-valid export skips.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from deepspec.models.drafts import draft_spec
 from deepspec.models.drafts.spec import DraftSpec
 from deepspec.models.errors import DeepSpecError
 from deepspec.tasks import files, tracking
-from deepspec.tasks.evaluate.stage import STS_FILE
+from deepspec.tasks.evaluate.stage import RESULTS_FILE, STS_FILE
 from deepspec.tasks.paths import run_paths
 from deepspec.tasks.results import ExportResult, from_record, to_record
 from deepspec.tasks.train.stage import train_hash, trained_draft
@@ -46,7 +47,21 @@ def export(cfg: DictConfig) -> ExportResult:
     result = ExportResult(path=str(out), architecture=architecture, weights_sha256=fingerprint)
     files.mark_done(out, train_hash(cfg), **to_record(result))
     tracking.set_tags(cfg, {"export.path": str(out.resolve())})
+    register(cfg, out, result)
     return result
+
+
+def register(cfg: DictConfig, out: Path, result: ExportResult) -> None:
+    """The export as an MLflow artifact and a model version, tagged with the evaluation's macro tau and
+    speedup when the evaluate stage has run (the pipeline runs it first)."""
+    tracking.log_artifact(cfg, out, "export")  # export/<algo>/
+    tags = {"architecture": result.architecture, "weights_sha256": result.weights_sha256}
+    evaluation = run_paths(cfg).eval_dir / RESULTS_FILE
+    if evaluation.is_file():
+        macro = json.loads(evaluation.read_text(encoding="utf-8"))["macro"]
+        tags.update({key: f"{macro[key]:.4f}" for key in ("tau", "speedup") if macro.get(key) is not None})
+    version = tracking.register_model_version(cfg, f"export/{out.name}", tags)
+    log.info("export: registered as version %s of deepspec-%s-%s", version, cfg.target.name, cfg.algo.name)
 
 
 def write_export(cfg: DictConfig, spec: DraftSpec, source: Path, out: Path) -> str:

@@ -82,6 +82,21 @@ def log_artifact(cfg: DictConfig, path: Path, artifact_path: str | None = None) 
     MlflowClient(tracking_uri(cfg)).log_artifact(run_id(cfg), str(path), artifact_path)
 
 
+def register_model_version(cfg: DictConfig, artifact_path: str, tags: dict[str, str]) -> str:
+    """The run's artifact at `artifact_path` (an export) as a new version of the registered model
+    `deepspec-<target>-<algo>` in MLflow's model registry, tagged; returns the version number."""
+    from mlflow.exceptions import MlflowException
+
+    client, rid = MlflowClient(tracking_uri(cfg)), run_id(cfg)
+    name = f"deepspec-{cfg.target.name}-{cfg.algo.name}"
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="DeepSpec drafts, exported for serving engines")
+    source = f"{client.get_run(rid).info.artifact_uri}/{artifact_path}"
+    return str(client.create_model_version(name, source, run_id=rid, tags=tags).version)
+
+
 def set_tags(cfg: DictConfig, tags: dict[str, str]) -> None:
     client = MlflowClient(tracking_uri(cfg))
     for key, value in tags.items():

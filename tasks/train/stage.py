@@ -148,6 +148,7 @@ def train(cfg: DictConfig) -> TrainResult:
     record = check_done(cfg)
     if record is None:
         raise DeepSpecError(f"training exited cleanly but left no valid draft in {paths.draft_dir}")
+    tracking.log_artifact(cfg, paths.draft_dir, "train")  # the draft, as trained: train/draft/
     return record
 
 

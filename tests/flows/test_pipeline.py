@@ -146,7 +146,17 @@ def test_all_stages_log_to_the_runs_mlflow_run(run):
     for key in [*stage_keys, "eval/pooled/tau"]:
         assert key in metrics, key
     assert run_data.params["algo.name"] == "dflash"
-    info = MlflowClient(record["tracking_uri"]).get_run(record["run_id"]).info
+    client = MlflowClient(record["tracking_uri"])
+    artifacts = {a.path for a in client.list_artifacts(record["run_id"])}
+    assert {"train", "eval", "export"} <= artifacts  # the draft, the evaluation, the export
+    assert "train/draft/model.safetensors" in {
+        a.path for a in client.list_artifacts(record["run_id"], "train/draft")
+    }
+    versions = client.search_model_versions("name='deepspec-stories260k-dflash'")
+    mine = [v for v in versions if v.run_id == record["run_id"]]
+    tau = json.loads((run["dir"] / "eval" / "dflash" / "results.json").read_text())["macro"]["tau"]
+    assert mine and all(v.tags["tau"] == f"{tau:.4f}" and v.source.endswith("export/dflash") for v in mine)
+    info = client.get_run(record["run_id"]).info
     assert info.status == "FINISHED" and info.end_time is not None  # ended with its flow
     assert run_data.tags["prefect.flow_run_url"].endswith(run_data.tags["prefect.flow_run_id"])
 
