@@ -329,3 +329,32 @@ def test_online_mode_trains_without_a_cache(run, tmp_path):
     assert record.data_fingerprint.startswith("answers-")
     assert (tmp_path / "train" / "dflash" / "draft" / "model.safetensors").is_file()
     assert len(list((run["dir"] / "data" / "cache").iterdir())) == 2  # no cache was made
+
+
+def test_a_real_mlflow_server_holds_the_whole_run(run, tmp_path):
+    """The pipeline against `mlflow server` on 127.0.0.1 (its data from the module's run): everything a
+    user compares runs by, read back through the server."""
+    from mlflow.tracking import MlflowClient
+    from support.mlflow_server import mlflow_server
+
+    (tmp_path / "mlflow").mkdir()
+    with mlflow_server(tmp_path / "mlflow") as uri:
+        overrides = [*run["overrides"], f"run_dir={tmp_path / 'run'}", f"data_dir={run['dir'] / 'data'}",
+                     f"tracking.uri={uri}"]  # fmt: skip
+        summary = pipeline(overrides=overrides)
+        client = MlflowClient(uri)
+        record = json.loads((tmp_path / "run" / "mlflow_run-dflash.json").read_text())
+        assert record["tracking_uri"] == uri
+        got = client.get_run(record["run_id"])
+        assert got.info.status == "FINISHED" and got.data.params["algo.name"] == "dflash"
+        for key in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/acc_slot0",
+                    "train/expected_tau", "eval/macro/tau", "eval/pooled/accept_at_0"):  # fmt: skip
+            assert key in got.data.metrics, key
+        assert len(client.get_metric_history(record["run_id"], "train/loss")) >= 2  # a curve, not a point
+        assert "prefect.flow_run_id" in got.data.tags
+        files = {a.path for a in client.list_artifacts(record["run_id"], "eval")}
+        assert {"eval/results.json", "eval/report.html"} <= files
+        assert client.list_artifacts(record["run_id"], "export/dflash")
+        (version,) = client.search_model_versions("name='deepspec-stories260k-dflash'")
+        assert version.run_id == record["run_id"]
+        assert version.tags["tau"] == f"{summary.evaluate.macro.tau:.4f}"
