@@ -9,6 +9,7 @@ padding and every rejected draft from all later tokens, so each request's logits
 committed context. Position ids count only the committed tokens, so RoPE sees each request as if it ran
 alone. The acceptance rule is `speculative.py`'s, applied request by request to the rows it verified:
 cutting a proposal keeps the law q of the drafts left, so decoding stays lossless whatever the lengths.
+A round is verified and counted exactly as `speculative_generate` does it (`verify`, `add_round`).
 """
 
 from __future__ import annotations
@@ -21,15 +22,14 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache
 
-from deepspec.models import speculative
 from deepspec.models.speculative import (
     Drafter,
     SpecResult,
     _device_generator,
     _Drafting,
-    _record_round,
     _sample_token,
-    _stop_index,
+    add_round,
+    verify,
 )
 from deepspec.models.target import check_layer_ids
 
@@ -142,24 +142,13 @@ def batch_speculative_generate(
             kept_tokens = [0] * count
             for i in list(active):
                 drafts, q, confidence = cut[i]
-                drafted = torch.tensor(drafts, dtype=torch.long, device=logits.device)
-                rows_i = logits[i, : len(drafts) + 1]
-                if temperature == 0:
-                    n_accepted, nxt = speculative.greedy_verify(rows_i.argmax(-1), drafted)
-                else:
-                    p = torch.softmax(rows_i / temperature, dim=-1)
-                    n_accepted, nxt = speculative.accept_or_resample(
-                        p, q.to(device=p.device, dtype=torch.float32), drafted, generators[i]
-                    )
+                n_accepted, nxt = verify(logits[i, : len(drafts) + 1], drafts, q, temperature, generators[i])
                 kept_tokens[i] = n_accepted + 1  # the anchor and the kept drafts
                 context[i] = torch.cat([context[i], features[i, : n_accepted + 1]])
                 context_ids[i] = torch.cat([context_ids[i], torch.tensor([anchors[i], *drafts[:n_accepted]])])
-                new = [*drafts[:n_accepted], nxt]
-                stop = _stop_index(new, eos_token_ids)
-                results[i].tokens.extend(new if stop is None else new[: stop + 1])
-                _record_round(results[i], len(drafts), n_accepted, stop, confidence)
+                ended = add_round(results[i], drafts, n_accepted, nxt, confidence, eos_token_ids)
                 anchors[i] = nxt
-                if stop is not None or len(results[i].tokens) >= max_new_tokens:
+                if ended or len(results[i].tokens) >= max_new_tokens:
                     active.remove(i)
             batch.keep(kept_tokens)
 

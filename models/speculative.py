@@ -270,28 +270,53 @@ def speculative_generate(
             )
             start = runner.length
             step = runner.extend(torch.tensor([anchor, *drafts], dtype=torch.long))
-            drafted = torch.tensor(drafts, dtype=torch.long, device=step.logits.device)
-            if temperature == 0:
-                n_accepted, nxt = greedy_verify(step.logits.argmax(-1), drafted)
-            else:
-                p = torch.softmax(step.logits.float() / temperature, dim=-1)  # row i: after input i
-                q = q.to(device=p.device, dtype=torch.float32)
-                n_accepted, nxt = accept_or_resample(p, q, drafted, device_generator)
+            n_accepted, nxt = verify(step.logits, drafts, q, temperature, device_generator)
 
             runner.rollback(start + 1 + n_accepted)  # the anchor and the kept drafts stay in the cache
             context[n_ctx : n_ctx + n_accepted + 1] = step.features[: n_accepted + 1]
             context_ids[n_ctx : n_ctx + n_accepted + 1] = torch.tensor([anchor, *drafts[:n_accepted]])
             n_ctx += n_accepted + 1
-            new = [*drafts[:n_accepted], nxt]
-            stop = _stop_index(new, eos_token_ids)
-            result.tokens.extend(new if stop is None else new[: stop + 1])
-            _record_round(result, len(drafts), n_accepted, stop, confidence)
+            ended = add_round(result, drafts, n_accepted, nxt, confidence, eos_token_ids)
             anchor = nxt
-            if stop is not None:
+            if ended:
                 break
 
     del result.tokens[max_new_tokens:]
     return result
+
+
+def verify(
+    logits: torch.Tensor,
+    drafts: list[int],
+    q: torch.Tensor | None,
+    temperature: float,
+    generator: torch.Generator | None,
+) -> tuple[int, int]:
+    """One round's verdict from the target's logits over [anchor, *drafts] ([n+1, vocab]): how many drafts
+    are kept and the token after them, by `greedy_verify` at temperature 0, else `accept_or_resample`
+    against the laws q the drafts were drawn from."""
+    drafted = torch.tensor(drafts, dtype=torch.long, device=logits.device)
+    if temperature == 0:
+        return greedy_verify(logits.argmax(-1), drafted)
+    p = torch.softmax(logits.float() / temperature, dim=-1)  # row i: the law of the token after input i
+    return accept_or_resample(p, q.to(device=p.device, dtype=torch.float32), drafted, generator)
+
+
+def add_round(
+    result: SpecResult,
+    drafts: list[int],
+    n_accepted: int,
+    next_token: int,
+    confidence: list[float],
+    eos_token_ids: set[int],
+) -> bool:
+    """A verified round's tokens (the kept drafts and the next token, up to an end of turn) and counts
+    added to `result`; True when they ended the turn."""
+    new = [*drafts[:n_accepted], next_token]
+    stop = _stop_index(new, eos_token_ids)
+    result.tokens.extend(new if stop is None else new[: stop + 1])
+    _record_round(result, len(drafts), n_accepted, stop, confidence)
+    return stop is not None
 
 
 def _record_round(
