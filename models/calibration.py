@@ -93,13 +93,19 @@ def prefix_survival(confidence: Sequence[float], temperatures: Sequence[float] |
     return torch.cumprod(c, 0).tolist()
 
 
-def _slot(rounds: Sequence[Round], k: int) -> tuple[list[int], torch.Tensor, list[bool]]:
-    """The rounds that put slot k up: their indices, their c_0..c_k ([n, k+1]) and whether 0..k were kept."""
-    chosen = [i for i, (c, _) in enumerate(rounds) if len(c) > k]
-    scores = torch.tensor([list(rounds[i][0][: k + 1]) for i in chosen], dtype=torch.float64).reshape(
-        -1, k + 1
-    )
-    return chosen, scores, [rounds[i][1] > k for i in chosen]
+def _slot(rounds: Sequence[Round], k: int) -> tuple[torch.Tensor, list[bool]]:
+    """The rounds that put slot k up: their c_0..c_k ([n, k+1]) and whether drafts 0..k were all kept."""
+    chosen = [(c, kept) for c, kept in rounds if len(c) > k]
+    scores = torch.tensor([list(c[: k + 1]) for c, _ in chosen], dtype=torch.float64).reshape(-1, k + 1)
+    return scores, [kept > k for _, kept in chosen]
+
+
+def _survival(scores: torch.Tensor, temperatures: Sequence[float] | None) -> list[float]:
+    """a_k of every row of c_0..c_k ([n, k+1]): `prefix_survival`'s last entry, for many rounds at once."""
+    if temperatures is not None:
+        t = torch.tensor(list(temperatures[: scores.shape[1]]), dtype=torch.float64)
+        scores = torch.sigmoid(_logit(scores) / t)
+    return scores.prod(1).tolist()
 
 
 def fit_sts(rounds: Sequence[Round], slots: int, grid: Sequence[float] = STS_GRID) -> list[float]:
@@ -107,25 +113,18 @@ def fit_sts(rounds: Sequence[Round], slots: int, grid: Sequence[float] = STS_GRI
     keep 1.0."""
     temperatures: list[float] = []
     for k in range(slots):
-        _, scores, kept = _slot(rounds, k)
-        if not kept:
-            temperatures.append(1.0)
-            continue
-        logits = _logit(scores)
-        before = torch.sigmoid(logits[:, :k] / torch.tensor(temperatures, dtype=torch.float64)).prod(1)
-        best = min(grid, key=lambda t: ece((before * torch.sigmoid(logits[:, k] / t)).tolist(), kept))
+        scores, kept = _slot(rounds, k)
+        best = min(grid, key=lambda t: ece(_survival(scores, [*temperatures, t]), kept)) if kept else 1.0
         temperatures.append(float(best))
     return temperatures
 
 
 def prefix_ece(rounds: Sequence[Round], slots: int, temperatures: Sequence[float] | None = None) -> list:
     """ECE of a_k against "drafts 0..k all kept", per slot (None where no round put slot k up)."""
-    out = []
-    for k in range(slots):
-        _, scores, kept = _slot(rounds, k)
-        a = [prefix_survival(row, temperatures)[-1] for row in scores.tolist()]
-        out.append(ece(a, kept))
-    return out
+    return [
+        ece(_survival(scores, temperatures), kept)
+        for scores, kept in (_slot(rounds, k) for k in range(slots))
+    ]
 
 
 def cross_fitted_prefix_ece(folds: Sequence[Sequence[Round]], slots: int) -> list[float | None]:
@@ -137,7 +136,7 @@ def cross_fitted_prefix_ece(folds: Sequence[Sequence[Round]], slots: int) -> lis
         rest = [r for j, other in enumerate(folds) if j != i for r in other]
         temperatures = fit_sts(rest, slots)
         for k in range(slots):
-            _, scores, outcomes = _slot(fold, k)
-            scored[k] += [prefix_survival(row, temperatures)[-1] for row in scores.tolist()]
+            scores, outcomes = _slot(fold, k)
+            scored[k] += _survival(scores, temperatures)
             kept[k] += outcomes
     return [ece(s, o) for s, o in zip(scored, kept, strict=True)]
