@@ -32,8 +32,7 @@ released DFlash checkpoints (`fc`, `hidden_norm`, `layers.N.self_attn.q_proj`, .
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -50,7 +49,7 @@ from deepspec.models.drafts.files import (
     tensor_problems,
     write_draft_files,
 )
-from deepspec.models.drafts.kv_cache import DecodeCache, GrowingKV
+from deepspec.models.drafts.kv_cache import DecodeCache, GrowingKV, decode_session
 from deepspec.models.drafts.layers import MLP, GroupedQueryProjections, RMSNorm, apply_rotary, rotary
 from deepspec.models.drafts.spec import DraftInputs, DraftSpec, Samples, Stats
 from deepspec.models.errors import ConfigError
@@ -447,15 +446,10 @@ class DFlashDraft(nn.Module):
     def forward(self, packed: PackedBlocks) -> torch.Tensor:
         return self.hidden(packed)
 
-    @contextmanager
-    def decoding(self) -> Iterator[None]:
+    def decoding(self) -> AbstractContextManager[None]:
         """Within it, drafting calls are one sequence's rounds: each projects only the context positions
         committed since the call before (`kv_cache.py`). Outside it, every call recomputes the context."""
-        self._decode_cache = DecodeCache.for_layers(len(self.layers))
-        try:
-            yield
-        finally:
-            self._decode_cache = None
+        return decode_session(self, len(self.layers))
 
     @torch.no_grad()
     def draft_logits(self, context_features: torch.Tensor, anchor_token: int) -> torch.Tensor:

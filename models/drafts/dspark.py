@@ -570,7 +570,7 @@ class DSparkDraft(nn.Module):
         `generator` (on the draft's device). With a confidence head and `confidence_threshold` > 0, the
         proposal ends before the first slot whose c_k falls below it (c_k depends only on h_k and
         x_{k-1}, so cutting there changes nothing before it). Every slot stays on the device until the
-        block is drafted: one host transfer for the tokens and confidences.
+        block is drafted: then one host transfer for the tokens and one for the confidences.
         """
         hidden = self._block_hidden(context_features, anchor_token)  # [B, d]
         base = self.backbone.lm_head(hidden)

@@ -34,8 +34,8 @@ Weight names are those vLLM's and SGLang's `LlamaForCausalLMEagle3` load: `fc`, 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +54,7 @@ from deepspec.models.drafts.files import (
     tensor_problems,
     write_draft_files,
 )
-from deepspec.models.drafts.kv_cache import DecodeCache
+from deepspec.models.drafts.kv_cache import DecodeCache, decode_session
 from deepspec.models.drafts.layers import MLP, GroupedQueryProjections, RMSNorm, apply_rotary, rotary
 from deepspec.models.drafts.spec import DraftInputs, DraftSpec, Samples, Stats
 from deepspec.models.errors import ConfigError
@@ -663,16 +663,11 @@ class Eagle3Draft(nn.Module):
         """`forward_train` (what a DeepSpeed engine calls); keyword arguments as there."""
         return self.forward_train(features, input_ids, loss_mask, target_logits, **kwargs)
 
-    @contextmanager
-    def decoding(self) -> Iterator[None]:
+    def decoding(self) -> AbstractContextManager[None]:
         """Within it, drafting calls are one sequence's rounds: step 0's keys and values of the context
         are kept and only the positions committed since the call before are projected (`kv_cache.py`);
         step 0 then runs the last position's query alone. Outside it, every call recomputes the context."""
-        self._decode_cache = DecodeCache.for_layers(1)
-        try:
-            yield
-        finally:
-            self._decode_cache = None
+        return decode_session(self, 1)
 
     @torch.no_grad()
     def chain_logits(

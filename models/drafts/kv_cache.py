@@ -13,6 +13,8 @@ reads one contiguous view with no concatenation.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -77,3 +79,14 @@ class DecodeCache:
                 "holds one sequence, whose committed context only grows"
             )
         return slice(self.length, context_length)
+
+
+@contextmanager
+def decode_session(draft, layers: int) -> Iterator[None]:
+    """A draft's `decoding()`: a fresh `DecodeCache` of `layers` layers in `draft._decode_cache` for the
+    length of one sequence, gone afterwards (the draft is stateless again)."""
+    draft._decode_cache = DecodeCache.for_layers(layers)
+    try:
+        yield
+    finally:
+        draft._decode_cache = None
