@@ -418,6 +418,13 @@ def main_results(evals: dict[str, Any], algo: str, temperature: float) -> list[d
     ]  # fmt: skip
 
 
+def seeds_evaluated(args: argparse.Namespace, temperature: float) -> int:
+    """Training seeds evaluated at `temperature`: all at T = 0, `--sampled-seeds` above it (results files
+    written before that option read as all)."""
+    sampled = getattr(args, "sampled_seeds", None)
+    return args.seeds if temperature == 0 or sampled is None else min(sampled, args.seeds)
+
+
 def tables(figures: dict[str, Any], args) -> str:
     """Markdown: Table 1 style tau per benchmark, domain and macro per algorithm (mean ± sd over seeds),
     then speed against the baselines, then training, then data scaling."""
@@ -426,8 +433,7 @@ def tables(figures: dict[str, Any], args) -> str:
     first = next(iter(evals.values()))["result"]
     benches, domains = list(first["benchmarks"]), list(first["domains"])
     for temperature in args.temperatures:
-        sampled = getattr(args, "sampled_seeds", None)
-        seeds = args.seeds if temperature == 0 or sampled is None else min(sampled, args.seeds)
+        seeds = seeds_evaluated(args, temperature)
         lines.append(f"\ntau at T = {temperature:g} ({args.eval_prompts} prompts a benchmark, {args.eval_tokens} "
                      f"new tokens; mean ± sd over {seeds} training seeds)\n")  # fmt: skip
         lines += md_head(["algo", *benches, *domains, "macro"])
@@ -544,8 +550,7 @@ def main() -> None:
     jobs: dict[str, list[str]] = {}
     for run in runs:
         temps = args.temperatures if run.answers is None else [0.0]
-        sampled = args.seeds if args.sampled_seeds is None else args.sampled_seeds
-        for temperature in [t for t in temps if t == 0 or run.seed < sampled]:
+        for temperature in [t for t in temps if run.seed < seeds_evaluated(args, t)]:
             folder = evaluation_dir(run, temperature)
             jobs[f"{run.name}-T={temperature:g}"] = [*run.overrides, f"run_dir={folder}",
                                                      *eval_overrides(args, temperature)]  # fmt: skip
