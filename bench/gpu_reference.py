@@ -730,16 +730,25 @@ def shape_config(shape: StepShape) -> types.SimpleNamespace:
     )  # fmt: skip
 
 
-def step_time_one(name: str, shape: StepShape, device: torch.device, teacher_dtype: torch.dtype,
-                  timed_steps: int) -> dict[str, Any]:  # fmt: skip
-    """Warm-up step, then `timed_steps` timed steps (forward, backward, clip, AdamW) of one draft."""
+@dataclass
+class StepSetup:
+    """One draft at a step-time shape, the teacher it learns from and the one random sequence it trains on."""
+
+    spec: Any  # DraftSpec
+    settings: Any
+    model: torch.nn.Module
+    teacher: Any
+    sample: dict[str, Any]
+    layer_ids: list[int]
+
+
+def step_setup(name: str, shape: StepShape, device: torch.device, teacher_dtype: torch.dtype) -> StepSetup:
+    """The draft (float32, on `device`) on a random tied embedding and LM head, as the recipe builds it."""
     from deepspec.models.drafts import draft_spec
     from deepspec.models.drafts.spec import DraftInputs
     from deepspec.models.teacher import Teacher
 
     spec = draft_spec(name)
-    # what is on the device already (the target, the captured features) is not this step's
-    baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     layer_ids = list(shape.eagle3_layer_ids if name == "eagle3" else shape.layer_ids)
     settings = algo_settings(name, shape.draft_layers, shape.anchors, layer_ids, shape.target_layers)
     torch.manual_seed(0)
@@ -762,6 +771,17 @@ def step_time_one(name: str, shape: StepShape, device: torch.device, teacher_dty
         "features": torch.randn(shape.seq_len, len(layer_ids) * d, device=device).to(torch.bfloat16).float(),
         "final_hidden": torch.randn(shape.seq_len, d, device=device),
     }  # fmt: skip
+    return StepSetup(spec, settings, model, teacher, sample, layer_ids)
+
+
+def step_time_one(name: str, shape: StepShape, device: torch.device, teacher_dtype: torch.dtype,
+                  timed_steps: int) -> dict[str, Any]:  # fmt: skip
+    """Warm-up step, then `timed_steps` timed steps (forward, backward, clip, AdamW) of one draft."""
+    # what is on the device already (the target, the captured features) is not this step's
+    baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    setup = step_setup(name, shape, device, teacher_dtype)
+    spec, settings, model, sample = setup.spec, setup.settings, setup.model, setup.sample
+    teacher, layer_ids = setup.teacher, setup.layer_ids
     params, optimizer, _ = make_optimizer(model, 1e-4, 100)
     model.train()
 

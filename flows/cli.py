@@ -2,6 +2,7 @@
 
     deepspec pipeline                          # every stage on the embedded default target
     deepspec pipeline --config-name demo       # the `make demo` preset
+    deepspec retrain release.dir=runs/release   # the pipeline, then release the draft only if it is better
     deepspec train target=qwen3_4b train=gpu_8x
     deepspec config target=stories260k         # print the composed configuration
     deepspec estimate-cache target=qwen3_4b --tokens 1e9   # cache bytes per token and size, per encoding
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = {"pipeline": "run every stage in order, then print a table of the figures", **STAGES}
+    commands["retrain"] = "the pipeline, then release the draft to release.dir if it beats the released one"
     commands["config"] = "print the composed configuration and exit"
     commands["estimate-cache"] = "print the cache's bytes per token and total size for each encoding"
     _convert_eval_parser(sub)
@@ -203,10 +205,10 @@ def main(argv: list[str] | None = None) -> int:
             print(estimate_cache(compose(args.overrides, args.config_name), args.tokens))
             return 0
         compose(args.overrides, args.config_name)  # fail fast on a bad override, before Prefect starts
-        from deepspec.flows.pipeline import STAGE_FLOWS, pipeline
+        from deepspec.flows.pipeline import STAGE_FLOWS, pipeline, retrain
 
-        flow = pipeline if args.command == "pipeline" else STAGE_FLOWS[args.command]
-        flow(overrides=list(args.overrides), config_name=args.config_name)
+        flows = {"pipeline": pipeline, "retrain": retrain, **STAGE_FLOWS}
+        flows[args.command](overrides=list(args.overrides), config_name=args.config_name)
     except DeepSpecError as err:
         print(f"deepspec {args.command}: error: {err}", file=sys.stderr)
         return 2

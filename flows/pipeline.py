@@ -10,6 +10,9 @@ prompts, `regen.parallel_shards` at a time, against the servers `serving` provid
 `deepspec-cache-build` (plan, one `build_shard` task per missing shard on the task runner
 `storage.task_runner` selects: threads here, or a Dask cluster spanning machines, then finalize).
 
+`retrain` is the pipeline, then the release step (`tasks/release.py`): what a schedule runs, releasing
+the new draft into `release.dir` only when it beats the released one.
+
 Every flow holds the run's MLflow run open while it runs and ends it FINISHED or FAILED with the flow,
 tagged with the Prefect flow run's id and URL (`tracking.tracked`).
 """
@@ -20,6 +23,7 @@ from omegaconf import DictConfig
 from prefect import flow, unmapped
 from prefect.futures import wait
 
+from deepspec.models.errors import ConfigError
 from deepspec.tasks import tracking
 from deepspec.tasks.cache.stage import (
     build_shard_task,
@@ -38,6 +42,7 @@ from deepspec.tasks.regenerate.stage import (
     regen_task_runner,
     serving,
 )
+from deepspec.tasks.release import release_task
 from deepspec.tasks.results import (
     CacheResult,
     EvalResult,
@@ -45,6 +50,7 @@ from deepspec.tasks.results import (
     PipelineResult,
     PromptsResult,
     RegenResult,
+    ReleaseResult,
     TrainResult,
 )
 from deepspec.tasks.summary import summary_task
@@ -85,21 +91,37 @@ def build_cache_stage(cfg: DictConfig) -> CacheResult:
     return cache_build_flow.with_options(task_runner=cache_task_runner(cfg))(cfg)
 
 
+def _stages(cfg: DictConfig) -> PipelineResult:
+    return PipelineResult(
+        prompts=prompts_task(cfg),
+        regenerate=regenerate_stage(cfg),
+        cache=build_cache_stage(cfg),
+        train=train_task(cfg),
+        evaluate=evaluate_task(cfg),
+        export=export_task(cfg),
+    )
+
+
 @flow(name="deepspec-pipeline", log_prints=True)
 def pipeline(overrides: list[str] | None = None, config_name: str = "config") -> PipelineResult:
     """prompts -> regenerate -> cache -> train -> evaluate -> export, then a summary of the figures.
     The config is composed and checked first, so a bad value fails before any stage runs."""
     cfg = compose(overrides, config_name)
     with tracking.tracked(cfg):
-        results = PipelineResult(
-            prompts=prompts_task(cfg),
-            regenerate=regenerate_stage(cfg),
-            cache=build_cache_stage(cfg),
-            train=train_task(cfg),
-            evaluate=evaluate_task(cfg),
-            export=export_task(cfg),
-        )
-        return summary_task(cfg, results)
+        return summary_task(cfg, _stages(cfg))
+
+
+@flow(name="deepspec-retrain", log_prints=True)
+def retrain(overrides: list[str] | None = None, config_name: str = "config") -> ReleaseResult:
+    """What a schedule runs: the pipeline (only what is new is answered and cached; training runs again
+    when the data or the released draft it starts from changed), then the release step, which promotes
+    the export into `release.dir` only when its macro tau beats the released draft's by the margin."""
+    cfg = compose(overrides, config_name)
+    if cfg.release.dir is None:
+        raise ConfigError("retrain releases into release.dir, which is null: set release.dir=PATH")
+    with tracking.tracked(cfg):
+        summary_task(cfg, _stages(cfg))
+        return release_task(cfg)
 
 
 def _tracked(stage, cfg: DictConfig):

@@ -80,7 +80,10 @@ def chunked_linear_loss(
     Gradients reach every x_i and W_i that requires them; each matmul runs in x_i's dtype, as
     `x @ W.t()` would.
     """
-    return _ChunkedLinearLoss.apply(loss_fn, max(1, chunk_rows), *[t for pair in pairs for t in pair])
+    tensors = [t for pair in pairs for t in pair]
+    if not torch.is_grad_enabled():  # validation: no backward follows, so form no gradients either
+        tensors = [t.detach() for t in tensors]
+    return _ChunkedLinearLoss.apply(loss_fn, max(1, chunk_rows), *tensors)
 
 
 def _softmax_(logits: torch.Tensor) -> torch.Tensor:

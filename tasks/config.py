@@ -33,6 +33,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from deepspec.models.drafts import DRAFTS, draft_spec
 from deepspec.models.errors import ConfigError
+from deepspec.tasks import secrets
 
 
 @dataclass
@@ -123,6 +124,8 @@ class TrainConfig:
     log_every_steps: int
     save_every_steps: int
     seed: int
+    eval_every_steps: int
+    eval_samples: int | None
 
 
 @dataclass
@@ -143,6 +146,19 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    draft: str
+
+
+@dataclass
+class ReleaseConfig:
+    dir: str | None
+    margin: float
+    alias: str
+    init: str
+
+
+@dataclass
 class TrackingConfig:
     uri: str | None
     experiment: str
@@ -159,6 +175,8 @@ class DeepSpecConfig:
     algo: Any  # typed by the chosen algorithm's settings class while composing
     train: TrainConfig
     eval: EvalConfig
+    export: ExportConfig
+    release: ReleaseConfig
     tracking: TrackingConfig
 
 
@@ -169,6 +187,8 @@ SECTIONS = {
     "storage": StorageConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
+    "export": ExportConfig,
+    "release": ReleaseConfig,
     "tracking": TrackingConfig,
 }
 REGEN_BACKENDS = ("hf", "vllm", "openai", "file")
@@ -176,6 +196,8 @@ REGEN_APIS = ("completions", "chat")
 STORAGE_MODES = ("cached", "online")  # train from the cache at storage.url, or run the target in training
 TASK_RUNNERS = ("thread", "dask")  # where the cache stage's shard tasks run
 PRECISIONS = ("bf16", "fp32")
+EXPORT_DRAFTS = ("best", "last")  # the trained draft evaluate and export use
+RELEASE_INITS = ("scratch", "released")  # what the retrain flow's training starts from
 
 
 def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
@@ -185,8 +207,12 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
     try:
         raw = _hydra(overrides, config_name)
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(_unknown_key(err, overrides, config_name) or f"bad configuration: {err}") from err
+        message = _unknown_key(err, overrides, config_name) or f"bad configuration: {err}"
+        raise ConfigError(secrets.scrub(message, overrides)) from err  # Hydra's messages echo values
     cfg, problems = _typed(raw)
+    held: dict[str, str] = {}
+    if not problems:  # secret references stay text, never resolved into the config (tasks/secrets.py)
+        held, problems = secrets.hold_references(cfg)
     if not problems:
         try:
             OmegaConf.resolve(cfg)
@@ -200,6 +226,7 @@ def compose(overrides: list[str] | None = None, config_name: str = "config") -> 
         problems += config_problems(cfg)
     if problems:
         raise ConfigError(_report(problems))
+    secrets.restore_references(cfg, held)
     OmegaConf.set_struct(cfg, True)
     return cfg
 
@@ -368,6 +395,17 @@ def config_problems(cfg: DictConfig) -> list[str]:
             (tr[key] >= 1, f"train.{key}={tr[key]}: expected at least 1")
             for key in ("micro_batch", "nproc_per_node", "nnodes", "log_every_steps", "save_every_steps")
         ],
+        (tr.eval_every_steps >= 0, f"train.eval_every_steps={tr.eval_every_steps}: expected 0 (off) or more"),
+        (
+            tr.eval_every_steps == 0 or p.heldout_fraction > 0,
+            f"train.eval_every_steps={tr.eval_every_steps} validates on held-out samples, and "
+            "prompts.heldout_fraction=0 holds none out: set it above 0 (e.g. 0.05), or "
+            "train.eval_every_steps=0",
+        ),
+        (
+            tr.eval_samples is None or tr.eval_samples >= 1,
+            f"train.eval_samples={tr.eval_samples}: expected a positive count, or null (all held out)",
+        ),
         (
             tr.global_batch % max(1, tr.micro_batch * tr.nproc_per_node * tr.nnodes) == 0,
             f"train.global_batch={tr.global_batch} must be a multiple of train.micro_batch "
@@ -391,6 +429,23 @@ def config_problems(cfg: DictConfig) -> list[str]:
         ),
         (e.max_new_tokens >= 1, f"eval.max_new_tokens={e.max_new_tokens}: expected at least 1"),
         (e.temperature >= 0, f"eval.temperature={e.temperature}: expected 0 (greedy) or more"),
+        # export
+        one_of("export.draft", cfg.export.draft, EXPORT_DRAFTS),
+        # release
+        one_of("release.init", cfg.release.init, RELEASE_INITS),
+        (
+            cfg.release.init != "released" or cfg.release.dir is not None,
+            "release.init=released trains on from the draft released in release.dir, which is null: "
+            "set release.dir=PATH, or release.init=scratch",
+        ),
+        (cfg.release.margin >= 0, f"release.margin={cfg.release.margin}: expected 0 or more (macro tau)"),
+        (
+            re.fullmatch(r"[A-Za-z0-9_-]+", cfg.release.alias) is not None
+            and cfg.release.alias != "latest"
+            and re.fullmatch(r"v\d+", cfg.release.alias) is None,
+            f"release.alias={cfg.release.alias!r}: expected letters, digits, '_' or '-', neither 'latest' "
+            "nor v<number> (MLflow reserves them)",
+        ),
     ]
     problems = [message for ok, message in checks if not ok]
     # the algorithm, against the target's layers (export layouts included: Eagle3's fc reads three)

@@ -6,7 +6,9 @@ Each algorithm's module writes and validates its own layout (`DraftSpec.export`,
 DFlash's `DFlashDraftModel`, Eagle3's `LlamaForCausalLMEagle3` for vLLM and SGLang, DSpark's
 `Qwen3DSparkModel`. The export is loaded on the target's embedding and LM head,
 written to `<run_dir>/export/<algo>/`, checked, then `_DONE.json` records the draft it came from; a
-re-run with the same draft and a still-valid export skips.
+re-run with the same draft and a still-valid export skips. The draft is the one `export.draft` names:
+`best` (default), the best validation step's (`train/<algo>/best/`) when training validated, else the
+last (`train/<algo>/draft/`); `last` always the last.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from deepspec.models.drafts import draft_spec
 from deepspec.models.drafts.spec import DraftSpec
 from deepspec.models.errors import DeepSpecError
-from deepspec.tasks import files, tracking
+from deepspec.tasks import artifacts, files, tracking
 from deepspec.tasks.evaluate.stage import RESULTS_FILE, STS_FILE
 from deepspec.tasks.paths import run_paths
 from deepspec.tasks.results import ExportResult, from_record, to_record
@@ -44,7 +46,9 @@ def export(cfg: DictConfig) -> ExportResult:
     problems = spec.validate_export(out)
     if problems:
         raise DeepSpecError(f"export to {out} is not loadable:\n  " + "\n  ".join(problems))
-    result = ExportResult(path=str(out), architecture=architecture, weights_sha256=fingerprint)
+    result = ExportResult(
+        path=str(out), architecture=architecture, weights_sha256=fingerprint, source=str(source)
+    )
     files.mark_done(out, train_hash(cfg), **to_record(result))
     tracking.set_tags(cfg, {"export.path": str(out.resolve())})
     register(cfg, out, result)
@@ -55,7 +59,11 @@ def register(cfg: DictConfig, out: Path, result: ExportResult) -> None:
     """The export as an MLflow artifact and a model version, tagged with the evaluation's macro tau and
     speedup when the evaluate stage has run (the pipeline runs it first)."""
     tracking.log_artifact(cfg, out, "export")  # export/<algo>/
-    tags = {"architecture": result.architecture, "weights_sha256": result.weights_sha256}
+    tags = {
+        "architecture": result.architecture,
+        "weights_sha256": result.weights_sha256,
+        "draft": Path(result.source).name,  # best (the best validation's) or draft (the last)
+    }
     evaluation = run_paths(cfg).eval_dir / RESULTS_FILE
     if evaluation.is_file():
         macro = json.loads(evaluation.read_text(encoding="utf-8"))["macro"]
@@ -84,4 +92,6 @@ def write_export(cfg: DictConfig, spec: DraftSpec, source: Path, out: Path) -> s
 
 @task(name="export", cache_policy=NO_CACHE)  # stages validate their own outputs
 def export_task(cfg: DictConfig) -> ExportResult:
-    return export(cfg)
+    result = export(cfg)
+    artifacts.publish(cfg, "export", result)
+    return result

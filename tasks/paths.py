@@ -14,13 +14,20 @@ and runs that differ in data settings keep theirs side by side instead of overwr
 What a run trains, evaluates and exports sits in the run directory, one folder per algorithm, so the
 three algorithms trained one after another in one run keep their outputs side by side:
 
-    <run_dir>/train/<algo>/                   draft/, checkpoints/, launch.yaml
+    <run_dir>/train/<algo>/                   draft/ (the last step), best/ (the best validation),
+                                              checkpoints/, launch.yaml
     <run_dir>/eval/<algo>/                    results.json
     <run_dir>/export/<algo>/                  the draft in the engines' layout
     <run_dir>/mlflow_run-<algo>.json          the MLflow run every stage of this run and algorithm logs to
     <run_dir>/summary-<algo>.txt              the pipeline's closing table
 
 `data_dir` defaults to `<run_dir>/data`; point several runs at one data directory to share it.
+
+The retrain flow releases a better draft into `release.dir` (`release_paths(cfg)`; `tasks/release.py`):
+
+    <release.dir>/current/                    a symlink to the released draft's folder, holding export/ (what
+                                              servers load), draft/ (the trained draft) and release.json
+    <release.dir>/previous/                   the release it replaced
 """
 
 from __future__ import annotations
@@ -103,6 +110,10 @@ def answers_key(cfg: DictConfig, prompts: str | None = None) -> str:
         "batch_size": r.batch_size if r.backend == "hf" else None,  # it sets the hf seeds
         "answers_file": _file_digest(r.answers_file) if r.backend == "file" else None,  # by content
     }
+    if float(cfg.prompts.heldout_fraction) > 0:
+        # the held-out prompts are answered too (for validation): answers made before they were keep
+        # their own folder, and a run holding nothing out keeps its key
+        identity["heldout_answered"] = True
     return f"{_stem(cfg.target.name)}-{config_hash(identity)[:12]}"
 
 
@@ -157,6 +168,11 @@ class RunPaths:
         return self.train_dir / "draft"
 
     @property
+    def best_dir(self) -> Path:
+        """The draft of the best validation step (`train.eval_every_steps`), beside the last."""
+        return self.train_dir / "best"
+
+    @property
     def checkpoints(self) -> Path:
         return self.train_dir / "checkpoints"
 
@@ -175,6 +191,38 @@ class RunPaths:
     @property
     def summary(self) -> Path:
         return self.run_dir / f"summary-{self.algo}.txt"
+
+
+@dataclass(frozen=True)
+class ReleasePaths:
+    """The release location of the retrain flow. Build it with `release_paths(cfg)`."""
+
+    root: Path
+
+    @property
+    def current(self) -> Path:
+        return self.root / "current"
+
+    @property
+    def previous(self) -> Path:
+        return self.root / "previous"
+
+    @property
+    def export(self) -> Path:
+        return self.current / "export"
+
+    @property
+    def draft(self) -> Path:
+        return self.current / "draft"
+
+    @property
+    def record(self) -> Path:
+        return self.current / "release.json"
+
+
+def release_paths(cfg: DictConfig) -> ReleasePaths | None:
+    """Where the retrain flow releases drafts, or None when `release.dir` is unset."""
+    return None if cfg.release.dir is None else ReleasePaths(Path(cfg.release.dir))
 
 
 def run_paths(cfg: DictConfig) -> RunPaths:

@@ -24,6 +24,10 @@ kept once; `max_samples` keeps the first N distinct rows in source order; a row 
 hash of its turns, salted with `prompts.seed`, falls under `heldout_fraction`, so the split does not
 depend on row order or on `max_samples`, and another seed draws another split. The counts (`rows`,
 `heldout`, `rejected`, `duplicates`) are logged and sent to MLflow. `_DONE.json` is written last.
+
+A local source file counts by its bytes (`prompts_digest`): when it changes, e.g. grows by the rows a
+scheduled retraining picks up, the stage runs again into the same folder, and rows appended to the
+source come after the earlier ones, so the regenerate and cache stages answer and build only the new.
 """
 
 from __future__ import annotations
@@ -39,9 +43,16 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from deepspec.models.errors import DataError
-from deepspec.tasks import tracking
+from deepspec.tasks import artifacts, tracking
 from deepspec.tasks.config import config_hash
-from deepspec.tasks.files import atomic_write_text, clear_done, mark_done, read_done, read_jsonl
+from deepspec.tasks.files import (
+    atomic_write_text,
+    clear_done,
+    mark_done,
+    read_done,
+    read_jsonl,
+    sha256_file,
+)
 from deepspec.tasks.paths import run_paths
 from deepspec.tasks.results import PromptsResult, from_record, to_record
 
@@ -97,7 +108,7 @@ def prepare_prompts(cfg: DictConfig) -> PromptsResult:
     fraction, limit = float(cfg.prompts.heldout_fraction), cfg.prompts.max_samples
     source, seed = str(cfg.prompts.source), int(cfg.prompts.seed)
     outputs = {"rows": paths.prompts, "heldout": paths.heldout, "rejected": paths.rejects}
-    digest = config_hash(cfg.prompts)
+    digest = prompts_digest(cfg)
     done = read_done(stage_dir, digest)
     if done and all(_count_lines(path) == done.get(count) for count, path in outputs.items()):
         log.info("prompts: %s already holds %d rows; skipping", outputs["rows"], done["rows"])
@@ -149,6 +160,16 @@ def prepare_prompts(cfg: DictConfig) -> PromptsResult:
     )
     tracking.log_metrics(cfg, {f"prompts/{name}": value for name, value in counts.items()})
     return result
+
+
+def prompts_digest(cfg: DictConfig) -> str:
+    """What the prompts files depend on: the prompts settings and, for a local file, its bytes. A source
+    file that grew (a scheduled retraining's new prompts) is read again into the same folder, keeping
+    its rows in source order, so the later stages find the earlier rows unchanged and do only the new."""
+    source = Path(str(cfg.prompts.source))
+    if cfg.prompts.source == "builtin" or not source.is_file():
+        return config_hash(cfg.prompts)  # a hub dataset is named by its id (and split)
+    return config_hash(cfg.prompts, {"source_sha256": sha256_file(source)})
 
 
 def _from_jsonl(path: Path, default_source: str, rejects: list[dict] | None) -> list[dict]:
@@ -322,4 +343,6 @@ def _count_lines(path: Path) -> int | None:
 
 @task(name="prompts", cache_policy=NO_CACHE)  # stages validate their own outputs
 def prompts_task(cfg: DictConfig) -> PromptsResult:
-    return prepare_prompts(cfg)
+    result = prepare_prompts(cfg)
+    artifacts.publish(cfg, "prompts", result)
+    return result

@@ -55,6 +55,7 @@ class CacheResult:
     bytes: int = 0
     shards: int = 0
     shards_built: int = 0  # by this run
+    heldout_samples: int = 0  # in shards of their own, for validation (not counted in samples)
     skipped: bool = False
 
 
@@ -65,6 +66,8 @@ class TrainResult:
     weights_sha256: str
     data_fingerprint: str  # the data it learned from: cache shard checksums, or the answers file (online)
     final_metrics: dict[str, float] = field(default_factory=dict)
+    # the draft validation kept in best/: {step, metric, value, weights_sha256}; None without validation
+    best: dict[str, Any] | None = None
     skipped: bool = False
 
 
@@ -182,7 +185,21 @@ class ExportResult:
     path: str
     architecture: str
     weights_sha256: str  # of the trained draft it was written from
+    source: str = ""  # that draft's folder: train/<algo>/best/ or draft/ (`export.draft`)
     skipped: bool = False
+
+
+@dataclass
+class ReleaseResult:
+    """The release step's decision (`<run_dir>/release-<algo>.json`)."""
+
+    promoted: bool
+    reason: str  # why, with both taus and the margin
+    candidate_tau: float  # this run's macro tau
+    released_tau: float | None  # the draft released before the decision (None: there was none)
+    margin: float
+    release: str  # the released draft's folder after the decision (`<release.dir>/<name>`), or ""
+    model_version: str | None  # this run's export in the MLflow model registry
 
 
 @dataclass

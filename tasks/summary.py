@@ -51,13 +51,20 @@ def summary_rows(r: PipelineResult) -> list[tuple[str, str]]:
             "cache",
             f"{_num(cache.samples)} samples, {_num(tokens)} tokens, "
             f"{_num(cache.bytes / max(1, tokens), 0)} bytes/token"
+            + (f", {_num(cache.heldout_samples)} held out" if cache.heldout_samples else "")
             if cache.mode == "cached"
             else "none (storage.mode=online: the target ran inside training)",
         ),
         (
             "train",
             f"{_num(r.train.optimizer_steps)} steps, loss {_num(final.get('train/loss'), 3)}, "
-            f"slot-0 accuracy {_num(final.get('train/acc_slot0'), 3)}",
+            f"slot-0 accuracy {_num(final.get('train/acc_slot0'), 3)}"
+            + (
+                f"; best validation at step {r.train.best['step']} ({r.train.best['metric']} "
+                f"{_num(r.train.best['value'], 3)})"
+                if r.train.best
+                else ""
+            ),
         ),
     ]
     source = "built-in prompts" if evaluation.builtin_eval else evaluation.data_dir

@@ -17,8 +17,9 @@ from typing import Any
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from deepspec.tasks import secrets
 from deepspec.tasks.paths import run_paths
 
 
@@ -38,11 +39,13 @@ def run_id(cfg: DictConfig) -> str:
             return saved["run_id"]
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    experiment_id = (
-        experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.experiment)
-    )
+    if experiment is not None:
+        experiment_id = experiment.experiment_id
+    else:  # the default store keeps its artifacts beside it, not in ./mlruns of whatever the cwd is
+        location = None if cfg.tracking.uri else (Path(cfg.run_dir).resolve() / "mlartifacts").as_uri()
+        experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=location)
     run = client.create_run(experiment_id, run_name=f"{Path(cfg.run_dir).name}/{cfg.algo.name}")
-    flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    flat = _flatten(secrets.redacted_params(cfg))  # references, never their values
     params = [Param(key, str(value)[:6000]) for key, value in flat.items()]
     for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run.info.run_id, params=params[start : start + 100])
@@ -88,13 +91,37 @@ def register_model_version(cfg: DictConfig, artifact_path: str, tags: dict[str, 
     from mlflow.exceptions import MlflowException
 
     client, rid = MlflowClient(tracking_uri(cfg)), run_id(cfg)
-    name = f"deepspec-{cfg.target.name}-{cfg.algo.name}"
+    name = model_name(cfg)
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="DeepSpec drafts, exported for serving engines")
     source = f"{client.get_run(rid).info.artifact_uri}/{artifact_path}"
     return str(client.create_model_version(name, source, run_id=rid, tags=tags).version)
+
+
+def model_name(cfg: DictConfig) -> str:
+    """The registered model every export of this target and algorithm is a version of."""
+    return f"deepspec-{cfg.target.name}-{cfg.algo.name}"
+
+
+def model_version_of(cfg: DictConfig, weights_sha256: str) -> str | None:
+    """The newest version this run registered of the draft with these weights (None: none)."""
+    client = MlflowClient(tracking_uri(cfg))
+    query = f"name = '{model_name(cfg)}' and run_id = '{run_id(cfg)}'"
+    found = [v for v in client.search_model_versions(query) if v.tags.get("weights_sha256") == weights_sha256]
+    return str(max(found, key=lambda v: int(v.version)).version) if found else None
+
+
+def set_model_alias(cfg: DictConfig, alias: str, version: str) -> None:
+    """Point the registered model's `alias` at `version`, moving it from the version it named."""
+    MlflowClient(tracking_uri(cfg)).set_registered_model_alias(model_name(cfg), alias, version)
+
+
+def tag_model_version(cfg: DictConfig, version: str, tags: dict[str, str]) -> None:
+    client = MlflowClient(tracking_uri(cfg))
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name(cfg), version, key, value)
 
 
 def set_tags(cfg: DictConfig, tags: dict[str, str]) -> None:

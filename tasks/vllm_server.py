@@ -30,9 +30,11 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from deepspec.models.errors import ConfigError, DeepSpecError
+from deepspec.tasks.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +344,9 @@ class VLLMServerPool:
         with r.log_path.open("ab") as out:
             out.write(f"\n==== deepspec: starting replica {r.index} on port {r.port} ====\n".encode())
             out.flush()
-            # start_new_session: the server leads its own process group, so one killpg stops its children
+            # start_new_session: the server leads its own process group, so one killpg stops its children.
+            # Its parent-death signal is SIGTERM, vLLM's own shutdown (engine and workers with it): a
+            # process that started servers and was killed outright leaves none behind.
             r.process = subprocess.Popen(
                 self._args(r),
                 stdout=out,
@@ -350,6 +354,7 @@ class VLLMServerPool:
                 stdin=subprocess.DEVNULL,
                 env=r.env,
                 start_new_session=True,
+                preexec_fn=partial(die_with_parent, signal.SIGTERM),
             )
         r.started_at = time.monotonic()
 

@@ -190,6 +190,26 @@ class DFlashConfig:
         return cls(**values)
 
 
+def chunked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: list[AttentionChunk], n_c: int
+) -> torch.Tensor:
+    """Packed blocks' attention, one SDPA call per chunk of queries on the keys that chunk can see:
+    q [H, n_q, hd], k and v [Hkv, n_c + n_q, hd] (context keys, then block keys) -> [H, n_q, hd]."""
+    outputs = []
+    for chunk in chunks:
+        c, b = chunk.context, chunk.blocks
+        if c.stop - c.start == n_c and b.stop - b.start == q.shape[1]:
+            k_chunk, v_chunk = k, v  # every key: no copy
+        else:
+            k_chunk = torch.cat([k[:, c], k[:, n_c + b.start : n_c + b.stop]], dim=1)
+            v_chunk = torch.cat([v[:, c], v[:, n_c + b.start : n_c + b.stop]], dim=1)
+        out = F.scaled_dot_product_attention(
+            q[None, :, chunk.queries], k_chunk[None], v_chunk[None], attn_mask=chunk.mask, enable_gqa=True
+        )
+        outputs.append(out[0])
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+
 class DFlashAttention(GroupedQueryProjections):
     """Block queries over the context's projected features and the block itself, as keys and values."""
 
@@ -217,20 +237,7 @@ class DFlashAttention(GroupedQueryProjections):
         k = apply_rotary(
             k, torch.cat([context_rope[0], block_rope[0]]), torch.cat([context_rope[1], block_rope[1]])
         )
-        n_c = context.shape[0]
-        outputs = []
-        for chunk in chunks:  # one SDPA call per chunk of queries, on the keys that chunk can see
-            c, b = chunk.context, chunk.blocks
-            if c.stop - c.start == n_c and b.stop - b.start == block.shape[0]:
-                k_chunk, v_chunk = k, v  # every key: no copy
-            else:
-                k_chunk = torch.cat([k[:, c], k[:, n_c + b.start : n_c + b.stop]], dim=1)
-                v_chunk = torch.cat([v[:, c], v[:, n_c + b.start : n_c + b.stop]], dim=1)
-            out = F.scaled_dot_product_attention(
-                q[None, :, chunk.queries], k_chunk[None], v_chunk[None], attn_mask=chunk.mask, enable_gqa=True
-            )
-            outputs.append(out[0])
-        return self.output(outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1))
+        return self.output(chunked_attention(q, k, v, chunks, context.shape[0]))
 
     def decode(
         self, block: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: GrowingKV

@@ -31,9 +31,10 @@ verified prefixes to measure calibration; the paper's load-aware scheduler, whic
 request's verify length from those products, belongs to a serving engine and is not here.
 
 Teacher: the target's final hidden states through its frozen LM head, capped as the target caps its logits
-(a target config's `final_logit_softcapping`: softcap * tanh(logits / softcap)); the trainer hands over the
-kept slots' states (`forward(..., chunked=True)`) and `losses.chunked_dspark_loss` forms both sides' logits
-a chunk of rows at a time.
+(a target config's `final_logit_softcapping`: softcap * tanh(logits / softcap)). In training the forward
+itself returns the loss (`forward(..., loss_settings=...)`): `losses.chunked_dspark_loss` forms both sides'
+logits from the kept slots' states a chunk of rows at a time, reading the LM head and the Markov head's W2
+inside the call, where DeepSpeed's ZeRO-3 holds W2 whole.
 
 Targets: the draft layer is upstream's Qwen3 one (`Qwen3DSparkModel`, also for Llama targets). Gemma
 targets are refused (`DSparkConfig.from_target`): upstream's and vLLM's `Gemma4DSparkModel` layer is a
@@ -499,14 +500,16 @@ class DSparkDraft(nn.Module):
         target_hidden: torch.Tensor | None = None,
         target_logits: torch.Tensor | None = None,
         chunked: bool = False,
-    ) -> DSparkBatch | DSparkRows:
+        loss_settings: DSparkSettings | None = None,
+    ) -> DSparkBatch | DSparkRows | tuple[torch.Tensor, Stats]:
         """The supervised slots' draft logits, teacher logits, labels and confidence logits.
 
         labels [n_anchors, B] (`block_labels`); only each block's supervised prefix is kept. The teacher
         is either `target_hidden` [n_anchors, B, d], the target's final hidden state at p + k
         (`block_rows(final_hidden, ...)`; the frozen LM head runs only on the kept slots, the cheap
         choice for a 150k vocabulary), or `target_logits` [n_anchors, B, vocab]. With `chunked`, the
-        kept slots' states instead of any logits (`DSparkRows`, for `losses.chunked_dspark_loss`).
+        kept slots' states instead of any logits (`DSparkRows`, for `losses.chunked_dspark_loss`). With
+        `loss_settings`, the training loss and statistics of those rows (`chunked_loss`).
         """
         if (target_hidden is None) == (target_logits is None):
             raise ValueError("pass exactly one of target_hidden and target_logits")
@@ -515,13 +518,13 @@ class DSparkDraft(nn.Module):
         index = supervised_prefix(labels).reshape(-1).nonzero().squeeze(-1)
         confidence = states.confidence_logits
         confidence = None if confidence is None else confidence.reshape(-1)[index]
-        if chunked:
+        if chunked or loss_settings is not None:
             device = states.hidden.device
 
             def kept(x: torch.Tensor | None) -> torch.Tensor | None:
                 return None if x is None else x.reshape(-1, x.shape[-1])[index.to(x.device)].to(device)
 
-            return DSparkRows(
+            rows = DSparkRows(
                 hidden=kept(states.hidden),
                 codes=kept(states.codes),
                 target_hidden=None if target_hidden is None else kept(target_hidden).detach(),
@@ -530,6 +533,7 @@ class DSparkDraft(nn.Module):
                 slots=index % self.block_size,
                 confidence_logits=confidence,
             )
+            return rows if loss_settings is None else self.chunked_loss(rows, loss_settings)
         if target_hidden is not None:
             rows = target_hidden.reshape(-1, target_hidden.shape[-1])
             teacher = self.target_logits(rows[index.to(rows.device)])
@@ -543,6 +547,19 @@ class DSparkDraft(nn.Module):
             slots=index % self.block_size,
             confidence_logits=confidence,
         )
+
+    def chunked_loss(self, rows: DSparkRows, settings: DSparkSettings) -> tuple[torch.Tensor, Stats]:
+        """ce_weight CE + l1_weight L1 + confidence_weight BCE of the kept rows, slot k weighted
+        exp(-k / loss_decay): the frozen head (capped as the target caps it) and W2 applied to a chunk of
+        rows at a time, on both sides."""
+        markov = None if rows.codes is None else (rows.codes, self.markov_head.markov_w2.weight)
+        return chunked_dspark_loss(
+            rows.hidden, self.backbone.lm_head.weight, rows.labels, rows.slots, rows.confidence_logits,
+            slot_weights(self.block_size, settings.loss_decay, device=rows.hidden.device),
+            target_hidden=rows.target_hidden, target_logits=rows.target_logits, markov=markov,
+            target_softcap=self.cfg.final_logit_softcapping, ce_weight=settings.ce_weight,
+            l1_weight=settings.l1_weight, confidence_weight=settings.confidence_weight,
+        )  # fmt: skip
 
     # --- inference (left to right) ---
 
@@ -649,16 +666,8 @@ def training_loss(
     pairs = list(zip(samples, anchors, strict=True))
     prev = torch.cat([block_rows(s["input_ids"], a, block) for s, a in pairs])
     final = torch.cat([block_rows(teacher.final_hidden(s), a, block) for s, a in pairs])
-    # the kept slots' states, not logits: the loss applies the frozen head (capped as the target caps
-    # it) and the Markov head's W2 to a chunk of rows at a time, on both sides
-    rows = forward(packed, prev.to(device), labels, target_hidden=final, chunked=True)
-    markov = None if rows.codes is None else (rows.codes, model.markov_head.markov_w2.weight)
-    return chunked_dspark_loss(
-        rows.hidden, model.backbone.lm_head.weight, rows.labels, rows.slots, rows.confidence_logits,
-        slot_weights(block, settings.loss_decay, device=device), target_hidden=rows.target_hidden,
-        markov=markov, target_softcap=model.cfg.final_logit_softcapping, ce_weight=settings.ce_weight,
-        l1_weight=settings.l1_weight, confidence_weight=settings.confidence_weight,
-    )  # fmt: skip
+    # the loss inside the call (`chunked_loss`): it reads W2 (trained), which ZeRO-3 holds whole only there
+    return forward(packed, prev.to(device), labels, target_hidden=final, loss_settings=settings)
 
 
 # ----------------------------------------------------------------------------------------------------

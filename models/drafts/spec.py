@@ -40,7 +40,9 @@ class DraftSpec:
     needs_teacher    whether training reads the target's distribution (`models/teacher.py`)
     build            (settings, DraftInputs) -> the untrained draft
     training_loss    (forward, model, samples, settings, teacher, generator) -> (loss, stats): one
-                     micro-batch, `forward` being the model or the DeepSpeed engine wrapping it
+                     micro-batch, `forward` being the model or the DeepSpeed engine wrapping it. It reads
+                     trained weights only inside `forward`: ZeRO-3 holds them whole only there (the
+                     frozen target weights are whole everywhere, `tasks/train/recipe.frozen_as_buffers`)
     save, load       the training output (config.json and the draft's own weights) and back
     export           (model, out_dir, target_config) -> architecture: the layout the engines load
     validate_export  the problems that would stop an engine loading an export; [] when it loads

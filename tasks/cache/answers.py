@@ -15,7 +15,8 @@ from deepspec.tasks.paths import rendering
 
 
 def read_answers(path: Path) -> list[dict[str, Any]]:
-    """Rows {id, line, conversations: [{role, content}, ...]}; DataError naming the line and field."""
+    """Rows {id, line, heldout, conversations: [{role, content}, ...]}; DataError naming the line and
+    field. `heldout` marks the answers to held-out prompts: validation reads them, training never."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} does not exist: run the regenerate stage first")
@@ -29,7 +30,14 @@ def read_answers(path: Path) -> list[dict[str, Any]]:
             raise DataError(
                 f"{path}:{line}: field 'conversations' must be a list of {{role, content}} strings"
             )
-        rows.append({"id": str(row.get("id", f"line-{line}")), "line": line, "conversations": turns})
+        rows.append(
+            {
+                "id": str(row.get("id", f"line-{line}")),
+                "line": line,
+                "heldout": row.get("heldout") is True,
+                "conversations": turns,
+            }
+        )
     return rows
 
 

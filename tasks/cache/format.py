@@ -5,6 +5,7 @@ A cache lives at any fsspec URL (a local path, file://, memory://, s3://bucket/p
     <url>/build.json                       what the build is for, written before the first shard
     <url>/shard-00000.arrow                 one Arrow IPC file, one record batch per sample
     <url>/shard-00000.arrow.committed       {samples, tokens, bytes, sha256}: the shard is complete
+    <url>/heldout-00000.arrow               the held-out samples (validation only), in shards of their own
     <url>/manifest.json                     written last: the cache is complete
 
 Columns per sample: `sample_id` (string), `input_ids` (list<int32>), `loss_mask` (binary: the 0/1 mask
@@ -43,6 +44,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from deepspec.models.errors import CacheMismatchError, DataError
 from deepspec.tasks.cache.encoding import ENCODINGS, Encoding, get_encoding
+from deepspec.tasks.secrets import resolve_options
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ MANIFEST_FILE = "manifest.json"
 BUILD_FILE = "build.json"
 MARKER_SUFFIX = ".committed"
 TMP_PREFIX = ".tmp-"
+HELDOUT_PREFIX = "heldout-"
 _HASH_CHUNK_BYTES = 8 << 20
 
 SCHEMA = pa.schema(
@@ -68,9 +71,15 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.arrow"
 
 
+def heldout_shard_name(index: int) -> str:
+    """A shard of held-out samples: training's streams never read these, validation reads only them."""
+    return f"{HELDOUT_PREFIX}{index:05d}.arrow"
+
+
 def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and root path of a cache URL."""
-    fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+    """The filesystem and root path of a cache URL. Secret references in the options (`${oc.env:..}`,
+    `${prefect_secret:..}`) are read here, for the filesystem only (`tasks/secrets.py`)."""
+    fs, root = fsspec.core.url_to_fs(url, **resolve_options(storage_options))
     return fs, root.rstrip("/") or "/"
 
 
@@ -96,7 +105,8 @@ class CacheManifest:
     samples_per_shard: int = 0
     source_sha256: str = ""  # of the answers file the samples came from
     shards: list[dict[str, Any]] = field(default_factory=list)  # {name, samples, tokens, bytes, sha256}
-    num_samples: int = 0
+    heldout_shards: list[dict[str, Any]] = field(default_factory=list)  # the same, of held-out samples
+    num_samples: int = 0  # the num_* fields count the training shards, what training reads
     num_tokens: int = 0
     num_bytes: int = 0
     url: str | None = field(default=None, compare=False)  # where it was read from; not saved
@@ -105,11 +115,22 @@ class CacheManifest:
     def feature_dim(self) -> int:
         return len(self.layer_ids) * self.hidden_size
 
-    def with_shards(self, shards: list[dict[str, Any]], url: str | None = None) -> CacheManifest:
-        """This manifest over `shards` (each {name, samples, tokens, bytes, sha256}), their totals summed."""
+    @property
+    def heldout_samples(self) -> int:
+        return sum(s["samples"] for s in self.heldout_shards)
+
+    def with_shards(
+        self,
+        shards: list[dict[str, Any]],
+        url: str | None = None,
+        heldout_shards: list[dict[str, Any]] | None = None,
+    ) -> CacheManifest:
+        """This manifest over training `shards` and `heldout_shards` (each {name, samples, tokens, bytes,
+        sha256}), the training shards' totals summed."""
         return replace(
             self,
             shards=list(shards),
+            heldout_shards=list(heldout_shards or []),
             num_samples=sum(s["samples"] for s in shards),
             num_tokens=sum(s["tokens"] for s in shards),
             num_bytes=sum(s["bytes"] for s in shards),
@@ -119,6 +140,8 @@ class CacheManifest:
     def to_json(self) -> str:
         record = asdict(self)
         record.pop("url")
+        if not record["heldout_shards"]:  # a cache holding nothing out reads as it did before there were any
+            record.pop("heldout_shards")
         record["feature_dim"] = self.feature_dim  # derived; recorded for readers of the JSON
         return json.dumps(record, indent=2, sort_keys=True)
 
@@ -617,7 +640,8 @@ def iter_samples(
 
 
 class CacheDataset:
-    """Map-style dataset over every sample of a complete cache, in manifest order.
+    """Map-style dataset over every training sample of a complete cache, in manifest order, or with
+    `heldout` over its held-out samples instead.
 
     Shards open lazily; the `max_open_shards` most recently used stay open. Safe to pickle into
     DataLoader workers: each process opens its own files.
@@ -632,6 +656,7 @@ class CacheDataset:
         features_dtype: torch.dtype = torch.float32,
         max_open_shards: int = 4,
         keep_encoded: bool = False,
+        heldout: bool = False,
     ):
         self.url = url
         self.keep_encoded = keep_encoded  # samples carry `EncodedFeatures`, for the consumer to decode
@@ -641,8 +666,9 @@ class CacheDataset:
             validate_manifest(self.manifest, expected)
         self.features_dtype = features_dtype
         self.max_open_shards = max(1, max_open_shards)
+        self.shards = self.manifest.heldout_shards if heldout else self.manifest.shards
         self._starts = [0]
-        for shard in self.manifest.shards:
+        for shard in self.shards:
             self._starts.append(self._starts[-1] + shard["samples"])
         self._open: OrderedDict[int, _OpenShard] = OrderedDict()
         self._fs = None
@@ -669,7 +695,7 @@ class CacheDataset:
         if self._fs is None:
             self._fs = open_fs(self.url, self.storage_options)
         fs, root = self._fs
-        shard = _OpenShard(fs, root, self.manifest.shards[k]["name"], self.url, self.manifest.encoding)
+        shard = _OpenShard(fs, root, self.shards[k]["name"], self.url, self.manifest.encoding)
         self._open[k] = shard
         while len(self._open) > self.max_open_shards:
             self._open.popitem(last=False)[1].close()

@@ -30,8 +30,13 @@ features rounded to bfloat16 as the cache stores them), so both modes train on t
 `final_hidden` [T, d], from the same forward: the teacher of Eagle3 and DSpark (`models/teacher.py`
 recomputes it from the cache in cached mode).
 
-`supervised_token_counts` counts the supervised tokens of the whole data set without reading features
-(Eagle3's reduced draft vocabulary).
+Held out. Neither stream ever yields a held-out sample (the answers to `heldout.jsonl`: the cache keeps
+them in shards of their own, online mode skips their answers rows), so `samples_per_epoch` counts
+training samples only. A stream opened with `heldout=True` holds only those, for validation, which
+takes them by index (`samples(items)`) rather than by iterating.
+
+`supervised_token_counts` counts the supervised tokens of the whole training set without reading
+features (Eagle3's reduced draft vocabulary).
 """
 
 from __future__ import annotations
@@ -70,6 +75,10 @@ SHUFFLE_BUFFER = 1024  # sample indices; a buffer spans about this many samples'
 PREFETCH = 16  # samples read ahead of the consumer
 ONLINE_TOKENS_PER_BATCH = 8192  # padded tokens per target forward in online mode
 ONLINE_LOOKAHEAD = 32  # samples rendered and run together, sorted by length, in online mode
+NO_HELDOUT = (
+    "validation (train.eval_every_steps) needs held-out prompts: set prompts.heldout_fraction > 0 and run "
+    "the prompts, regenerate and cache stages again"
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -291,6 +300,11 @@ class _Streaming:
     def _read(self, items: Iterable[int]) -> Iterator[dict[str, Any]]:
         raise NotImplementedError
 
+    def samples(self, items: Sequence[int]) -> list[dict[str, Any]]:
+        """The samples at `items` (indices into the data set, 0 .. num_samples - 1), in that order, their
+        features where training would have them; reads in this thread, not moving the position."""
+        return [self._finish(sample) for sample in self._read(items)]
+
     def _finish(self, sample: dict[str, Any]) -> dict[str, Any]:
         """What the consumer's thread does to a sample it takes: nothing, unless a stream says."""
         return sample
@@ -318,6 +332,7 @@ class CacheStream(_Streaming):
     """This rank's samples of a complete target cache, epoch after epoch (see the module docstring).
 
     `epochs` bounds the iteration (None: forever); `expected` manifest fields are validated on open.
+    `heldout` streams the cache's held-out shards instead of its training shards.
     With `decode_device` the prefetch thread only reads, and features are decoded as the consumer takes
     each sample, on that device: training's GPU, or the CPU in the training thread itself. A decoding
     thread beside training competes with it for the GIL at every torch call, and at Qwen3-4B's width one
@@ -339,14 +354,18 @@ class CacheStream(_Streaming):
         expected: dict[str, Any] | None = None,
         features_dtype: torch.dtype = torch.float32,
         decode_device: torch.device | str | None = None,
+        heldout: bool = False,
     ):
         self.url = url
         self.features_dtype, self.decode_device = features_dtype, decode_device
         self.storage_options = dict(storage_options or {})
         self.verify = verify
         self.prefetch = prefetch
-        shards = read_manifest(url, self.storage_options).shards
+        manifest = read_manifest(url, self.storage_options)
+        shards = manifest.heldout_shards if heldout else manifest.shards
         sizes = [int(s["samples"]) for s in shards]
+        if heldout and not sum(sizes):
+            raise DataError(f"the target cache at {url} holds no held-out samples: {NO_HELDOUT}")
         smallest = max(1, min((n for n in sizes if n), default=1))
         self._dataset = CacheDataset(
             url,
@@ -355,6 +374,7 @@ class CacheStream(_Streaming):
             features_dtype=features_dtype,
             max_open_shards=min(64, shuffle_buffer // smallest + 2),  # the shards a buffer spans
             keep_encoded=decode_device is not None,
+            heldout=heldout,
         )
         self._position = _Position(
             RankOrder(sizes, rank=rank, world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer),
@@ -374,7 +394,7 @@ class CacheStream(_Streaming):
             if self.verify and shard not in self._verified:
                 if fs is None:
                     fs, root = open_fs(self.url, self.storage_options)
-                verify_shard(fs, root, self.manifest.shards[shard], self.url)
+                verify_shard(fs, root, self._dataset.shards[shard], self.url)
                 self._verified.add(shard)
             yield self._dataset[item]
 
@@ -397,7 +417,8 @@ class OnlineStream(_Streaming):
 
     `answers` is the regenerated answers file; `model` the target (on the device to run it on),
     `render` the `render_conversation` keyword arguments (`answers.render_options`). Conversations
-    without a supervised token are dropped, as the cache stage drops them.
+    without a supervised token are dropped, as the cache stage drops them. The rows are the training
+    answers, or with `heldout` the held-out ones.
     """
 
     def __init__(
@@ -417,6 +438,7 @@ class OnlineStream(_Streaming):
         lookahead: int = ONLINE_LOOKAHEAD,
         features_dtype: torch.dtype = torch.float32,
         final_hidden: bool = False,
+        heldout: bool = False,
     ):
         self.final_hidden = final_hidden
         self.answers = Path(answers)
@@ -426,7 +448,9 @@ class OnlineStream(_Streaming):
         self.prefetch, self.tokens_per_batch, self.lookahead = prefetch, tokens_per_batch, max(1, lookahead)
         self.features_dtype = features_dtype
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        rows = read_answers(self.answers)
+        rows = [row for row in read_answers(self.answers) if row["heldout"] is heldout]
+        if heldout and not rows:
+            raise DataError(f"{self.answers} holds no answers to held-out prompts: {NO_HELDOUT}")
         self._rows = [row for row in rows if any(self._render(row)[1])]
         if len(self._rows) < len(rows):
             log.warning(
@@ -492,12 +516,16 @@ def open_stream(
     device: torch.device | str | None = None,
     verify: bool = False,
     final_hidden: bool = False,
+    heldout: bool = False,
+    target=None,
 ) -> CacheStream | OnlineStream:
     """The stream `storage.mode` asks for: the run's cache (validated against the config) or
     the target run online over the regenerated answers. `device` is where features come to be: the
     target runs there (online), or the cache's bytes are decoded there as training takes each sample
     (cached; None: in the prefetch thread, on the CPU). `final_hidden` adds the target's final hidden
-    state to online samples; the cache does not hold it."""
+    state to online samples; the cache does not hold it. `heldout`: the held-out samples instead of the
+    training ones (validation). `target`: the target model online mode runs, when one is loaded already
+    (another stream's), instead of loading it again."""
     t = cfg.target
     if tokenizer is None:
         tokenizer = load_tokenizer(t.path, t.gguf_file, t.revision)
@@ -512,10 +540,13 @@ def open_stream(
             verify=verify,
             expected=expected_manifest_fields(cfg, tokenizer),
             decode_device=device,
+            heldout=heldout,
         )
-    model, _ = load_target(t.path, t.gguf_file, t.revision, t.dtype)
-    if device is not None:
-        model.to(device)
+    model = target
+    if model is None:
+        model, _ = load_target(t.path, t.gguf_file, t.revision, t.dtype)
+        if device is not None:
+            model.to(device)
     return OnlineStream(
         run_paths(cfg).answers,
         tokenizer,
@@ -527,6 +558,7 @@ def open_stream(
         seed=int(cfg.train.seed),
         epochs=epochs,
         final_hidden=final_hidden,
+        heldout=heldout,
     )
 
 
@@ -545,7 +577,8 @@ def supervised_token_counts(cfg: DictConfig, tokenizer, vocab_size: int) -> torc
     if cfg.storage.mode == "online":
         answers, options = run_paths(cfg).answers, render_options(cfg)
         for row in read_answers(answers):
-            add(*render(tokenizer, row, options, answers))
+            if not row["heldout"]:  # as the cache, which keeps them apart
+                add(*render(tokenizer, row, options, answers))
         return counts
     url = run_paths(cfg).cache_url
     options = OmegaConf.to_container(cfg.storage.storage_options, resolve=True)

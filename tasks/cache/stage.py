@@ -3,10 +3,12 @@
     deepspec cache target=stories260k target.path=../shared/assets/models/stories260k
 
 Reads the run's `answers.jsonl`, renders each conversation to token ids and a loss mask
-(`answers.py`), and writes shards of `samples_per_shard` rows (row i goes to shard i //
-samples_per_shard) to the run's cache URL, a folder of `storage.url` named by what the cache holds
-(`tasks/paths.py`), in the format of `format.py`. The build is three steps, each a plain function with
-a thin Prefect task beside it, so the flow can run one task per shard on any task runner:
+(`answers.py`), and writes shards of `samples_per_shard` rows (training row i goes to shard i //
+samples_per_shard; the answers to held-out prompts go to `heldout-K` shards of their own, after them, so
+training streams never meet them and validation reads only them) to the run's cache URL, a folder of
+`storage.url` named by what the cache holds (`tasks/paths.py`), in the format of `format.py`. The build
+is three steps, each a plain function with a thin Prefect task beside it, so the flow can run one task
+per shard on any task runner:
 
     plan_cache(cfg)          what is there and what is missing; writes `build.json` before any shard
     build_shard(cfg, k)      renders shard k, runs the target over it, commits it (any process, any machine)
@@ -16,8 +18,10 @@ a thin Prefect task beside it, so the flow can run one task per shard on any tas
 kept, so a killed build loses only the shards it was writing. `build.json` records what the cache is for,
 so a resumed build never mixes shards of two configurations, and every shard task checks it before
 writing. A complete cache that matches the config is skipped without loading the target. Caches for
-other layers or encodings get folders of their own; one whose tokenizer, rendering or answers file
-changed under the same name raises CacheMismatchError instead of being overwritten.
+other layers or encodings get folders of their own; one whose tokenizer or rendering changed under the
+same name raises CacheMismatchError instead of being overwritten. Answers that changed under it (a
+prompts source that grew) rebuild only the shards whose rows changed: `build.json` records a digest of
+each shard's rows.
 
 Each process running shard tasks loads the target once and keeps it (`target_replica`) for the shards
 that follow; `finalize_cache` and `build_cache` drop it. Within a shard, samples are run in batches
@@ -27,6 +31,7 @@ features, never a whole shard.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -48,16 +53,19 @@ from deepspec.models.target import (
     load_tokenizer,
     resolve_source,
 )
-from deepspec.tasks import tracking
+from deepspec.tasks import artifacts, tracking
 from deepspec.tasks.cache.answers import read_answers, render, render_options
 from deepspec.tasks.cache.format import (
     BUILD_FILE,
+    HELDOUT_PREFIX,
     MANIFEST_FILE,
+    MARKER_SUFFIX,
     CacheManifest,
     ShardWriter,
     check_fields,
     committed_shards,
     expected_manifest_fields,
+    heldout_shard_name,
     load_manifest,
     open_fs,
     remove_stale_temp_files,
@@ -72,6 +80,7 @@ from deepspec.tasks.results import CacheResult
 
 log = logging.getLogger(__name__)
 
+SHARD_INPUTS = "shard_inputs"  # in build.json: each shard's `rows_digest`
 # Padded tokens per target forward. Sorting by length keeps padding small; this bounds activation memory.
 TOKENS_PER_BATCH = 16384
 
@@ -137,6 +146,19 @@ def _storage(cfg: DictConfig):
     return url, fs, root
 
 
+def shard_rows(rows: list[dict[str, Any]], per_shard: int) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Every shard's name and answers rows, in build order: the training rows `per_shard` a shard, in
+    answers order (`shard-K`), then the held-out rows the same way (`heldout-K`)."""
+    shards = []
+    for name_of, heldout in ((shard_name, False), (heldout_shard_name, True)):
+        part = [row for row in rows if row["heldout"] is heldout]
+        shards += [
+            (name_of(k), part[start : start + per_shard])
+            for k, start in enumerate(range(0, len(part), per_shard))
+        ]
+    return shards
+
+
 def _write_shard(
     fs, root, name, samples, model, layer_ids, pad_id, tokens_per_batch, encoding
 ) -> dict[str, Any]:
@@ -182,10 +204,15 @@ def plan_cache(cfg: DictConfig) -> CachePlan:
     rows, source_sha256 = load_answers(cfg)
     tokenizer = load_tokenizer(cfg.target.path, cfg.target.gguf_file, cfg.target.revision)
     expected = build_fields(cfg, tokenizer, source_sha256)
-    names = [shard_name(k) for k in range((len(rows) + per_shard - 1) // per_shard)]
+    shards = shard_rows(rows, per_shard)
+    names = [name for name, _ in shards]
+    build_record = {**expected, SHARD_INPUTS: {name: rows_digest(part) for name, part in shards}}
 
     manifest = load_manifest(fs, root, url)
     committed = committed_shards(fs, root)
+    kept = _keep_unchanged_shards(fs, root, url, build_record, committed) if manifest or committed else None
+    if kept is not None:  # the answers changed (grew): the manifest is gone, the changed shards too
+        manifest, committed = None, kept
     if manifest is not None:
         validate_manifest(manifest, expected)
     elif committed:  # shards without a manifest must come from a build with the same build.json
@@ -197,18 +224,54 @@ def plan_cache(cfg: DictConfig) -> CachePlan:
             )
         check_fields(record, expected, url)
     else:  # nothing kept from an earlier build: this build decides what the cache is for
-        write_json_atomic(fs, f"{root}/{BUILD_FILE}", expected)
+        write_json_atomic(fs, f"{root}/{BUILD_FILE}", build_record)
     missing = [k for k, name in enumerate(names) if name not in committed]
-    if manifest is not None and not missing and [s["name"] for s in manifest.shards] == names:
+    made = [s["name"] for s in [*manifest.shards, *manifest.heldout_shards]] if manifest is not None else []
+    if manifest is not None and not missing and made == names:
         log.info("target cache at %s is complete and matches the config; skipping", url)
         return CachePlan(url=url, shards=names, skipped=True, build=expected)
 
     if manifest is not None:  # incomplete after all: it must not claim completeness while we rebuild
-        write_json_atomic(fs, f"{root}/{BUILD_FILE}", expected)
+        write_json_atomic(fs, f"{root}/{BUILD_FILE}", build_record)
         fs.rm(f"{root}/{MANIFEST_FILE}")
     remove_stale_temp_files(fs, root)
     log.info("target cache at %s: %d of %d shards to build", url, len(missing), len(names))
     return CachePlan(url=url, shards=names, missing=missing, build=expected)
+
+
+def rows_digest(rows: list[dict[str, Any]]) -> str:
+    """What a shard's bytes depend on besides the build fields: its answers rows (not their line numbers,
+    which move when rows are added before them)."""
+    kept = [{"id": r["id"], "heldout": r["heldout"], "conversations": r["conversations"]} for r in rows]
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+def _keep_unchanged_shards(
+    fs, root: str, url: str, record: dict[str, Any], committed: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]] | None:
+    """When only the answers changed since the build (`source_sha256`; a source that grew), uncommit the
+    shards whose rows changed (the manifest first, so the cache never claims them) and record the new
+    rows; shards of unchanged rows are kept, since they would be built with the same bytes. Returns the
+    committed shards left, or None when the answers did not change. Any other change is refused."""
+    built = _read_build_record(fs, root)
+    if built is None or built.get("source_sha256") == record["source_sha256"]:
+        if built is not None and SHARD_INPUTS not in built:  # built before shards recorded their rows
+            write_json_atomic(fs, f"{root}/{BUILD_FILE}", {**built, SHARD_INPUTS: record[SHARD_INPUTS]})
+        return None
+    if SHARD_INPUTS not in built:
+        return None  # which rows its shards hold is not known: `check_fields` refuses the change
+    check_fields(built, {k: v for k, v in record.items() if k not in ("source_sha256", SHARD_INPUTS)}, url)
+    before, now = built[SHARD_INPUTS], record[SHARD_INPUTS]
+    changed = [name for name in committed if before.get(name) is None or before[name] != now.get(name)]
+    if fs.exists(f"{root}/{MANIFEST_FILE}"):
+        fs.rm(f"{root}/{MANIFEST_FILE}")
+    for name in changed:
+        fs.rm(f"{root}/{name}{MARKER_SUFFIX}")  # the marker first: without it the shard is not committed
+        fs.rm(f"{root}/{name}")
+    write_json_atomic(fs, f"{root}/{BUILD_FILE}", record)
+    log.info("target cache at %s: the answers changed; %d of %d built shards keep their rows",
+             url, len(committed) - len(changed), len(committed))  # fmt: skip
+    return {name: info for name, info in committed.items() if name not in changed}
 
 
 def build_shard(cfg: DictConfig, index: int, *, tokens_per_batch: int = TOKENS_PER_BATCH) -> dict[str, Any]:
@@ -221,10 +284,10 @@ def build_shard(cfg: DictConfig, index: int, *, tokens_per_batch: int = TOKENS_P
     url, fs, root = _storage(cfg)
     rows, source_sha256 = load_answers(cfg)
     answers = run_paths(cfg).answers
-    count = (len(rows) + per_shard - 1) // per_shard
-    if not 0 <= index < count:
-        raise ValueError(f"shard {index} does not exist: {answers} makes {count} shards")
-    name = shard_name(index)
+    shards = shard_rows(rows, per_shard)
+    if not 0 <= index < len(shards):
+        raise ValueError(f"shard {index} does not exist: {answers} makes {len(shards)} shards")
+    name, shard = shards[index]
     model, tokenizer = target_replica(cfg)
     layer_ids = check_layer_ids(list(cfg.target.layer_ids), model.config.num_hidden_layers)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -234,7 +297,7 @@ def build_shard(cfg: DictConfig, index: int, *, tokens_per_batch: int = TOKENS_P
             raise DataError(f"cache at {url} has no {BUILD_FILE}: plan the build first (run the cache stage)")
         check_fields(record, build_fields(cfg, tokenizer, source_sha256), url)
         samples, dropped, options = [], 0, render_options(cfg)
-        for row in rows[index * per_shard : (index + 1) * per_shard]:
+        for row in shard:
             input_ids, loss_mask = render(tokenizer, row, options, answers)
             if not any(loss_mask):  # nothing to learn (e.g. the answer was cut by max_length)
                 dropped += 1
@@ -277,9 +340,14 @@ def finalize_cache(cfg: DictConfig, plan: CachePlan) -> CacheResult:
         raise DataError(f"cache at {url}: shards {absent} are not committed; run the cache stage again")
     # the build fields are manifest fields
     manifest = CacheManifest(**plan.build, hidden_size=_hidden_size(cfg))
-    manifest = manifest.with_shards([committed[n] for n in plan.shards], url)
+    train = [committed[n] for n in plan.shards if not n.startswith(HELDOUT_PREFIX)]
+    heldout = [committed[n] for n in plan.shards if n.startswith(HELDOUT_PREFIX)]
+    manifest = manifest.with_shards(train, url, heldout)
     write_manifest(fs, root, manifest)
-    log.info("target cache at %s: %d samples, %d tokens", url, manifest.num_samples, manifest.num_tokens)
+    log.info(
+        "target cache at %s: %d samples, %d tokens; %d held-out samples",
+        url, manifest.num_samples, manifest.num_tokens, manifest.heldout_samples,
+    )  # fmt: skip
     _log_metrics(cfg, manifest)
     return _summary(manifest, skipped=False, built=len(plan.missing))
 
@@ -309,8 +377,9 @@ def _summary(manifest: CacheManifest, *, skipped: bool, built: int) -> CacheResu
         samples=manifest.num_samples,
         tokens=manifest.num_tokens,
         bytes=manifest.num_bytes,
-        shards=len(manifest.shards),
+        shards=len(manifest.shards) + len(manifest.heldout_shards),
         shards_built=built,
+        heldout_samples=manifest.heldout_samples,
         skipped=skipped,
     )
 
@@ -323,6 +392,7 @@ def _log_metrics(cfg: DictConfig, manifest: CacheManifest) -> None:
             "cache/tokens": manifest.num_tokens,
             "cache/bytes": manifest.num_bytes,
             "cache/bytes_per_token": manifest.num_bytes / max(1, manifest.num_tokens),
+            **({"cache/heldout_samples": manifest.heldout_samples} if manifest.heldout_shards else {}),
         },
     )
 
@@ -371,4 +441,6 @@ def build_shard_task(cfg: DictConfig, index: int) -> dict[str, Any]:
 
 @task(name="finalize_cache", cache_policy=NO_CACHE)
 def finalize_cache_task(cfg: DictConfig, plan: CachePlan) -> CacheResult:
-    return finalize_cache(cfg, plan)
+    result = finalize_cache(cfg, plan)
+    artifacts.publish(cfg, "cache", result)
+    return result

@@ -66,7 +66,7 @@ from deepspec.models.speculative import (
     target_generate,
 )
 from deepspec.models.target import input_embeddings, load_target, output_head
-from deepspec.tasks import tracking
+from deepspec.tasks import artifacts, tracking
 from deepspec.tasks.config import config_hash
 from deepspec.tasks.evaluate import report
 from deepspec.tasks.evaluate.benchmarks import BUILTIN, benchmark_cap, load_benchmark, select_prompts
@@ -211,7 +211,8 @@ def evaluate(
     """Run the benchmarks with speculative and plain decoding; write and return the results.
 
     `draft_loader()` returns the draft to evaluate and `draft_file` is its weights file (hashed, so a new
-    draft is evaluated again). Without them, the draft that the train stage of this run wrote.
+    draft is evaluated again). Without them, the draft that the train stage of this run wrote, the one
+    `export.draft` names (`train.stage.trained_draft`: the best validated, or the last).
     """
     default_draft = draft_loader is None
     if default_draft:
@@ -448,6 +449,13 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+def _where(cfg: DictConfig) -> str:
+    """Where the full report is: beside the results, and in the MLflow run's artifacts (`eval/`)."""
+    reports = run_paths(cfg).eval_dir.resolve()
+    where = f"Report: `{reports / 'report.html'}` and `report.md` (also in MLflow's `eval/`)"
+    return f"{where}\n\n{artifacts.mlflow_line(cfg)}"
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)  # stages validate their own outputs
 def evaluate_task(cfg: DictConfig) -> EvalResult:
     """The stage, plus its tables as a markdown artifact on the flow run's page in the Prefect UI."""
@@ -455,7 +463,7 @@ def evaluate_task(cfg: DictConfig) -> EvalResult:
 
     result = evaluate(cfg)
     create_markdown_artifact(
-        markdown=report.markdown_report(result),
+        markdown=f"{report.markdown_report(result)}\n\n{_where(cfg)}\n",
         key=f"evaluation-{result.algo}",  # the UI's "latest" of a key is the newest run's
         description=f"{result.algo} on {result.target}: tau and speedup per benchmark",
     )

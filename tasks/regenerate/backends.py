@@ -12,10 +12,11 @@ as soon as it has it, so the stage can log it before the next one; `emit` is cal
 Multi-turn rows are answered turn by turn: the answer to user turn k is part of the prompt of turn k+1.
 
 Records: `{"id", "source", "category", "conversations", "finish_reason", "truncated",
-"completion_tokens", "prompt_tokens"}`. `finish_reason` is "length" when any turn was cut at
-`max_new_tokens` or its prompt did not fit the model's context (that turn and later ones stay
-unanswered), else "stop"; `truncated` says the same as a bool. A row whose requests fail for good
-becomes `{"id", "error"}`: the stage files it in its errors file and asks for it again on the next run.
+"completion_tokens", "prompt_tokens"}`, plus `"heldout": true` for a held-out prompt. `finish_reason` is
+"length" when any turn was cut at `max_new_tokens` or its prompt did not fit the model's context (that
+turn and later ones stay unanswered), else "stop"; `truncated` says the same as a bool. A row whose
+requests fail for good becomes `{"id", "error"}`: the stage files it in its errors file and asks for it
+again on the next run.
 
 Sending token ids (`api=completions`) keeps the rendering byte-identical to the cache stage and training:
 both use `deepspec.models.chat`. Over `api=chat` the server's template renders the prompt instead.
@@ -106,6 +107,7 @@ def record(
         "truncated": cut,
         "completion_tokens": completion_tokens,
         "prompt_tokens": prompt_tokens,
+        **({"heldout": True} if row.get("heldout") else {}),  # for validation only, never trained on
     }
 
 

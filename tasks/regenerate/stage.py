@@ -13,7 +13,8 @@ from the target itself, with the target preset's sampling settings (`regen.tempe
 The stage runs in three steps, each a plain function with a thin Prefect task beside it, so the flow
 runs one task per shard of prompts and a failed shard re-runs alone:
 
-    plan_regen(cfg)                  which shards are missing; starts over if the config or prompts changed
+    plan_regen(cfg)                  which shards are missing; starts over if the config changed, keeps
+                                     the answers to unchanged prompts if only the prompts did
     regen_shard(cfg, k, endpoints)   answers shard k (prompt rows k*shard_size ...) and commits it
     finalize_regen(cfg, plan, res)   `answers.jsonl` in input order from the committed shards, last
 
@@ -31,12 +32,15 @@ listing them all and fails when there are more than `regen.allow_failures`.
 
 Output: `answers.jsonl` in the answers folder (`<data_dir>/answers/<target>-<key>/`, named by the
 prompts, the target and its sampling; `tasks/paths.py`), one record a line in input order (fields in
-backends.py), then `_DONE.json`.
+backends.py), then `_DONE.json`. The held-out prompts (`heldout.jsonl`, `prompts.heldout_fraction`) are
+answered too, after the others, their records marked `"heldout": true`: the cache stores them apart and
+training only validates on them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -55,7 +59,7 @@ from tqdm import tqdm
 
 from deepspec.models.errors import ConfigError, DataError
 from deepspec.models.target import load_tokenizer, resolve_source
-from deepspec.tasks import tracking
+from deepspec.tasks import artifacts, tracking
 from deepspec.tasks.config import config_hash
 from deepspec.tasks.files import (
     atomic_write_text,
@@ -67,6 +71,7 @@ from deepspec.tasks.files import (
     write_jsonl_atomic,
 )
 from deepspec.tasks.paths import answers_key, rendering, run_paths, sampling
+from deepspec.tasks.prompts import prompt_key
 from deepspec.tasks.regenerate.backends import (
     FileBackend,
     HFBackend,
@@ -143,15 +148,26 @@ def complete_rows(path: Path) -> list[dict]:
 
 
 def load_prompts(cfg: DictConfig) -> tuple[list[dict], str]:
-    """The prompts file's rows and sha256, read once per process while the file stays unchanged."""
-    path = run_paths(cfg).prompts
-    if not path.is_file():
-        raise DataError(f"{path}: no such file; run the prompts stage first (deepspec prompts)")
-    return read_once(path, _prompt_rows)
+    """The prompts to answer and their sha256: the prompts file's rows, then the held-out file's, marked
+    `heldout` (training's validation reads their answers; training never does). Each file is read once
+    per process while it stays unchanged. With nothing held out the sha256 is the prompts file's alone,
+    as it was before held-out prompts were answered, so such runs keep their answers."""
+    paths = run_paths(cfg)
+    if not paths.prompts.is_file():
+        raise DataError(f"{paths.prompts}: no such file; run the prompts stage first (deepspec prompts)")
+    rows, sha = read_once(paths.prompts, _prompt_rows)
+    if not paths.heldout.is_file() or paths.heldout.stat().st_size == 0:
+        return rows, sha
+    heldout, heldout_sha = read_once(paths.heldout, _heldout_rows)
+    return [*rows, *heldout], hashlib.sha256(f"{sha} {heldout_sha}".encode()).hexdigest()
 
 
 def _prompt_rows(path: Path) -> list[dict]:
     return [row for _, row in read_jsonl(path)]
+
+
+def _heldout_rows(path: Path) -> list[dict]:
+    return [{**row, "heldout": True} for _, row in read_jsonl(path)]
 
 
 # A terminal progress bar over all rows, when shard tasks run in the process that planned them.
@@ -185,11 +201,17 @@ def plan_regen(cfg: DictConfig) -> RegenPlan:
 
     plan_file = out / PLAN_FILE
     previous = json.loads(plan_file.read_text()) if plan_file.is_file() else None
+    layout = config_hash(answers_key(cfg), size)  # the digest less the prompts
     if previous is not None and previous.get("digest") != digest:
-        log.info("regenerate: the answers in %s are for another configuration or prompts; starting over", out)
-        shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
+        if previous.get("layout") == layout:
+            kept = _keep_answers(cfg, prompts, size)
+            log.info("regenerate: the prompts changed; %d answers to unchanged prompts kept", kept)
+        else:
+            log.info("regenerate: the answers in %s are for another configuration; starting over", out)
+            shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
     (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(plan_file, json.dumps({"digest": digest, "rows": len(prompts), "shard_size": size}))
+    plan_record = {"digest": digest, "layout": layout, "rows": len(prompts), "shard_size": size}
+    atomic_write_text(plan_file, json.dumps(plan_record))
 
     answered = 0
     for k in range(plan.num_shards):
@@ -209,6 +231,45 @@ def plan_regen(cfg: DictConfig) -> RegenPlan:
     if plan.missing:
         _bar["bar"] = tqdm(total=len(prompts), initial=answered, unit="row", desc="regenerate")
     return plan
+
+
+def _keep_answers(cfg: DictConfig, prompts: list[dict], size: int) -> int:
+    """After the prompts changed under the same settings (a source that grew): a committed shard whose
+    answers are for exactly its rows now stays committed; any other shard is uncommitted, the answers it
+    still has to its rows (same id and turns) carried into its log, so that `regen_shard` asks only for
+    the rest (for `hf` whole batches: its seeds follow the positions, so rows appended after the earlier
+    ones keep the answers a fresh run would give them). Returns the answers kept."""
+    shards = stage_dir(cfg) / SHARDS_DIR
+    rows_now = {row["id"]: row for row in prompts}
+
+    def same(answer: dict) -> bool:
+        row = rows_now.get(answer["id"])
+        return (
+            row is not None
+            and bool(row.get("heldout")) == bool(answer.get("heldout"))
+            and prompt_key(row["conversations"]) == prompt_key(answer["conversations"])
+        )
+
+    answered: dict[str, dict] = {}  # every answer on disk (committed or logged) to a prompt still there
+    for path in sorted(shards.glob("part-*.jsonl")):
+        if not path.name.endswith(".errors.jsonl"):
+            answered.update({a["id"]: a for a in complete_rows(path) if "error" not in a and same(a)})
+    num_shards = -(-len(prompts) // size)
+    for k in range(num_shards):
+        rows = prompts[k * size : (k + 1) * size]
+        part, errors, log_path = _shard_paths(cfg, k)
+        committed = complete_rows(part)
+        if not errors.is_file() and [a["id"] for a in committed] == [r["id"] for r in rows]:
+            if all(a["id"] in answered for a in committed):
+                continue  # its rows and their answers as they were
+        carried = [answered[r["id"]] for r in rows if r["id"] in answered]
+        write_jsonl_atomic(log_path, carried)  # before the commit goes, so no answer is ever lost
+        part.unlink(missing_ok=True)
+        errors.unlink(missing_ok=True)
+    for path in shards.glob("part-*.jsonl"):  # shards past the prompts' end
+        if int(path.name[len("part-") :].split(".")[0]) >= num_shards:
+            path.unlink()
+    return sum(row["id"] in answered for row in prompts)
 
 
 @dataclass
@@ -521,7 +582,9 @@ def regen_shard_task(cfg: DictConfig, k: int, endpoints: list[str] | None, plan:
 
 @task(name="finalize-regenerate", cache_policy=NO_CACHE)
 def finalize_regen_task(cfg: DictConfig, plan: RegenPlan, results: list[ShardResult]) -> RegenResult:
-    return finalize_regen(cfg, plan, results)
+    result = finalize_regen(cfg, plan, results)
+    artifacts.publish(cfg, "regenerate", result)
+    return result
 
 
 def regen_task_runner(cfg: DictConfig):

@@ -1,7 +1,7 @@
 """Training figures between two logged optimizer steps: loss, per-slot agreement with the labels (and
 DSpark's survival chance), the accepted length they imply, any scalar a loss reports, the gradient norm
 before clipping, and the samples and tokens a second (this rank's, times the ranks: every rank trains on
-an equal share of each optimizer step's samples)."""
+an equal share of each optimizer step's samples), and this rank's peak memory."""
 
 from __future__ import annotations
 
@@ -44,21 +44,44 @@ class Metrics:
             self.grad_norms.append(float(norm))
 
     def summary(self, lr: float, world: int = 1) -> dict[str, float]:
-        accuracy = self.hits / self.counts.clamp(min=1)
         seconds = max(time.perf_counter() - self.began, 1e-9)
         metrics = {
             "train/loss": self.loss / max(1, self.n),
             "train/lr": lr,
-            "train/expected_tau": expected_accepted_length(accuracy),
-            **{f"train/acc_slot{k}": float(a) for k, a in enumerate(accuracy)},
+            **slot_figures("train", self.hits, self.counts, self.accept),
             **{f"train/{key}": total / max(1, self.n) for key, total in self.scalars.items()},
             "train/samples_per_s": self.samples * world / seconds,
             "train/tokens_per_s": self.tokens * world / seconds,
         }
         if self.grad_norms:
             metrics["train/grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
-        if self.accept is not None:
-            accept = self.accept / self.counts.clamp(min=1)
-            metrics["train/expected_tau_accept"] = expected_accepted_length(accept)
-            metrics.update({f"train/accept_slot{k}": float(a) for k, a in enumerate(accept)})
+        metrics["train/peak_memory_mb"] = peak_memory_mb()
         return metrics
+
+
+def peak_memory_mb() -> float:
+    """This rank's peak memory so far: the most CUDA memory torch allocated on its device, or on a CPU
+    the process's peak resident set (torch keeps no allocator statistics there)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
+
+
+def slot_figures(
+    prefix: str, hits: torch.Tensor, counts: torch.Tensor, accept: torch.Tensor | None = None
+) -> dict[str, float]:
+    """Per-slot agreement of the draft with the labels (`<prefix>/acc_slotK`: upstream's accept_rate@k)
+    and the accepted length it implies (`<prefix>/expected_tau`), from a loss's summed `slot_hits` and
+    `slot_counts`; with DSpark's summed `slot_accept` (1 - TV), the same by survival chance."""
+    accuracy = hits / counts.clamp(min=1)
+    figures = {
+        f"{prefix}/expected_tau": expected_accepted_length(accuracy),
+        **{f"{prefix}/acc_slot{k}": float(a) for k, a in enumerate(accuracy)},
+    }
+    if accept is not None:
+        accept = accept / counts.clamp(min=1)
+        figures[f"{prefix}/expected_tau_accept"] = expected_accepted_length(accept)
+        figures.update({f"{prefix}/accept_slot{k}": float(a) for k, a in enumerate(accept)})
+    return figures

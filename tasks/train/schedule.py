@@ -63,6 +63,12 @@ def anchor_generator(seed: int, micro_step: int, rank: int, world: int) -> torch
     return torch.Generator().manual_seed((int(seed) << 40) + micro_step * world + rank)
 
 
+def validation_generator(seed: int, batch: int) -> torch.Generator:
+    """The generator of held-out micro-batch `batch`'s anchors: the same at every validation and on any
+    number of ranks, and apart from training's draws (bit 39 set)."""
+    return torch.Generator().manual_seed((int(seed) << 40) + (1 << 39) + batch)
+
+
 def loader_state_at(micro_step: int, micro_steps_per_epoch: int, micro_batch: int) -> dict[str, int]:
     """The stream position after `micro_step` micro-steps (for checkpoints saved without one)."""
     epoch, index = divmod(micro_step, micro_steps_per_epoch)

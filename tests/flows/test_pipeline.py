@@ -141,6 +141,7 @@ def test_all_stages_log_to_the_runs_mlflow_run(run):
         "train/grad_norm",
         "train/tokens_per_s",
         "train/samples_per_s",
+        "train/peak_memory_mb",
         "train/acc_slot0",
     ]
     for key in [*stage_keys, "eval/pooled/tau"]:
@@ -220,6 +221,7 @@ def test_eagle3_trains_evaluates_and_exports_from_the_same_cache(run, all_algos)
     assert result.train.optimizer_steps >= 1 and result.train.final_metrics["train/loss"] > 0
     final = result.train.final_metrics
     assert final["train/grad_norm"] > 0 and final["train/tokens_per_s"] > final["train/samples_per_s"] > 0
+    assert 50 < final["train/peak_memory_mb"] < 24_000  # a rank's resident set: torch alone is ~200 MB
     assert result.evaluate.algo == "eagle3" and result.evaluate.num_draft_tokens == 3
     assert result.evaluate.pooled.greedy_match == 1.0
     assert result.export.architecture == "LlamaForCausalLMEagle3"

@@ -5,6 +5,7 @@ stories260k model."""
 import dataclasses
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -457,8 +458,9 @@ def test_teacher_is_capped_as_the_target_caps_its_logits(tmp_path):
 @pytest.mark.parametrize("head", [*HEADS, "none"])
 @pytest.mark.parametrize("target_config", [QWEN3, CAPPED], ids=["qwen3", "qwen3-capped"])
 def test_chunked_rows_give_the_loss_and_gradients_of_the_logits_path(target_config, head):
-    """forward(chunked=True) + chunked_dspark_loss, as the trainer runs them, against forward() +
-    dspark_loss on the [M, vocab] logits: same loss, statistics and gradients, the target's cap included."""
+    """forward(chunked=True) + chunked_dspark_loss, and the forward's own loss (`loss_settings`, as the
+    trainer runs it: inside the engine's call), against forward() + dspark_loss on the [M, vocab] logits:
+    same loss, statistics and gradients, the target's cap included."""
     kwargs = {"rank": 0, "with_markov": False} if head == "none" else {}
     model = tiny_dspark(target_config, "vanilla" if head == "none" else head, **kwargs)
     seqs = random_sequences()
@@ -468,10 +470,13 @@ def test_chunked_rows_give_the_loss_and_gradients_of_the_logits_path(target_conf
     target_hidden = target_hidden * 10  # large logits: the cap matters
     weights = slot_weights(BLOCK, 4.0)
     results = []
-    for chunked in (False, True):
+    for path in ("logits", "rows", "forward"):
         model.zero_grad()
-        out = model(packed, prev, labels, target_hidden=target_hidden, chunked=chunked)
-        if chunked:
+        if path == "forward":
+            settings = SimpleNamespace(loss_decay=4.0, **LOSS_WEIGHTS)
+            loss, stats = model(packed, prev, labels, target_hidden=target_hidden, loss_settings=settings)
+        elif path == "rows":
+            out = model(packed, prev, labels, target_hidden=target_hidden, chunked=True)
             markov = None if out.codes is None else (out.codes, model.markov_head.markov_w2.weight)
             loss, stats = chunked_dspark_loss(
                 out.hidden, model.backbone.lm_head.weight, out.labels, out.slots, out.confidence_logits,
@@ -479,6 +484,7 @@ def test_chunked_rows_give_the_loss_and_gradients_of_the_logits_path(target_conf
                 target_softcap=model.cfg.final_logit_softcapping, chunk_rows=3, **LOSS_WEIGHTS,
             )  # fmt: skip
         else:
+            out = model(packed, prev, labels, target_hidden=target_hidden)
             loss, stats = dspark_loss(
                 out.draft_logits, out.target_logits, out.labels, out.slots, out.confidence_logits,
                 weights, **LOSS_WEIGHTS,
@@ -486,13 +492,14 @@ def test_chunked_rows_give_the_loss_and_gradients_of_the_logits_path(target_conf
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((loss, stats, grads))
-    (ref_loss, ref_stats, ref_grads), (loss, stats, grads) = results
-    torch.testing.assert_close(loss, ref_loss)
-    for key in ("slot_counts", "slot_hits", "slot_accept"):
-        torch.testing.assert_close(stats[key], ref_stats[key])
-    assert grads.keys() == ref_grads.keys() and "backbone.fc.weight" in grads
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6)
+    (ref_loss, ref_stats, ref_grads), *others = results
+    for loss, stats, grads in others:
+        torch.testing.assert_close(loss, ref_loss)
+        for key in ("slot_counts", "slot_hits", "slot_accept"):
+            torch.testing.assert_close(stats[key], ref_stats[key])
+        assert grads.keys() == ref_grads.keys() and "backbone.fc.weight" in grads
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6)
 
 
 def test_config_errors(tmp_path):

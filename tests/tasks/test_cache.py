@@ -108,15 +108,43 @@ def test_other_layer_ids_build_a_cache_of_their_own(assets_dir, tracking_uri, bu
     assert cache.build_cache(cfg).skipped
 
 
-def test_answers_changed_under_a_cache_raise_naming_the_field(assets_dir, tmp_path, tracking_uri, load_count):
-    """The same settings over answers that changed since the build: refused, not mixed or overwritten."""
+def test_answers_that_changed_rebuild_only_the_shards_whose_rows_changed(
+    assets_dir, tmp_path, tracking_uri, load_count
+):
+    """The same settings over answers that changed since the build (a prompts source that grew, a row
+    answered again): the shards whose rows are unchanged are kept as built, only the others are built
+    again, and the manifest covers every row. Nothing of the old rows is mixed in."""
     cfg = make_cfg(assets_dir, tmp_path, tracking_uri)
     cache.build_cache(cfg)
-    with run_paths(cfg).answers.open("a") as f:
-        f.write(json.dumps({"id": "new", "conversations": [{"role": "user", "content": "Hi"}]}) + "\n")
-    with pytest.raises(CacheMismatchError, match="source_sha256"):
+    root = Path(run_paths(cfg).cache_url)
+
+    def mtimes() -> list[int]:
+        return [(root / shard_name(k)).stat().st_mtime_ns for k in range(3)]
+
+    built = mtimes()
+    overrides = stories_overrides(assets_dir, tmp_path, f"tracking.uri={tracking_uri}")
+    grown = [*STORIES, ("The frog sat by the pond", " and jumped in. Splash!")]
+    write_answers(overrides, grown)  # one row appended: it joins the last shard
+    result = cache.build_cache(cfg)
+    assert result.shards_built == 1 and result.samples == len(grown) and load_count == [1, 1]
+    regrown = mtimes()
+    assert regrown[:2] == built[:2] and regrown[2] != built[2]
+
+    write_answers(overrides, [(p, a.replace("Max", "Rex")) for p, a in grown])  # story-0, in shard 0
+    assert cache.build_cache(cfg).shards_built == 1
+    changed = mtimes()
+    assert changed[0] != regrown[0] and changed[1:] == regrown[1:]
+    model, tokenizer = load_target(cfg.target.path)
+    story = next(s for s in iter_samples(str(root), verify=True) if s["sample_id"] == "story-0")
+    assert "Rex" in tokenizer.decode(story["input_ids"].tolist()) and cache.build_cache(cfg).skipped
+
+    # answers that changed under a cache built with another tokenizer: refused, nothing removed
+    build = json.loads((root / "build.json").read_text())
+    (root / "build.json").write_text(json.dumps({**build, "tokenizer_sha256": "another"}))
+    write_answers(overrides, STORIES)
+    with pytest.raises(CacheMismatchError, match="tokenizer_sha256 'another'"):
         cache.build_cache(cfg)
-    assert load_count == [1]
+    assert mtimes() == changed and (root / "manifest.json").is_file()
 
 
 def test_resume_rebuilds_only_the_missing_shard(assets_dir, tmp_path, tracking_uri, load_count):
@@ -127,13 +155,6 @@ def test_resume_rebuilds_only_the_missing_shard(assets_dir, tmp_path, tracking_u
     first_bytes = (root / shard_name(1)).read_bytes()
     for name in (shard_name(1), shard_name(1) + ".committed", "manifest.json"):
         (root / name).unlink()
-    # answers changed since the build must not mix with the shards already committed, manifest or not
-    answers = run_paths(cfg).answers
-    kept = answers.read_bytes()
-    answers.write_bytes(kept.replace(b"Max", b"Rex"))
-    with pytest.raises(CacheMismatchError, match="source_sha256"):
-        cache.build_cache(cfg)
-    answers.write_bytes(kept)
 
     result = cache.build_cache(cfg)
     assert result.shards_built == 1 and load_count == [1, 1]

@@ -25,13 +25,24 @@ from deepspec.tasks.paths import run_paths
 
 SHARDS = 3  # five stories, two per shard
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
+CREDENTIALS = {"key": "DEEPSPEC_TEST_S3_KEY", "secret": "DEEPSPEC_TEST_S3_SECRET"}  # what the references read
+
+
+@pytest.fixture(scope="module", autouse=True)
+def s3_credentials(s3_server):
+    """The S3 keys in the environment, where the configs' references (`${oc.env:..}`) read them."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(CREDENTIALS["key"], s3_server.key)
+        env.setenv(CREDENTIALS["secret"], s3_server.secret)
+        yield
 
 
 def make_cfg(assets_dir: Path, run_dir: Path, url: str, tracking_uri: str, storage_options=None, *extra):
     overrides = stories_overrides(
         assets_dir, run_dir, f"storage.url={url}", f"tracking.uri={tracking_uri}", *extra
     )
-    for key, value in (storage_options or {}).items():  # as a user would pass them
+    for key, value in (storage_options or {}).items():  # as a user would pass them: secrets by reference
+        value = f"${{oc.env:{CREDENTIALS[key]}}}" if key in CREDENTIALS else value
         overrides.append(f"+storage.storage_options.{key}={hydra_value(value)}")
     if not run_paths(compose(overrides)).answers.is_file():
         write_answers(overrides)

@@ -138,7 +138,7 @@ def test_config_hash_changes_with_values():
 
 def test_readme_names_every_subcommand_and_group():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    for name in [*STAGES, "pipeline", "config"]:
+    for name in [*STAGES, "pipeline", "retrain", "config"]:
         assert f"deepspec {name}" in readme, name
     for group in GROUPS:
         assert f"`{group}`" in readme, group

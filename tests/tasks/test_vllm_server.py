@@ -216,3 +216,36 @@ def test_killed_replica_comes_back_on_the_same_port(vllm_pool):
     assert vllm_pool.endpoints[0] == endpoint and vllm_pool.pids[0] not in (None, old)
     body = {"model": vllm_pool.served_model_name, "prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0}
     assert get_json(f"{endpoint}/completions", body)["usage"]["completion_tokens"] > 0
+
+
+def test_servers_die_with_a_killed_parent(vllm_python, smollm2_hf_dir, tmp_path):
+    """A process that started real vLLM servers and is killed outright (SIGKILL: no cleanup runs) leaves
+    none behind: the server's parent-death signal starts vLLM's own shutdown, engine and workers too."""
+    import os
+    import signal
+    import subprocess
+
+    parent_code = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from deepspec.tasks.vllm_server import VLLMServerPool
+        pool = VLLMServerPool(model={smollm2_hf_dir!r}, replicas=1, python={vllm_python!r},
+                              dtype="float32", max_model_len=1024, seed=0, log_dir=Path({str(tmp_path)!r}),
+                              startup_timeout_s=600)
+        pool.start()
+        print(pool.pids[0], flush=True)
+        time.sleep(600)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
+    group = int(parent.stdout.readline() or 0)
+    assert group, f"the servers did not start: {(tmp_path / 'vllm-0.log').read_text()[-3000:]}"
+    assert group_alive(group)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 60
+    while group_alive(group) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = group_alive(group)
+    if left:
+        os.killpg(group, signal.SIGKILL)
+    assert not left, "vLLM processes outlived the process that started them"
