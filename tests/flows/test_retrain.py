@@ -74,7 +74,8 @@ def cycles(assets_dir, prefect_server, tmp_path_factory):
         "target=stories260k", f"target.path={assets_dir / 'models' / 'stories260k'}",
         f"run_dir={root / 'run'}", f"prompts.source={source}", "regen.max_new_tokens=32",
         "regen.batch_size=4", "storage.samples_per_shard=4", "train=cpu_demo", "train.epochs=6",
-        "algo.num_layers=1", "algo.block_size=4", "eval=demo", "eval.max_samples=1", "eval.max_new_tokens=16",
+        "algo.num_layers=1", "algo.block_size=4", "eval=demo",
+        "eval.benchmarks=[gsm8k,humaneval,mt-bench]", "eval.max_samples=1", "eval.max_new_tokens=16",
         f"release.dir={root / 'release'}", "release.init=released",
     ]  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:

@@ -145,7 +145,8 @@ def test_no_output_of_a_run_holds_a_secret(planted, assets_dir, tmp_path, capfd,
         f"+storage.storage_options.key=${{oc.env:{KEY_ENV}}}",
         f"+storage.storage_options.secret=${{prefect_secret:{planted['block']}}}",
         "train=cpu_demo", "train.epochs=2", "algo.num_layers=1", "algo.block_size=4",
-        "eval=demo", "eval.max_samples=1", "eval.max_new_tokens=8",
+        "eval=demo", "eval.benchmarks=[gsm8k,humaneval,mt-bench]", "eval.max_samples=1",
+        "eval.max_new_tokens=8",
     ]  # fmt: skip
     state = pipeline(overrides=overrides, return_state=True)  # searched whether it completed or not
     cfg = compose(overrides)
