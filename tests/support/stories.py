@@ -1,10 +1,11 @@
-"""A run on the tiny real target stories260k, as most stage tests set it up: its overrides, and answers
-written where the regenerate stage would leave them, so the cache and training stages can run alone."""
+"""A run on the tiny real target stories260k, as most stage tests set it up: its overrides, answers
+written where the regenerate stage would leave them, and the cache built from them, so the cache and
+training stages can run alone."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from deepspec.tasks.config import compose
@@ -41,9 +42,25 @@ def answer_rows(pairs: Sequence[tuple[str, str]] = STORIES) -> list[dict]:
     ]
 
 
-def write_answers(overrides: list[str], pairs: Sequence[tuple[str, str]] = STORIES) -> Path:
-    """The answers file of the run `overrides` describe, as the regenerate stage would write it."""
+def write_answers(
+    overrides: list[str], pairs: Sequence[tuple[str, str]] = STORIES, heldout: Collection[str] = ()
+) -> Path:
+    """The answers file of the run `overrides` describe, as the regenerate stage would write it; the rows
+    whose ids are in `heldout` marked as answers to held-out prompts."""
     path = run_paths(compose(overrides)).answers
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in answer_rows(pairs)))
+    rows = [{**r, "heldout": True} if r["id"] in heldout else r for r in answer_rows(pairs)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def build_cache_untracked(overrides: list[str]):
+    """The cache stage on the run's answers, its MLflow metrics left out: the tests that call it are about
+    the data, and a stage test has no run to log to. Returns the stage's CacheResult."""
+    import pytest
+
+    from deepspec.tasks.cache.stage import build_cache
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("deepspec.tasks.tracking.log_metrics", lambda *args, **kwargs: None)
+        return build_cache(compose(overrides))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.stories import stories_overrides, write_answers
+from support.stories import build_cache_untracked, stories_overrides, write_answers
 from transformers import AutoConfig, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
 from deepspec.models.drafts import DRAFTS, draft_spec, load_draft
@@ -29,12 +29,8 @@ EVAL = ["eval.benchmarks=[gsm8k]", "eval.max_samples=1", "eval.max_new_tokens=6"
 
 
 def _build_cache(overrides: list[str]) -> None:
-    from deepspec.tasks.cache.stage import build_cache
-
     write_answers(overrides)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("deepspec.tasks.tracking.log_metrics", lambda *args, **kwargs: None)
-        build_cache(compose(overrides))
+    build_cache_untracked(overrides)
 
 
 @pytest.fixture(scope="module")

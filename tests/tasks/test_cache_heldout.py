@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.stories import STORIES, answer_rows, stories_overrides
+from support.stories import STORIES, answer_rows, build_cache_untracked, stories_overrides, write_answers
 
 from deepspec.models.errors import DataError
 from deepspec.models.target import load_tokenizer
@@ -64,19 +64,11 @@ def test_regenerate_answers_the_held_out_prompts_after_the_others(tmp_path):
 @pytest.fixture(scope="module")
 def heldout_run(assets_dir, tmp_path_factory):
     """stories260k answers, two of six to held-out prompts, cached two samples a shard."""
-    from deepspec.tasks.cache.stage import build_cache
-
     overrides = stories_overrides(
         assets_dir, tmp_path_factory.mktemp("heldout"), "prompts.heldout_fraction=0.3"
     )
-    path = run_paths(compose(overrides)).answers
-    path.parent.mkdir(parents=True)
-    rows = [{**r, "heldout": True} if r["id"] in HELDOUT else r for r in answer_rows(PAIRS)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("deepspec.tasks.tracking.log_metrics", lambda *args, **kwargs: None)
-        result = build_cache(compose(overrides))
-    return overrides, result
+    write_answers(overrides, PAIRS, heldout=HELDOUT)
+    return overrides, build_cache_untracked(overrides)
 
 
 def test_the_cache_keeps_held_out_samples_in_shards_of_their_own(heldout_run):
@@ -120,15 +112,9 @@ def test_supervised_token_counts_leave_the_held_out_samples_out(heldout_run):
 
 
 def test_a_cache_holding_nothing_out_writes_the_manifest_it_did(assets_dir, tmp_path):
-    from deepspec.tasks.cache.stage import build_cache
-
     overrides = stories_overrides(assets_dir, tmp_path)
-    path = run_paths(compose(overrides)).answers
-    path.parent.mkdir(parents=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in answer_rows(PAIRS)))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("deepspec.tasks.tracking.log_metrics", lambda *args, **kwargs: None)
-        build_cache(compose(overrides))
+    write_answers(overrides, PAIRS)
+    build_cache_untracked(overrides)
     url = run_paths(compose(overrides)).cache_url
     assert "heldout_shards" not in json.loads((Path(url) / MANIFEST_FILE).read_text())
     assert [s["name"] for s in read_manifest(url).shards] == [f"shard-0000{k}.arrow" for k in range(3)]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from support.stories import STORIES, stories_overrides, write_answers
+from support.stories import STORIES, build_cache_untracked, stories_overrides, write_answers
 
 from deepspec.models.errors import ConfigError, DataError
 from deepspec.tasks.cache.format import (
@@ -315,13 +315,9 @@ def test_mode_is_checked_when_composing():
 @pytest.fixture(scope="module")
 def stories_run(assets_dir, tmp_path_factory, one_thread):
     """A run directory with answers and the cache built from them by the cache stage."""
-    from deepspec.tasks.cache.stage import build_cache
-
     overrides = stories_overrides(assets_dir, tmp_path_factory.mktemp("online"))
     write_answers(overrides)
-    with pytest.MonkeyPatch.context() as patch:  # this test is about features, not MLflow metrics
-        patch.setattr("deepspec.tasks.tracking.log_metrics", lambda *args, **kwargs: None)
-        build_cache(compose(overrides))
+    build_cache_untracked(overrides)  # this test is about features, not MLflow metrics
     return overrides
 
 

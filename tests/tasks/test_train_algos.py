@@ -12,7 +12,7 @@ import pytest
 import torch
 from support import tiny
 from support.drafts import target_draft_inputs
-from support.stories import stories_overrides, write_answers
+from support.stories import build_cache_untracked, stories_overrides, write_answers
 from transformers import AutoModelForCausalLM
 
 from deepspec.models.drafts import DRAFTS, draft_spec
@@ -173,13 +173,9 @@ STORIES = [  # four stories with answers long enough to train on
 @pytest.fixture(scope="module")
 def stories_run(assets_dir, tmp_path_factory, one_thread):
     """Overrides of a run with answers and a cache of layers 0, 1, 2 (the teacher runs layers 3, 4)."""
-    from deepspec.tasks.cache.stage import build_cache
-
     overrides = stories_overrides(assets_dir, tmp_path_factory.mktemp("algos"), "target.layer_ids=[0,1,2]")
     write_answers(overrides, STORIES)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("deepspec.tasks.tracking.log_metrics", lambda *args, **kwargs: None)
-        build_cache(compose(overrides))
+    build_cache_untracked(overrides)
     model, _ = load_target(str(assets_dir / "models" / "stories260k"))
     return overrides, model
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-from support.stories import stories_overrides, write_answers
+from support.stories import build_cache_untracked, stories_overrides, write_answers
 
 from deepspec.tasks.config import compose
 
@@ -80,14 +80,10 @@ def runs(assets_dir, tmp_path_factory) -> dict[str, Path]:
     """name -> the run's train dir: `two` and `one` uninterrupted on 2 and 1 ranks; `two_to_one`,
     `one_to_two` killed and resumed on the other number; `killed_saving` killed in its step-4 save and
     resumed on 2 ranks (its `latest` as the kill left it, in `latest_after_kill`)."""
-    from deepspec.tasks.cache.stage import build_cache
-
     root = tmp_path_factory.mktemp("resume")
     base = stories_overrides(assets_dir, root / "data-run", "target.layer_ids=[0,1,2]", f"data_dir={root}")
     write_answers(base, STORIES)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("deepspec.tasks.tracking.log_metrics", lambda *args, **kwargs: None)
-        build_cache(compose(base))
+    build_cache_untracked(base)
 
     def launch(name: str, nproc: int) -> Path:
         cfg = compose([*base, f"run_dir={root / name}", *TRAIN, f"train.nproc_per_node={nproc}"])

@@ -206,10 +206,7 @@ def test_validation_needs_held_out_prompts():
 def heldout_cache(assets_dir, tmp_path_factory, one_thread):
     """stories260k answers, two of them to held-out prompts, cached with layers 0..2 (the teacher of
     Eagle3 and DSpark runs layers 3 and 4)."""
-    from support.stories import STORIES, answer_rows, stories_overrides
-
-    from deepspec.tasks.cache.stage import build_cache
-    from deepspec.tasks.paths import run_paths
+    from support.stories import STORIES, build_cache_untracked, stories_overrides, write_answers
 
     overrides = stories_overrides(
         assets_dir,
@@ -217,13 +214,8 @@ def heldout_cache(assets_dir, tmp_path_factory, one_thread):
         "target.layer_ids=[0,1,2]",
         "prompts.heldout_fraction=0.3",
     )
-    path = run_paths(compose(overrides)).answers
-    path.parent.mkdir(parents=True)
-    rows = [{**r, "heldout": i in (1, 3)} for i, r in enumerate(answer_rows(STORIES))]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("deepspec.tasks.tracking.log_metrics", lambda *args, **kwargs: None)
-        build_cache(compose(overrides))
+    write_answers(overrides, STORIES, heldout={"story-1", "story-3"})
+    build_cache_untracked(overrides)
     return overrides
 
 

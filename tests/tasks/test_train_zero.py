@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from support import tiny
-from support.stories import stories_overrides, write_answers
+from support.stories import build_cache_untracked, stories_overrides, write_answers
 
 from deepspec.models.drafts.dspark import DSparkConfig, DSparkDraft
 from deepspec.tasks.config import compose
@@ -99,14 +99,10 @@ def _run(records: list[dict], cfg) -> Run:
 def zero_runs(assets_dir, tmp_path_factory) -> dict[tuple[str, int, int], Run]:
     """(algo, ZeRO stage, ranks) -> Run: each algorithm on 1 rank without ZeRO, and on 2 ranks at every
     stage, all from one cache."""
-    from deepspec.tasks.cache.stage import build_cache
-
     root = tmp_path_factory.mktemp("zero")
     base = stories_overrides(assets_dir, root / "data-run", "target.layer_ids=[0,1,2]", f"data_dir={root}")
     write_answers(base, STORIES)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("deepspec.tasks.tracking.log_metrics", lambda *args, **kwargs: None)
-        build_cache(compose(base))
+    build_cache_untracked(base)
     runs = {}
     for nproc, stages in ((1, [0]), (2, [1, 2, 3])):
         configs = {}
