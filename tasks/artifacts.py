@@ -60,7 +60,9 @@ def stage_markdown(cfg: DictConfig, stage: str, result: Any) -> str:
     )
 
 
-def publish(cfg: DictConfig, stage: str, result: Any, markdown: str | None = None) -> None:
+def publish(
+    cfg: DictConfig, stage: str, result: Any, markdown: str | None = None, description: str | None = None
+) -> None:
     """A markdown artifact `<stage>-<algo>` on the current flow run (`markdown`, or the result's table
     with the MLflow run), and a link artifact to the MLflow run's page when there is one."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact
@@ -72,7 +74,7 @@ def publish(cfg: DictConfig, stage: str, result: Any, markdown: str | None = Non
     create_markdown_artifact(
         markdown=markdown or stage_markdown(cfg, stage, result),
         key=key,
-        description=f"{stage} of {cfg.target.name} ({cfg.algo.name})",
+        description=description or f"{stage} of {cfg.target.name} ({cfg.algo.name})",
     )
     url = mlflow_run_url(cfg)
     if url is not None:

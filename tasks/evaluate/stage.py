@@ -458,13 +458,11 @@ def _where(cfg: DictConfig) -> str:
 
 @task(name="evaluate", cache_policy=NO_CACHE)  # stages validate their own outputs
 def evaluate_task(cfg: DictConfig) -> EvalResult:
-    """The stage, plus its tables as a markdown artifact on the flow run's page in the Prefect UI."""
-    from prefect.artifacts import create_markdown_artifact
-
+    """The stage, plus its tables as a markdown artifact on the flow run's page in the Prefect UI
+    (`evaluation-<algo>`: the UI's "latest" of a key is the newest run's)."""
     result = evaluate(cfg)
-    create_markdown_artifact(
-        markdown=f"{report.markdown_report(result)}\n\n{_where(cfg)}\n",
-        key=f"evaluation-{result.algo}",  # the UI's "latest" of a key is the newest run's
+    artifacts.publish(
+        cfg, "evaluation", result, markdown=f"{report.markdown_report(result)}\n\n{_where(cfg)}\n",
         description=f"{result.algo} on {result.target}: tau and speedup per benchmark",
-    )
+    )  # fmt: skip
     return result
