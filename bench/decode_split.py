@@ -32,7 +32,9 @@ import torch
 from common import ASSETS, begin, eval_prompts, say, write_results
 from round_timing import Clock, TimedDrafter, binned, mean, rounds_of, timed_runner
 
-PROMPT_LOOKUP_TOKENS = 10  # transformers' default n-gram draft length
+# transformers' documented n-gram draft length (10), and a short one, as a verify of 11 tokens costs a CPU
+# ~2.5 forwards of one
+PROMPT_LOOKUP_TOKENS = (10, 3)
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,6 +45,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-dir", type=Path, default=ASSETS / "eval", help="<benchmark>.jsonl files")
     p.add_argument("--no-cache", action="store_true", help="draft without the decode caches (the old engine)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' generate baselines")
+    p.add_argument(
+        "--draft-tokens",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="tokens drafted a round, as eval.num_draft_tokens: every draft is run at each N (default: "
+        "its own count; Eagle3 any, DFlash and DSpark at most a block)",
+    )
     p.add_argument("--out", type=Path, help="results JSON (bench/results/decode_split-<target>-<date>.json)")
     return p.parse_args()
 
@@ -54,7 +64,7 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from deepspec.models import speculative
-    from deepspec.models.drafts import load_draft
+    from deepspec.models.drafts import load_draft, set_num_draft_tokens
     from deepspec.models.speculative import acceptance_stats, speculative_generate, target_generate
     from deepspec.models.target import input_embeddings, load_target, output_head
     from deepspec.tasks.evaluate.stage import stop_token_ids
@@ -103,9 +113,11 @@ def main() -> None:
     }  # fmt: skip
     say(f"plain: {plain_tokens} tokens, T1 {t1 * 1e3:.1f} ms")
 
-    for folder in args.drafts:
+    for folder, count in [(f, n) for f in args.drafts for n in args.draft_tokens or [None]]:
         algo = cfgs[folder].algo.name
         drafter = load_draft(folder / "draft", embed, head).eval()
+        if count is not None:
+            set_num_draft_tokens(drafter, count, "--draft-tokens")
         timed = TimedDrafter(drafter, clock, args.no_cache)
         warm = {**decode, "max_new_tokens": 8}
         run(lambda t=timed, w=warm: speculative_generate(model, layer_ids, t, prompts[0][1], **w))
@@ -125,14 +137,15 @@ def main() -> None:
         td, tv, to = (mean([r[k] for r in rounds]) for k in ("draft_s", "verify_s", "overhead_s"))
         bound = stats["tau"] * t1 / (tv + td)
         achieved = t1 / spec_per_token
-        figures["drafts"][str(folder)] = {
-            "algo": algo, "tau": stats["tau"], "rounds": len(rounds), "greedy_equal": equal,
+        figures["drafts"][f"{folder}" + ("" if count is None else f"@{count}")] = {
+            "algo": algo, "name": f"{algo} ({drafter.num_draft_tokens} drafts)", "tau": stats["tau"],
+            "drafts_a_round": drafter.num_draft_tokens, "rounds": len(rounds), "greedy_equal": equal,
             "draft_s": td, "verify_s": tv, "overhead_s": to, "bound": bound, "achieved": achieved,
             "efficiency": achieved / bound, "decode_s": decode_s, "total_s": total_s, "tokens": tokens,
             "by_context": binned(rounds, ["draft_s", "verify_s", "overhead_s"]),
         }  # fmt: skip
         say(
-            f"{algo}: tau {stats['tau']:.2f}, {achieved:.2f}x plain (bound {bound:.2f}x), {equal}/{len(prompts)} equal"
+            f"{algo} ({drafter.num_draft_tokens} drafts): tau {stats['tau']:.2f}, {achieved:.2f}x plain (bound {bound:.2f}x), {equal}/{len(prompts)} equal"
         )
 
     if not args.no_hf:
@@ -142,9 +155,11 @@ def main() -> None:
 
 
 def hf_baselines(model, tokenizer, prompts, max_new_tokens: int, eos: list[int]) -> dict[str, Any]:
-    """transformers' `generate`, greedy, plain and with prompt lookup: tokens and seconds, prefill included."""
+    """transformers' `generate`, greedy, plain and with prompt lookup (each of `PROMPT_LOOKUP_TOKENS`):
+    tokens and seconds, prefill included."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    modes = {"generate": {}, "prompt_lookup": {"prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS}}
+    modes = {"generate": {}}
+    modes.update({f"prompt_lookup_{n}": {"prompt_lookup_num_tokens": n} for n in PROMPT_LOOKUP_TOKENS})
     out = {m: {"tokens": 0, "seconds": 0.0} for m in modes}
     for _, ids in prompts:
         x = torch.tensor([ids])
@@ -169,7 +184,7 @@ def tables(figures: dict[str, Any]) -> str:
     ]
     for d in figures["drafts"].values():
         lines.append(
-            f"| {d['algo']} | {d['tau']:.2f} | {ms(d['draft_s'])} | {ms(d['verify_s'])} | {ms(d['overhead_s'])} "
+            f"| {d['name']} | {d['tau']:.2f} | {ms(d['draft_s'])} | {ms(d['verify_s'])} | {ms(d['overhead_s'])} "
             f"| {d['bound']:.2f} | {d['achieved']:.2f} | {d['efficiency']:.0%} | {d['greedy_equal']}/{figures['prompts']} |"
         )
     lines += ["", f"T1 (plain, a token) {ms(plain['t1_s'])} ms", "", "by context length (ms a round):", ""]
@@ -177,7 +192,7 @@ def tables(figures: dict[str, Any]) -> str:
     for d in figures["drafts"].values():
         for b in d["by_context"]:
             lines.append(
-                f"| {d['algo']} | {b['context'][0]}-{b['context'][1] if b['context'][1] < 1 << 29 else ''} "
+                f"| {d['name']} | {b['context'][0]}-{b['context'][1] if b['context'][1] < 1 << 29 else ''} "
                 f"| {b['count']} | {ms(b['draft_s'])} | {ms(b['verify_s'])} | {ms(b['overhead_s'])} |"
             )
     if "hf" in figures:
@@ -190,7 +205,7 @@ def tables(figures: dict[str, Any]) -> str:
         ]
         rows = {f"transformers {m}": (v["tokens"], v["seconds"]) for m, v in figures["hf"].items()}
         rows["plain (target_generate)"] = (plain["tokens"], plain["total_s"])
-        rows.update({d["algo"]: (d["tokens"], d["total_s"]) for d in figures["drafts"].values()})
+        rows.update({d["name"]: (d["tokens"], d["total_s"]) for d in figures["drafts"].values()})
         base = rows["transformers generate"][0] / rows["transformers generate"][1]
         for name, (tokens, seconds) in rows.items():
             lines.append(f"| {name} | {tokens / seconds:.1f} | {tokens / seconds / base:.2f} |")

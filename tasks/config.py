@@ -139,6 +139,7 @@ class EvalConfig:
     temperature: float
     seed: int
     confidence_threshold: float
+    num_draft_tokens: int | None  # null: the draft's own
     domains: dict[str, list[str]]
     target_dtype: str | None  # null: target.dtype
     multi_turn: bool
@@ -320,6 +321,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     t, r, s, tr, e, p = cfg.target, cfg.regen, cfg.storage, cfg.train, cfg.eval, cfg.prompts
     layer_ids = list(t.layer_ids)
     n_layers = t.num_hidden_layers
+    draft_limit = max_draft_tokens(cfg.algo)
 
     def one_of(key: str, value: Any, choices) -> tuple[bool, str]:
         return value in choices, f"{key}={value!r}: expected one of {list(choices)}"
@@ -427,6 +429,16 @@ def config_problems(cfg: DictConfig) -> list[str]:
             f"eval.confidence_threshold={e.confidence_threshold} needs a draft with a confidence head "
             f"(algo=dspark with algo.confidence_head=true); algo={cfg.algo.name} has none: set it to 0",
         ),
+        (
+            e.num_draft_tokens is None or 1 <= e.num_draft_tokens <= (draft_limit or e.num_draft_tokens),
+            f"eval.num_draft_tokens={e.num_draft_tokens}: expected "
+            + (
+                "at least 1"
+                if draft_limit is None
+                else f"1 to {draft_limit} (a block of algo={cfg.algo.name})"
+            )
+            + ", or null (the draft's own)",
+        ),
         (e.max_new_tokens >= 1, f"eval.max_new_tokens={e.max_new_tokens}: expected at least 1"),
         (e.temperature >= 0, f"eval.temperature={e.temperature}: expected 0 (greedy) or more"),
         # export
@@ -451,6 +463,13 @@ def config_problems(cfg: DictConfig) -> list[str]:
     # the algorithm, against the target's layers (export layouts included: Eagle3's fc reads three)
     problems += algo_settings(cfg).problems(layer_ids, n_layers)
     return problems
+
+
+def max_draft_tokens(algo: DictConfig) -> int | None:
+    """The most tokens a round can draft (`set_num_draft_tokens`): DFlash and DSpark draft within one
+    block (B - 1 mask slots, B slots); Eagle3's chain is a loop, unbounded (None)."""
+    block = OmegaConf.select(algo, "block_size")
+    return {"dflash": block - 1 if block else None, "dspark": block}.get(algo.name)
 
 
 def algo_settings(cfg: DictConfig):

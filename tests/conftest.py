@@ -23,6 +23,17 @@ def assets_dir() -> Path:
 
 
 @pytest.fixture(scope="module")
+def stories260k(assets_dir):
+    """The real stories260k target and its tokenizer, loaded once a module; skips when it is missing."""
+    from deepspec.models.target import load_target
+
+    path = assets_dir / "models" / "stories260k"
+    if not (path / "config.json").is_file():
+        pytest.skip(f"{path} is missing")
+    return load_target(str(path))
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module's tests: on tiny models threads cost more than they save."""
     before = torch.get_num_threads()

@@ -55,3 +55,18 @@ def load_draft(draft_dir: str | Path, embed_weight: torch.Tensor, head_weight: t
     """
     model = DRAFTS[draft_algo(draft_dir)].load(Path(draft_dir), embed_weight, head_weight)
     return model.to(head_weight.dtype)
+
+
+def set_num_draft_tokens(drafter: nn.Module, n: int, key: str = "num_draft_tokens") -> None:
+    """Draft `n` tokens a round instead of the draft's own count, as vLLM's `num_speculative_tokens`.
+
+    What pays on a given machine depends on how a target forward's cost grows with the tokens it verifies
+    (on a CPU 3 tokens cost ~1.2x one, 8 cost 2.2x), not only on the draft. Eagle3's chain is a loop, so
+    any length runs; DFlash (B - 1) and DSpark (B) draft within one block, so at most that. `key` names
+    the setting in the error.
+    """
+    limit = getattr(drafter, "max_draft_tokens", None)  # a drafter of one's own: its count is free
+    if n < 1 or (limit is not None and n > limit):
+        bound = "at least 1" if limit is None else f"1 to {limit} (its block)"
+        raise ConfigError(f"{key}={n}: a {type(drafter).__name__} drafts {bound} tokens a round")
+    drafter.num_draft_tokens = n

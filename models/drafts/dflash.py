@@ -411,6 +411,7 @@ class DFlashDraft(nn.Module):
         self.cfg = cfg
         self.block_size = cfg.block_size
         self.num_draft_tokens = cfg.block_size - 1  # mask slots 1..B-1; the anchor slot drafts nothing
+        self.max_draft_tokens: int | None = self.num_draft_tokens  # `set_num_draft_tokens` keeps within it
         self.attention_chunk_rows: int | None = ATTENTION_CHUNK_ROWS
         self._decode_cache: DecodeCache | None = None  # set inside `decoding()`
         self.fc = nn.Linear(cfg.num_target_features * cfg.hidden_size, cfg.hidden_size, bias=False)
@@ -460,9 +461,10 @@ class DFlashDraft(nn.Module):
 
     @torch.no_grad()
     def draft_logits(self, context_features: torch.Tensor, anchor_token: int) -> torch.Tensor:
-        """Logits [B-1, vocab] of the tokens at positions p+1..p+B-1, from mask slots 1..B-1; the anchor
-        sits at position p, right after the context."""
-        return self.block_logits(context_features, anchor_token)[1:]
+        """Logits [n, vocab] of the tokens at positions p+1..p+n, from mask slots 1..n (n =
+        `num_draft_tokens`, B-1 unless set lower); the anchor sits at position p, right after the context.
+        The block is computed whole either way: its slots attend to each other."""
+        return self.block_logits(context_features, anchor_token)[1 : 1 + self.num_draft_tokens]
 
     @torch.no_grad()
     def block_logits(self, context_features: torch.Tensor, anchor_token: int) -> torch.Tensor:

@@ -418,6 +418,7 @@ class DSparkDraft(nn.Module):
         self.cfg = cfg
         self.block_size = cfg.backbone.block_size
         self.num_draft_tokens = self.block_size  # slot k drafts the token at p + k + 1, anchor slot included
+        self.max_draft_tokens: int | None = self.block_size  # `set_num_draft_tokens` keeps within it
         # The DFlash backbone holds the frozen target embedding and LM head.
         self.backbone = DFlashDraft(cfg.backbone, embed_weight, head_weight)
         d, vocab = cfg.backbone.hidden_size, cfg.backbone.vocab_size
@@ -581,7 +582,8 @@ class DSparkDraft(nn.Module):
         generator: torch.Generator | None = None,
         confidence_threshold: float = 0.0,
     ) -> DSparkProposal:
-        """Draft the block slot by slot: each slot's logits use the token chosen at the slot before.
+        """Draft the block slot by slot, its first `num_draft_tokens` slots (the whole block unless set
+        lower): each slot's logits use the token chosen at the slot before.
 
         Tokens are the argmax at temperature 0, else drawn from softmax(logits / temperature) with
         `generator` (on the draft's device). With a confidence head and `confidence_threshold` > 0, the
@@ -594,7 +596,7 @@ class DSparkDraft(nn.Module):
         prev = torch.tensor(int(anchor_token), device=hidden.device)
         state = None if self.markov_head is None else self.markov_head.initial_state(hidden[0])
         tokens, rows, confidence = [], [], []
-        for k in range(self.block_size):
+        for k in range(self.num_draft_tokens):
             c = self._confidence_logits(hidden[k], prev)
             if c is not None:
                 confidence.append(torch.sigmoid(c).reshape(()))

@@ -429,6 +429,7 @@ class Eagle3Draft(nn.Module):
                 )
         self.cfg = cfg
         self.num_draft_tokens = cfg.ttt_steps  # chain length `speculative_generate` drafts per round
+        self.max_draft_tokens: int | None = None  # the chain is a loop: any length runs
         self._decode_cache: DecodeCache | None = None  # set inside `decoding()`
         self.fc = nn.Linear(NUM_FEATURE_LAYERS * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.midlayer = Eagle3Layer(cfg)

@@ -261,6 +261,10 @@ def evaluate(
         drafter = load_draft(Path(draft_file).parent, embed, head).to(model.device)
     else:
         drafter = draft_loader()
+    if cfg.eval.num_draft_tokens is not None:
+        from deepspec.models.drafts import set_num_draft_tokens
+
+        set_num_draft_tokens(drafter, cfg.eval.num_draft_tokens, "eval.num_draft_tokens")
     layer_ids = list(cfg.target.layer_ids)
     eos = stop_token_ids(cfg, tokenizer)
     temperature = float(cfg.eval.temperature)

@@ -14,46 +14,14 @@ import pytest
 import torch
 from support import tiny
 
-from deepspec.models.drafts.dflash import DFlashConfig, DFlashDraft
-from deepspec.models.drafts.dspark import DSparkConfig, DSparkDraft
-from deepspec.models.drafts.eagle3 import Eagle3Config, Eagle3Draft
+from deepspec.models.drafts.dspark import DSparkDraft
+from deepspec.models.drafts.eagle3 import Eagle3Draft
 from deepspec.models.drafts.kv_cache import DecodeCache, GrowingKV
 
 torch.set_num_threads(1)
 
-TARGET = tiny.qwen3(layers=3)
+dflash, dspark, eagle3, _context = tiny.dflash_draft, tiny.dspark_draft, tiny.eagle3_draft, tiny.draft_context
 GROWTH = [1, 4, 2, 1, 5, 3, 1, 6]  # positions committed by each round: the anchor and the kept drafts
-
-
-def _weights(vocab: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.randn(vocab, hidden), torch.randn(vocab, hidden) * 0.3
-
-
-def dflash() -> DFlashDraft:
-    torch.manual_seed(0)
-    cfg = DFlashConfig.from_target(TARGET, num_layers=2, block_size=4, layer_ids=[0, 2], mask_token_id=3)
-    return DFlashDraft(cfg, *_weights(cfg.vocab_size, cfg.hidden_size))
-
-
-def dspark() -> DSparkDraft:
-    torch.manual_seed(0)
-    cfg = DSparkConfig.from_target(
-        TARGET, num_layers=2, block_size=4, layer_ids=[0, 2], mask_token_id=3, markov_rank=8,
-        markov_head_type="vanilla", confidence_head=True, confidence_head_with_markov=True, num_anchors=8,
-    )  # fmt: skip
-    return DSparkDraft(cfg, *_weights(cfg.backbone.vocab_size, cfg.backbone.hidden_size))
-
-
-def eagle3() -> Eagle3Draft:
-    torch.manual_seed(0)
-    cfg = Eagle3Config.from_target(TARGET, layer_ids=[0, 1, 2], ttt_steps=4, draft_vocab_size=None)
-    return Eagle3Draft(cfg, *_weights(cfg.vocab_size, cfg.hidden_size))
-
-
-def _context(n_features: int, length: int = 40):
-    gen = torch.Generator().manual_seed(1)
-    features = torch.randn(length, n_features, generator=gen)
-    return features, torch.randint(0, TARGET.vocab_size, (length,), generator=gen)
 
 
 def _draft(draft, features, ids, p: int) -> torch.Tensor:

@@ -535,13 +535,8 @@ LAYER_IDS = [0, 2, 4]
 
 
 @pytest.fixture(scope="module")
-def stories(assets_dir):
-    from deepspec.models.target import load_target
-
-    path = assets_dir / "models" / "stories260k"
-    if not (path / "config.json").is_file():
-        pytest.skip(f"{path} is missing")
-    return load_target(str(path))
+def stories(stories260k):
+    return stories260k
 
 
 def stories_draft(target, head="rnn") -> DSparkDraft:

@@ -156,8 +156,9 @@ def test_evaluate_defaults_to_the_trained_dflash_draft(assets_dir, tracking_uri,
     if not (stories / "config.json").is_file():
         pytest.skip(f"stories260k not found in {assets_dir}")
     torch.set_num_threads(1)
-    cfg = compose(stories_overrides(assets_dir, tmp_path, "eval.benchmarks=[gsm8k]", "eval.max_samples=1",
-                                    "eval.max_new_tokens=6", f"tracking.uri={tracking_uri}"))  # fmt: skip
+    overrides = stories_overrides(assets_dir, tmp_path, "eval.benchmarks=[gsm8k]", "eval.max_samples=1",
+                                  "eval.max_new_tokens=6", f"tracking.uri={tracking_uri}")  # fmt: skip
+    cfg = compose(overrides)
     with pytest.raises(
         DeepSpecError, match=r"no trained draft at .*train/dflash.*run `deepspec train` first"
     ):
@@ -175,6 +176,10 @@ def test_evaluate_defaults_to_the_trained_dflash_draft(assets_dir, tracking_uri,
     assert results.num_draft_tokens == 3  # a block of 4 slots: the anchor and 3 drafting mask slots
     assert results.draft_file.endswith("model.safetensors")
     assert results.pooled.greedy_match == 1.0  # an untrained draft changes nothing but speed
+
+    fewer = evaluate(compose([*overrides, "eval.num_draft_tokens=2"]))  # the same draft, 2 drafts a round
+    assert not fewer.skipped and fewer.num_draft_tokens == 2 and fewer.pooled.greedy_match == 1.0
+    assert len(fewer.benchmarks["gsm8k"].accept_at) == 2
 
 
 class PromptLengths(AnchorChainDrafter):
