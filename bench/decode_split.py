@@ -6,6 +6,9 @@ close decoding comes to its bound, beside plain decoding and transformers' promp
         --prompts 1 --tokens 128
     # the same drafts drafting without their decode caches: every round recomputes the context
     .venv/bin/python bench/decode_split.py runs/bench/reference/smollm2/runs/dflash-s0/train/dflash --no-cache
+    # the README's CPU Eagle3 draft at 1 and 2 drafts a round (~7 min)
+    .venv/bin/python bench/decode_split.py runs/bench/cpu_draft/e3-t3/train/eagle3 --draft-tokens 1 2 \
+        --prompts 2 --tokens 64
 
 Each argument is a train stage's folder (its `config.yaml` and `draft/`); every draft must share one target.
 The prompts are the first `--prompts` of each of the nine benchmark files in `../shared/assets/eval`,
