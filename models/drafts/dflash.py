@@ -462,33 +462,38 @@ class DFlashDraft(nn.Module):
     @torch.no_grad()
     def draft_logits(self, context_features: torch.Tensor, anchor_token: int) -> torch.Tensor:
         """Logits [n, vocab] of the tokens at positions p+1..p+n, from mask slots 1..n (n =
-        `num_draft_tokens`, B-1 unless set lower); the anchor sits at position p, right after the context.
-        The block is computed whole either way: its slots attend to each other."""
-        return self.block_logits(context_features, anchor_token)[1 : 1 + self.num_draft_tokens]
+        `num_draft_tokens`: B-1 unless set lower, when the block is [anchor, n masks], as vLLM's proposer
+        builds it for n speculative tokens); the anchor sits at position p, right after the context."""
+        return self.block_logits(context_features, anchor_token)[1:]
 
     @torch.no_grad()
     def block_logits(self, context_features: torch.Tensor, anchor_token: int) -> torch.Tensor:
-        """Logits [B, vocab] of every slot of the block anchored right after the context, anchor slot
+        """Logits [n+1, vocab] of every slot of the block anchored right after the context, anchor slot
         included (it drafts nothing: tests read it to show what a shifted convention would draft)."""
         return self.lm_head(self.block_hidden(context_features, anchor_token)).float()
 
     @torch.no_grad()
-    def block_hidden(self, context_features: torch.Tensor, anchor_token: int) -> torch.Tensor:
-        """Final normalised states [B, d] of the block anchored right after the context [p, L*d]: the
-        anchor at position p, then mask tokens."""
+    def block_hidden(
+        self, context_features: torch.Tensor, anchor_token: int, slots: int | None = None
+    ) -> torch.Tensor:
+        """Final normalised states [slots, d] of the block anchored right after the context [p, L*d]: the
+        anchor at position p, then mask tokens; `slots` defaults to `num_draft_tokens` + 1 (B). The slots
+        attend to each other, so a shorter block is not a cut of the full one: it is what an engine runs
+        for fewer speculative tokens."""
         device = self.fc.weight.device
-        ids = torch.full((self.block_size,), self.cfg.mask_token_id, dtype=torch.long, device=device)
+        slots = self.num_draft_tokens + 1 if slots is None else slots
+        ids = torch.full((slots,), self.cfg.mask_token_id, dtype=torch.long, device=device)
         ids[0] = anchor_token
         p = context_features.shape[0]
         if self._decode_cache is not None:
             return self._cached_block_hidden(context_features, ids)
-        zeros = torch.zeros(self.block_size, dtype=torch.long, device=device)
+        zeros = torch.zeros(slots, dtype=torch.long, device=device)
         packed = PackedBlocks(  # the training path, with one block that sees all of its context
             context_features=context_features.to(device),
             context_positions=torch.arange(p, device=device),
             context_sequence=torch.zeros(p, dtype=torch.long, device=device),
             block_ids=ids,
-            block_positions=p + torch.arange(self.block_size, device=device),
+            block_positions=p + torch.arange(slots, device=device),
             block_sequence=zeros,
             block_anchor=zeros + p,
             block_index=zeros,
@@ -507,7 +512,7 @@ class DFlashDraft(nn.Module):
                 kv.extend(apply_rotary(k, *rope), v)
             cache.length = new.stop
         x = self.embed_tokens(ids).to(dtype) * cfg.embed_scale
-        positions = cache.length + torch.arange(self.block_size, device=device)
+        positions = cache.length + torch.arange(ids.shape[0], device=device)
         rope = rotary(positions, cfg.head_dim, cfg.rope_theta)
         for layer, kv in zip(self.layers, cache.layers, strict=True):
             x = layer.decode(x, rope, kv)

@@ -565,8 +565,10 @@ class DSparkDraft(nn.Module):
     # --- inference (left to right) ---
 
     def _block_hidden(self, context_features: torch.Tensor, anchor_token: int) -> torch.Tensor:
-        """Backbone states [B, d] of the block anchored right after the context."""
-        return self.backbone.block_hidden(context_features, anchor_token)
+        """Backbone states [n, d] of the block anchored right after the context: n = `num_draft_tokens`
+        slots (B unless set lower), every one drafting, as vLLM's DSpark proposer runs n speculative
+        tokens (the anchor and n - 1 masks)."""
+        return self.backbone.block_hidden(context_features, anchor_token, slots=self.num_draft_tokens)
 
     def decoding(self) -> AbstractContextManager[None]:
         """The backbone's decode cache (`DFlashDraft.decoding`): the heads keep no context of their own."""
@@ -582,8 +584,8 @@ class DSparkDraft(nn.Module):
         generator: torch.Generator | None = None,
         confidence_threshold: float = 0.0,
     ) -> DSparkProposal:
-        """Draft the block slot by slot, its first `num_draft_tokens` slots (the whole block unless set
-        lower): each slot's logits use the token chosen at the slot before.
+        """Draft the block (`num_draft_tokens` slots, B unless set lower) slot by slot: each slot's logits
+        use the token chosen at the slot before.
 
         Tokens are the argmax at temperature 0, else drawn from softmax(logits / temperature) with
         `generator` (on the draft's device). With a confidence head and `confidence_threshold` > 0, the

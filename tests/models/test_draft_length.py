@@ -1,12 +1,17 @@
-"""Fewer drafts a round (`set_num_draft_tokens`, `eval.num_draft_tokens`): a capped draft puts up the first
-n tokens of what it drafts uncapped, and decoding with it stays lossless; a count beyond a block, or
-below one, is refused naming its key.
+"""Fewer drafts a round (`set_num_draft_tokens`, `eval.num_draft_tokens`) as the engines run
+`num_speculative_tokens` = n: Eagle3 runs n chain steps (the first n of its full chain); DFlash runs the
+block [anchor, n masks] and DSpark a block of n slots (vLLM's `dflash` and `dspark` proposers), whose
+slots attend to each other, so their rounds are those of a draft trained with that block, not a cut of
+the full one. Decoding with any count stays lossless; a count beyond a block, or below one, is refused
+naming its key.
 
 Unit checks on tiny random drafts, then greedy decoding with the real stories260k target, whose output
 must equal the target's own at every count.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -36,19 +41,40 @@ def _round(draft, features, ids, p: int) -> tuple[list[int], torch.Tensor]:
     return logits.argmax(-1).tolist(), logits
 
 
-@pytest.mark.parametrize("algo", list(BUILDERS))
-def test_a_capped_draft_puts_up_the_first_tokens_of_its_full_round(algo):
-    full = BUILDERS[algo]().eval()
-    width = full.fc.weight.shape[1] if hasattr(full, "fc") else full.backbone.fc.weight.shape[1]
-    features, ids = tiny.draft_context(width)
+def test_a_capped_eagle3_chain_is_the_start_of_its_full_chain():
+    full = tiny.eagle3_draft().eval()
+    features, ids = tiny.draft_context(full.fc.weight.shape[1])
     tokens, logits = _round(full, features, ids, 9)
     assert len(tokens) == full.num_draft_tokens
     for n in range(1, full.num_draft_tokens):
-        capped = BUILDERS[algo]().eval()
+        capped = tiny.eagle3_draft().eval()
         set_num_draft_tokens(capped, n)
         short_tokens, short_logits = _round(capped, features, ids, 9)
         assert short_tokens == tokens[:n]
         torch.testing.assert_close(short_logits, logits[:n])
+
+
+@pytest.mark.parametrize(("algo", "engine_block"), [("dflash", lambda n: n + 1), ("dspark", lambda n: n)])
+@pytest.mark.parametrize("cached", [False, True], ids=["stateless", "decode-cache"])
+def test_a_capped_block_draft_drafts_the_engines_shorter_block(algo, engine_block, cached):
+    """n drafts from a block of 4 slots are what the same weights draft in a block of engine_block(n)."""
+    full = BUILDERS[algo]().eval()
+    width = full.fc.weight.shape[1] if hasattr(full, "fc") else full.backbone.fc.weight.shape[1]
+    features, ids = tiny.draft_context(width)
+    full_tokens, full_logits = _round(full, features, ids, 9)
+    for n in range(1, full.num_draft_tokens):
+        capped, shorter = BUILDERS[algo]().eval(), BUILDERS[algo](engine_block(n)).eval()
+        shorter.load_state_dict(full.state_dict())
+        set_num_draft_tokens(capped, n)
+        assert shorter.num_draft_tokens == n
+        with capped.decoding() if cached else contextlib.nullcontext():
+            if cached:
+                _round(capped, features, ids, 5)  # the cache then holds an earlier round's context
+            tokens, logits = _round(capped, features, ids, 9)
+        expected_tokens, expected_logits = _round(shorter, features, ids, 9)
+        assert tokens == expected_tokens and len(tokens) == n
+        torch.testing.assert_close(logits, expected_logits)
+        assert not torch.allclose(logits, full_logits[:n])  # the slots see each other: not a cut
 
 
 def test_an_eagle3_chain_runs_longer_than_its_test_steps():

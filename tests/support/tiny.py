@@ -42,18 +42,18 @@ def _draft_weights(vocab: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]
     return torch.randn(vocab, hidden), torch.randn(vocab, hidden) * 0.3
 
 
-def dflash_draft() -> DFlashDraft:
+def dflash_draft(block_size: int = 4) -> DFlashDraft:
     torch.manual_seed(0)
     cfg = DFlashConfig.from_target(
-        DRAFT_TARGET, num_layers=2, block_size=4, layer_ids=[0, 2], mask_token_id=3
+        DRAFT_TARGET, num_layers=2, block_size=block_size, layer_ids=[0, 2], mask_token_id=3
     )
     return DFlashDraft(cfg, *_draft_weights(cfg.vocab_size, cfg.hidden_size))
 
 
-def dspark_draft() -> DSparkDraft:
+def dspark_draft(block_size: int = 4) -> DSparkDraft:
     torch.manual_seed(0)
     cfg = DSparkConfig.from_target(
-        DRAFT_TARGET, num_layers=2, block_size=4, layer_ids=[0, 2], mask_token_id=3, markov_rank=8,
+        DRAFT_TARGET, num_layers=2, block_size=block_size, layer_ids=[0, 2], mask_token_id=3, markov_rank=8,
         markov_head_type="vanilla", confidence_head=True, confidence_head_with_markov=True, num_anchors=8,
     )  # fmt: skip
     return DSparkDraft(cfg, *_draft_weights(cfg.backbone.vocab_size, cfg.backbone.hidden_size))

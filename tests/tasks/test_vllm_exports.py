@@ -8,7 +8,8 @@ temperature 0 vLLM must return the target-alone server's tokens, and its accepta
 is larger) of DeepSpec's on the same prompts with the same number of draft tokens. Each test prints both
 side by side. The DFlash test also checks the comparison is sharp: DeepSpec reading the draft's slots
 shifted by one (the convention upstream DeepSpec's DFlash trains in) measures an acceptance vLLM does not
-reproduce.
+reproduce, and that served with 2 speculative tokens (a shorter block) it accepts what DeepSpec measures
+with `set_num_draft_tokens(draft, 2)`.
 
 DSpark cannot be served here: the CPU build refuses `method: dspark` ("Model Runner V1 does not support
 dspark speculative decoding"; its V2 runner needs Triton and a GPU). Its export is checked against
@@ -31,7 +32,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from deepspec.models.drafts import dflash, draft_spec, eagle3
+from deepspec.models.drafts import dflash, draft_spec, eagle3, set_num_draft_tokens
 from deepspec.models.drafts.spec import DraftInputs
 from deepspec.models.speculative import acceptance_stats, speculative_generate
 from deepspec.models.target import capture_features, load_target, mask_token_id
@@ -302,6 +303,12 @@ def test_dflash_export_is_served_with_the_acceptance_deepspec_measures(target, t
     report(f"  DeepSpec reading the slots shifted by one: {shifted}")
     with pytest.raises(AssertionError):
         assert_agrees(served, shifted)
+
+    # fewer speculative tokens than the block drafts: vLLM then runs the block [anchor, 2 masks], and so
+    # does DeepSpec's eval.num_draft_tokens=2 (`set_num_draft_tokens`)
+    set_num_draft_tokens(draft, 2)
+    served, measured = served_and_measured(target, "dflash", draft, dflash.export, tmp_path / "two", report)
+    assert_agrees(served, measured)
 
 
 def test_eagle3_export_is_served_with_the_acceptance_deepspec_measures(target, tmp_path, report):
