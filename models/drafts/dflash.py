@@ -468,8 +468,8 @@ class DFlashDraft(nn.Module):
 
     @torch.no_grad()
     def block_logits(self, context_features: torch.Tensor, anchor_token: int) -> torch.Tensor:
-        """Logits [n+1, vocab] of every slot of the block anchored right after the context, anchor slot
-        included (it drafts nothing: tests read it to show what a shifted convention would draft)."""
+        """Logits [num_draft_tokens + 1, vocab] of every slot of the block anchored after the context, the
+        anchor slot included (it drafts nothing: tests read it to show what a shifted convention drafts)."""
         return self.lm_head(self.block_hidden(context_features, anchor_token)).float()
 
     @torch.no_grad()
