@@ -111,12 +111,22 @@ def git_state() -> dict[str, Any]:
     }
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux): CPUs of one core count time small matrix products very differently."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
 def machine() -> dict[str, Any]:
     import torch
 
     return {
         "hostname": socket.gethostname(),
         "cpus": os.cpu_count(),
+        "cpu": cpu_model(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,

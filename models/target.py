@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 
+from deepspec.models.attention import PACKED_GQA_SDPA
 from deepspec.models.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ def load_target(
         raise ConfigError(f"target.path={path!r}: cannot load a model from it ({err})") from err
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     model.eval().requires_grad_(False)
+    if model.config._attn_implementation == "sdpa":  # verify blocks without copying the key heads
+        model.set_attn_implementation(PACKED_GQA_SDPA)
     return model, tokenizer
 
 
