@@ -72,3 +72,14 @@ def test_verify_blocks_attend_the_stored_key_heads(monkeypatch):
 def test_load_target_decodes_with_folded_heads(stories260k):
     model, _ = stories260k
     assert model.config._attn_implementation == PACKED_GQA_SDPA
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_verify_blocks_attend_as_transformers_sdpa_on_cuda():
+    model = random_target("qwen3").to("cuda")
+    ids = torch.randint(0, 50, (2, 36), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    want = verify_logits(model, "sdpa", ids, mask, prefix=30)
+    got = verify_logits(model, PACKED_GQA_SDPA, ids, mask, prefix=30)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
