@@ -10,7 +10,7 @@ DEMO_GGUF_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110
 PYTEST_ARGS ?=
 VLLM_VENV ?= .venv-vllm
 
-.PHONY: install vllm assets demo test lint clean
+.PHONY: install vllm assets browser demo test lint clean
 
 install: $(VENV)/.installed
 
@@ -42,10 +42,15 @@ $(DEMO_GGUF): | install
 	echo "$(DEMO_GGUF_SHA256)  $@.tmp" | sha256sum --check --quiet
 	mv $@.tmp $@
 
+# Headless Chromium for the report's browser test, unpacked from Debian's packages (no root, nothing
+# installed system-wide); elsewhere it does nothing and that test skips.
+browser:
+	tests/support/fetch_chromium.sh .cache/chromium
+
 demo: install assets
 	$(VENV)/bin/deepspec pipeline --config-name demo
 
-test: install vllm assets lint  # vllm and assets: the real-vLLM tests serve SmolLM2
+test: install vllm assets browser lint  # vllm and assets: the real-vLLM tests serve SmolLM2
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install

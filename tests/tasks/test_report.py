@@ -279,9 +279,11 @@ def test_report_of_a_real_evaluation(evaluated_run, capsys, tmp_path):
 
 
 def _chromium() -> str:
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    """Chromium on PATH, else the one `make browser` unpacks from Debian's packages into .cache."""
+    unpacked = Path(__file__).resolve().parents[2] / ".cache" / "chromium" / "chromium"
+    binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which(unpacked)
     if binary is None:
-        pytest.skip("no chromium on PATH to render the report with (Debian: apt-get install chromium)")
+        pytest.skip("no chromium to render the report with: `make browser` (Debian) or install chromium")
     return binary
 
 
