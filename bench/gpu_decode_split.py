@@ -58,8 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_target(shape: StepShape, device: torch.device, dtype: torch.dtype):
-    """A Qwen3 decoder of `shape` with random weights, on the device."""
+    """A Qwen3 decoder of `shape` with random weights, on the device, with the attention `load_target`
+    gives a target."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from deepspec.models.target import fold_query_heads
 
     config = Qwen3Config(
         vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
@@ -69,6 +72,7 @@ def build_target(shape: StepShape, device: torch.device, dtype: torch.dtype):
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen3ForCausalLM(config).to(dtype)
+    fold_query_heads(model)
     return model.eval().requires_grad_(False)
 
 
@@ -116,7 +120,8 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         _, events, _ = timed(lambda ids=ids: speculative.target_generate(target, [0], ids, **decode))
         plain[n] = mean([s for kind, _, s in events if kind == "step"])
         print(f"plain, context {n}: T1 {plain[n] * 1e3:.2f} ms", flush=True)
-    out: dict[str, Any] = {"shape": vars(shape), "dtype": str(dtype), "t1_s": plain, "algos": {}}
+    out: dict[str, Any] = {"shape": vars(shape), "dtype": str(dtype), "t1_s": plain, "algos": {},
+                           "attention": target.config._attn_implementation}  # fmt: skip
     for name in ALGOS:
         draft, layer_ids = build_draft(name, shape, target)
         drafter = TimedDrafter(draft, clock)

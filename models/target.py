@@ -83,9 +83,15 @@ def load_target(
         raise ConfigError(f"target.path={path!r}: cannot load a model from it ({err})") from err
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     model.eval().requires_grad_(False)
-    if model.config._attn_implementation == "sdpa":  # verify blocks without copying the key heads
-        model.set_attn_implementation(PACKED_GQA_SDPA)
+    fold_query_heads(model)
     return model, tokenizer
+
+
+def fold_query_heads(model: PreTrainedModel) -> None:
+    """Give a target on transformers' `sdpa` the folded grouped-query attention (`models.attention`), so
+    that its verify forwards read the cache's key heads as stored; other attentions are left as they are."""
+    if model.config._attn_implementation == "sdpa":
+        model.set_attn_implementation(PACKED_GQA_SDPA)
 
 
 def check_layer_ids(layer_ids: list[int], num_layers: int) -> list[int]:

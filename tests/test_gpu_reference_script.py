@@ -89,6 +89,7 @@ def test_gpu_decode_split_skips_without_cuda_and_its_cpu_check_splits_every_roun
     assert record["import"]["mode"] == "shim" and record["import"]["forbidden_loaded"] == []
     figures = record["figures"]
     assert set(figures["t1_s"]) == {"16", "64"} and all(t > 0 for t in figures["t1_s"].values())
+    assert figures["attention"] == "deepspec_packed_gqa_sdpa"  # as load_target gives a target
     for name in ("dflash", "dspark", "eagle3"):
         for context, row in figures["algos"][name].items():
             assert row["rounds"] > 0 and row["draft_s"] > 0 and row["verify_s"] > 0, (name, context)
