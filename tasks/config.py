@@ -321,7 +321,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
     t, r, s, tr, e, p = cfg.target, cfg.regen, cfg.storage, cfg.train, cfg.eval, cfg.prompts
     layer_ids = list(t.layer_ids)
     n_layers = t.num_hidden_layers
-    draft_limit = max_draft_tokens(cfg.algo)
+    settings = algo_settings(cfg)
+    draft_limit = settings.max_draft_tokens  # tokens a round can draft (`set_num_draft_tokens`)
 
     def one_of(key: str, value: Any, choices) -> tuple[bool, str]:
         return value in choices, f"{key}={value!r}: expected one of {list(choices)}"
@@ -461,15 +462,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
     ]
     problems = [message for ok, message in checks if not ok]
     # the algorithm, against the target's layers (export layouts included: Eagle3's fc reads three)
-    problems += algo_settings(cfg).problems(layer_ids, n_layers)
+    problems += settings.problems(layer_ids, n_layers)
     return problems
-
-
-def max_draft_tokens(algo: DictConfig) -> int | None:
-    """The most tokens a round can draft (`set_num_draft_tokens`): DFlash and DSpark draft within one
-    block (B - 1 mask slots, B slots); Eagle3's chain is a loop, unbounded (None)."""
-    block = OmegaConf.select(algo, "block_size")
-    return {"dflash": block - 1 if block else None, "dspark": block}.get(algo.name)
 
 
 def algo_settings(cfg: DictConfig):

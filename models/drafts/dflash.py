@@ -71,6 +71,11 @@ class DFlashSettings:
     loss_decay: float
     anchors_per_sequence: int
 
+    @property
+    def max_draft_tokens(self) -> int:
+        """The most tokens a round drafts: mask slots 1..B-1 (`DFlashDraft.max_draft_tokens`)."""
+        return self.block_size - 1
+
     def problems(self, layer_ids: list[int], num_hidden_layers: int | None) -> list[str]:
         problems = block_problems(self)
         if self.block_size < 2:

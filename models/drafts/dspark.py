@@ -131,6 +131,11 @@ class DSparkSettings:
     l1_weight: float
     confidence_weight: float
 
+    @property
+    def max_draft_tokens(self) -> int:
+        """The most tokens a round drafts: every slot of the block (`DSparkDraft.max_draft_tokens`)."""
+        return self.block_size
+
     def problems(self, layer_ids: list[int], num_hidden_layers: int | None) -> list[str]:
         problems = block_problems(self) + head_problems(self, prefix="algo.")
         for key in ("ce_weight", "l1_weight", "confidence_weight"):

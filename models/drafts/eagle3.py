@@ -86,6 +86,8 @@ class Eagle3Settings:
     step_decay: float
     draft_vocab_size: int | None
 
+    max_draft_tokens = None  # the chain is a loop: any length runs (`Eagle3Draft.max_draft_tokens`)
+
     def problems(self, layer_ids: list[int], num_hidden_layers: int | None) -> list[str]:
         problems = shape_problems(layer_ids, num_hidden_layers, self.ttt_steps, self.draft_vocab_size)
         if not 0 < self.step_decay <= 1:
