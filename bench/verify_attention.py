@@ -2,7 +2,7 @@
 for every query head) and with DeepSpec's folded grouped-query attention (`models.attention`), the one
 `load_target` gives a target, timed in turn in one process on one thread.
 
-    # SmolLM2-135M-Instruct (`make assets`; 9 query heads on 3 key heads), ~4 min
+    # SmolLM2-135M-Instruct (`make assets`; 9 query heads on 3 key heads), ~1.5 min
     .venv/bin/python bench/verify_attention.py
     # any local target, a longer context
     .venv/bin/python bench/verify_attention.py --target-path PATH --gguf-file none --contexts 256 2048
@@ -91,7 +91,6 @@ def main() -> None:
             say(
                 f"context {context}, block {block}: sdpa {row['sdpa_s'] * 1e3:.1f} ms, folded {row['folded_s'] * 1e3:.1f} ms"
             )
-    model.set_attn_implementation(PACKED_GQA_SDPA)
 
     print("| context | block | sdpa ms | folded ms | sdpa / folded |\n|---:|---:|---:|---:|---:|")
     for r in rows:
