@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.cache_utils import DynamicCache
 
 from deepspec.models.attention import PACKED_GQA_SDPA
+from deepspec.models.cpu_products import multiply_rows_first
 from deepspec.models.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def load_target(
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     model.eval().requires_grad_(False)
     fold_query_heads(model)
+    multiply_rows_first(model)  # a verify's products of 2..3 rows, on a CPU (models/cpu_products.py)
     return model, tokenizer
 
 
