@@ -6,9 +6,12 @@ close decoding comes to its bound, beside plain decoding and transformers' promp
         --prompts 1 --tokens 128
     # the same drafts drafting without their decode caches: every round recomputes the context
     .venv/bin/python bench/decode_split.py runs/bench/reference/smollm2/runs/dflash-s0/train/dflash --no-cache
-    # the README's CPU Eagle3 draft at 1 and 2 drafts a round (~7 min)
+    # the README's CPU Eagle3 draft at 1 and 2 drafts a round (~6 min)
     .venv/bin/python bench/decode_split.py runs/bench/cpu_draft/e3-t3/train/eagle3 --draft-tokens 1 2 \
         --prompts 2 --tokens 64
+    # the same with the target's products of 1..3 rows as F.linear computes them (no models/cpu_products.py)
+    .venv/bin/python bench/decode_split.py runs/bench/cpu_draft/e3-t3/train/eagle3 --draft-tokens 1 2 \
+        --prompts 2 --tokens 64 --no-rows-first
 
 Each argument is a train stage's folder (its `config.yaml` and `draft/`); every draft must share one target.
 The prompts are the first `--prompts` of each of the nine benchmark files in `../shared/assets/eval`,
@@ -35,9 +38,9 @@ import torch
 from common import ASSETS, begin, eval_prompts, say, write_results
 from round_timing import Clock, TimedDrafter, binned, mean, rounds_of, timed_runner
 
-# transformers' documented n-gram draft length (10), and a short one, as a verify of 11 tokens costs a CPU
-# ~2.5 forwards of one
-PROMPT_LOOKUP_TOKENS = (10, 3)
+# transformers' documented n-gram draft length (10), and short ones, as a verify of 11 tokens costs a CPU
+# ~2.5 forwards of one; 1 verifies 2 tokens, as a draft of one a round does (the same target products)
+PROMPT_LOOKUP_TOKENS = (10, 3, 1)
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,6 +51,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-dir", type=Path, default=ASSETS / "eval", help="<benchmark>.jsonl files")
     p.add_argument("--no-cache", action="store_true", help="draft without the decode caches (the old engine)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' generate baselines")
+    p.add_argument(
+        "--no-rows-first",
+        action="store_true",
+        help="the target's products of 1..3 rows as F.linear, not W @ x.T (before models/cpu_products.py)",
+    )
     p.add_argument(
         "--draft-tokens",
         type=int,
@@ -67,6 +75,7 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from deepspec.models import speculative
+    from deepspec.models.cpu_products import RowsFirstLinear, multiply_as_f_linear
     from deepspec.models.drafts import load_draft, set_num_draft_tokens
     from deepspec.models.speculative import acceptance_stats, speculative_generate, target_generate
     from deepspec.models.target import input_embeddings, load_target, output_head
@@ -78,6 +87,9 @@ def main() -> None:
     if len(targets) != 1:
         raise SystemExit(f"the drafts have different targets: {sorted(map(str, targets))}")
     model, tokenizer = load_target(cfg.target.path, cfg.target.gguf_file, cfg.target.revision, "float32")
+    if args.no_rows_first:
+        multiply_as_f_linear(model)
+    rows_first = sorted(next((m.rows_first for m in model.modules() if type(m) is RowsFirstLinear), ()))
     embed, head = input_embeddings(model).weight, output_head(model).weight
     layer_ids = list(cfg.target.layer_ids)
     eos = stop_token_ids(cfg, tokenizer)
@@ -110,6 +122,7 @@ def main() -> None:
         "prompts": len(prompts),
         "tokens": args.tokens,
         "no_cache": args.no_cache,
+        "rows_first": rows_first,  # block sizes the target multiplies as W @ x.T (models/cpu_products.py)
         "plain": {"tokens": plain_tokens, "decode_s": plain_decode_s, "total_s": plain_total_s, "t1_s": t1,
                   "t1_by_context": binned([{"context": c, "s": s} for c, s in steps], ["s"])},
         "drafts": {},
@@ -180,7 +193,12 @@ def tables(figures: dict[str, Any]) -> str:
     plain = figures["plain"]
     lines = [
         f"\nper round, greedy, {figures['prompts']} prompts x {figures['tokens']} tokens"
-        + (" (no decode caches)" if figures["no_cache"] else ""),
+        + (" (no decode caches)" if figures["no_cache"] else "")
+        + (
+            f", target products of {figures['rows_first']} rows as W @ x.T"
+            if figures.get("rows_first")
+            else ""
+        ),
         "",
         "| draft | tau | T_draft ms | T_verify ms | overhead ms | bound x | achieved x | efficiency | equal |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -85,7 +85,7 @@ def load_target(
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     model.eval().requires_grad_(False)
     fold_query_heads(model)
-    multiply_rows_first(model)  # a verify's products of 2..3 rows, on a CPU (models/cpu_products.py)
+    multiply_rows_first(model)  # products of 1..3 rows (decoding, verifying) on a CPU: models/cpu_products.py
     return model, tokenizer
 
 

@@ -61,7 +61,7 @@ def set_num_draft_tokens(drafter: nn.Module, n: int, key: str = "num_draft_token
     """Draft `n` tokens a round instead of the draft's own count, as vLLM's `num_speculative_tokens`.
 
     What pays on a given machine depends on how a target forward's cost grows with the tokens it verifies
-    (bench/verify_attention.py times it; CPUs differ widely), not only on the draft. Eagle3's chain is a
+    (bench/verify_cost.py times it; CPUs differ widely), not only on the draft. Eagle3's chain is a
     loop, so any length runs. DFlash and DSpark then run the shorter block vLLM runs for n speculative
     tokens ([anchor, n masks]; n slots), at most the block they were trained with (B - 1 drafts; B).
     `key` names the setting in the error.

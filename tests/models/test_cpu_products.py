@@ -1,5 +1,6 @@
-"""The target's linear layers on a CPU (`models.cpu_products`): blocks of 2..3 rows are computed as W @ x.T,
-equal to `F.linear` to rounding, and nothing else changes."""
+"""The target's linear layers on a CPU (`models.cpu_products`): blocks of 1..3 rows are computed as W @ x.T
+(one row as two copies of it) at the sizes timing chose, equal to `F.linear` to rounding, and nothing else
+changes."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class WeightLeftProducts(TorchDispatchMode):
 def rows_first_layer(bias: bool) -> nn.Linear:
     torch.manual_seed(0)
     layer = nn.Linear(48, 80, bias=bias)
-    assert multiply_rows_first(layer, measure=False) == 1
+    assert multiply_rows_first(layer, ROWS_FIRST) == 1
     return layer
 
 
@@ -84,16 +85,16 @@ def test_only_float32_cpu_linears_change():
         }
     )
     keys = set(model.state_dict())
-    assert multiply_rows_first(model, measure=False) == 1
+    assert multiply_rows_first(model, ROWS_FIRST) == 1
     assert type(model["plain"]) is RowsFirstLinear and isinstance(model["plain"], nn.Linear)
     assert type(model["bf16"]) is nn.Linear and type(model["adapted"]) is Adapted
     assert set(model.state_dict()) == keys
-    assert multiply_rows_first(model, measure=False) == 0  # already changed
+    assert multiply_rows_first(model, [2]) == 1 and model["plain"].rows_first == {2}  # sizes set again
 
 
 @pytest.mark.parametrize("pays", [False, True])
 def test_load_target_multiplies_rows_first_where_it_pays(assets_dir, monkeypatch, pays):
-    monkeypatch.setattr(cpu_products, "rows_first_pays", lambda linears: pays)
+    monkeypatch.setattr(cpu_products, "rows_first_pays", lambda linears: frozenset({2} if pays else ()))
     model, _ = load_target(str(assets_dir / "models" / "stories260k"))
     kinds = {type(m) for m in model.modules() if isinstance(m, nn.Linear)}
     assert kinds == ({RowsFirstLinear} if pays else {nn.Linear})
@@ -115,7 +116,19 @@ def test_the_decision_follows_the_timing(stories260k, monkeypatch):
     assert not cpu_products.rows_first_pays(linears, repeats=1)
     monkeypatch.undo()
     monkeypatch.setattr(F, "linear", slowed(F.linear))
-    assert cpu_products.rows_first_pays(linears, repeats=1)
+    assert cpu_products.rows_first_pays(linears, repeats=1) == frozenset(ROWS_FIRST)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_a_layer_takes_w_x_t_only_at_the_sizes_that_pay(monkeypatch, rows):
+    monkeypatch.setattr(cpu_products, "rows_first_pays", lambda linears: frozenset({2}))
+    layer = nn.Linear(48, 80)
+    assert multiply_rows_first(layer) == 1
+    x = torch.randn(rows, 48)
+    with WeightLeftProducts(layer.weight) as products:
+        y = layer(x)
+    assert products.count == (rows == 2)
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()
@@ -125,7 +138,7 @@ def test_a_verify_through_rows_first_products_gives_the_target_logits(stories260
     model, _ = stories260k
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     loaded = [type(m) for m in linears]
-    multiply_rows_first(model, measure=False)
+    multiply_rows_first(model, ROWS_FIRST)
     assert linears and all(type(m) is RowsFirstLinear for m in linears)
     ids = torch.randint(0, model.config.vocab_size, (12,), generator=torch.Generator().manual_seed(0))
     runner = TargetRunner(model, [0])

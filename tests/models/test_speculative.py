@@ -18,7 +18,7 @@ from support.lossless import chi_square_pvalue, keep_every_draft
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from deepspec.models import speculative
-from deepspec.models.cpu_products import multiply_rows_first
+from deepspec.models.cpu_products import ROWS_FIRST, multiply_rows_first
 from deepspec.models.speculative import (
     SpecResult,
     accept_or_resample,
@@ -171,12 +171,13 @@ def test_greedy_output_equals_target(stories, random_llama, greedy_references, d
 def test_greedy_output_equals_target_through_rows_first_products(
     stories, random_llama, greedy_references, block_size
 ):
-    """Verifies of 2..3 tokens through W @ x.T products (what load_target gives a large target on a CPU;
-    stories260k's weights fit in cache, so it keeps F.linear unless forced) give the plain greedy output."""
+    """Decoding and verifying through W @ x.T products of 1..3 rows (what load_target gives a large target
+    on a CPU; stories260k's weights fit in cache, so it keeps F.linear unless forced) gives the greedy
+    output of plain decoding through F.linear."""
     model, tokenizer = stories
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     loaded = [type(m) for m in linears]
-    assert multiply_rows_first(model, measure=False) > 0
+    assert multiply_rows_first(model, ROWS_FIRST) > 0
     try:
         _greedy_results(model, tokenizer, random_llama, block_size, greedy_references)
     finally:
