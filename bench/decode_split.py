@@ -75,7 +75,7 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from deepspec.models import speculative
-    from deepspec.models.cpu_products import RowsFirstLinear, multiply_as_f_linear
+    from deepspec.models.cpu_products import multiply_as_f_linear, rows_first_sizes
     from deepspec.models.drafts import load_draft, set_num_draft_tokens
     from deepspec.models.speculative import acceptance_stats, speculative_generate, target_generate
     from deepspec.models.target import input_embeddings, load_target, output_head
@@ -89,7 +89,7 @@ def main() -> None:
     model, tokenizer = load_target(cfg.target.path, cfg.target.gguf_file, cfg.target.revision, "float32")
     if args.no_rows_first:
         multiply_as_f_linear(model)
-    rows_first = sorted(next((m.rows_first for m in model.modules() if type(m) is RowsFirstLinear), ()))
+    rows_first = sorted(rows_first_sizes(model))
     embed, head = input_embeddings(model).weight, output_head(model).weight
     layer_ids = list(cfg.target.layer_ids)
     eos = stop_token_ids(cfg, tokenizer)

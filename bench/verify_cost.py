@@ -66,13 +66,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     begin("verify_cost")
     from deepspec.models.attention import PACKED_GQA_SDPA
-    from deepspec.models.cpu_products import RowsFirstLinear, multiply_as_f_linear, multiply_rows_first
+    from deepspec.models.cpu_products import (
+        RowsFirstLinear,
+        multiply_as_f_linear,
+        multiply_rows_first,
+        rows_first_sizes,
+    )
     from deepspec.models.target import TargetRunner, load_target
 
     gguf = None if args.gguf_file == "none" else args.gguf_file
     model, _ = load_target(str(args.target_path), gguf)
     cfg = model.config
-    chosen = next((m.rows_first for m in model.modules() if type(m) is RowsFirstLinear), frozenset())
+    chosen = rows_first_sizes(model)
     linears = [m for m in model.modules() if type(m) in (nn.Linear, RowsFirstLinear)]
 
     def use(attention: str, rows_first: frozenset[int]) -> None:

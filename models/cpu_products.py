@@ -72,7 +72,7 @@ def product_times(linears: list[nn.Linear], rows: int, repeats: int = 3) -> tupl
     `F.linear` and as `rows_first_product`, timed alternately after a warm pass (blocks of ones: any
     values time the same, and the global random state is left alone)."""
     block = {m.in_features: torch.ones(rows, m.in_features) for m in linears}
-    forms = (lambda w, x: F.linear(x, w), lambda w, x: rows_first_product(w, x))
+    forms = (lambda w, x: F.linear(x, w), lambda w, x: rows_first_product(w, x))  # looked up when called
     times: tuple[list[float], list[float]] = ([], [])
     with torch.no_grad():
         for repeat in range(repeats + 1):
@@ -138,3 +138,8 @@ def multiply_as_f_linear(model: nn.Module) -> int:
             module.__dict__.pop("rows_first", None)
             changed += 1
     return changed
+
+
+def rows_first_sizes(model: nn.Module) -> frozenset[int]:
+    """The block sizes `model`'s linears compute as W @ x.T (none if it keeps F.linear)."""
+    return next((m.rows_first for m in model.modules() if type(m) is RowsFirstLinear), frozenset())

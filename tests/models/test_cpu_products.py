@@ -13,7 +13,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from deepspec.models import cpu_products
-from deepspec.models.cpu_products import ROWS_FIRST, RowsFirstLinear, multiply_rows_first
+from deepspec.models.cpu_products import (
+    ROWS_FIRST,
+    RowsFirstLinear,
+    multiply_as_f_linear,
+    multiply_rows_first,
+    rows_first_sizes,
+)
 from deepspec.models.target import TargetRunner, load_target
 
 
@@ -136,22 +142,21 @@ def test_a_verify_through_rows_first_products_gives_the_target_logits(stories260
     """On the real target, a 2-token verify's logits through rows-first products equal those of the same
     weights through F.linear."""
     model, _ = stories260k
+    loaded = rows_first_sizes(model)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    loaded = [type(m) for m in linears]
-    multiply_rows_first(model, ROWS_FIRST)
-    assert linears and all(type(m) is RowsFirstLinear for m in linears)
-    ids = torch.randint(0, model.config.vocab_size, (12,), generator=torch.Generator().manual_seed(0))
-    runner = TargetRunner(model, [0])
-    runner.extend(ids[:10], features=False)
-    with WeightLeftProducts(model.lm_head.weight) as products:
-        got = runner.extend(ids[10:]).logits
-    assert products.count == 1
     try:
-        for m in linears:
-            m.__class__ = nn.Linear
+        multiply_rows_first(model, ROWS_FIRST)
+        assert linears and all(type(m) is RowsFirstLinear for m in linears)
+        ids = torch.randint(0, model.config.vocab_size, (12,), generator=torch.Generator().manual_seed(0))
+        runner = TargetRunner(model, [0])
+        runner.extend(ids[:10], features=False)
+        with WeightLeftProducts(model.lm_head.weight) as products:
+            got = runner.extend(ids[10:]).logits
+        assert products.count == 1
+        multiply_as_f_linear(model)
         runner.rollback(10)
         want = runner.extend(ids[10:]).logits
-    finally:
-        for m, kind in zip(linears, loaded, strict=True):
-            m.__class__ = kind
+    finally:  # the module's target as it was loaded
+        multiply_as_f_linear(model)
+        multiply_rows_first(model, loaded)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -18,7 +18,12 @@ from support.lossless import chi_square_pvalue, keep_every_draft
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from deepspec.models import speculative
-from deepspec.models.cpu_products import ROWS_FIRST, multiply_rows_first
+from deepspec.models.cpu_products import (
+    ROWS_FIRST,
+    multiply_as_f_linear,
+    multiply_rows_first,
+    rows_first_sizes,
+)
 from deepspec.models.speculative import (
     SpecResult,
     accept_or_resample,
@@ -175,14 +180,13 @@ def test_greedy_output_equals_target_through_rows_first_products(
     on a CPU; stories260k's weights fit in cache, so it keeps F.linear unless forced) gives the greedy
     output of plain decoding through F.linear."""
     model, tokenizer = stories
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    loaded = [type(m) for m in linears]
-    assert multiply_rows_first(model, ROWS_FIRST) > 0
+    loaded = rows_first_sizes(model)
     try:
+        assert multiply_rows_first(model, ROWS_FIRST) > 0
         _greedy_results(model, tokenizer, random_llama, block_size, greedy_references)
-    finally:
-        for m, kind in zip(linears, loaded, strict=True):
-            m.__class__ = kind
+    finally:  # the module's target as it was loaded
+        multiply_as_f_linear(model)
+        multiply_rows_first(model, loaded)
 
 
 def test_eos_is_kept_and_stops(stories):
