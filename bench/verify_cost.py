@@ -3,7 +3,7 @@ the folded grouped-query attention (`models.attention`; transformers' `sdpa` cop
 every query head) and, on a CPU, blocks of 1..3 rows multiplied as W @ x.T (`models.cpu_products`). All
 variants are timed in turn in one process (one thread unless --threads).
 
-    # SmolLM2-135M-Instruct (`make assets`; 9 query heads on 3 key heads), ~3 min
+    # SmolLM2-135M-Instruct (`make assets`; 9 query heads on 3 key heads), ~2 min
     .venv/bin/python bench/verify_cost.py
     # two threads, as the evaluate stage runs on this 2-core machine
     .venv/bin/python bench/verify_cost.py --threads 2 --contexts 512 --blocks 1 2 3
