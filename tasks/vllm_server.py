@@ -259,11 +259,7 @@ class VLLMServerPool:
         """SIGKILL replica i's whole process group and wait until all of it has exited (for failure tests)."""
         r = self._replicas[i]
         if r.process is not None:
-            self._kill_group(r, signal.SIGKILL)
-            r.process.wait()
-            deadline = time.monotonic() + 30
-            while group_alive(r.process.pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            self._kill_group_and_wait(r)
 
     def close(self) -> None:
         """Stop the supervisor, then every replica: SIGTERM to its process group, SIGKILL after
@@ -284,7 +280,7 @@ class VLLMServerPool:
                     log.warning(
                         "vLLM replica %d ignored SIGTERM for %.0f s; killing it", r.index, self.stop_grace_s
                     )
-                    self._kill_group(r, signal.SIGKILL)
+                    self._kill_group_and_wait(r)
                 r.process.wait()
                 r.process = None
 
@@ -382,6 +378,15 @@ class VLLMServerPool:
                 r.process.wait()
                 raise self._failure(r, f"did not serve within {self.startup_timeout_s:.0f} s")
             time.sleep(0.5)
+
+    def _kill_group_and_wait(self, r: _Replica, timeout_s: float = 30) -> None:
+        """SIGKILL replica r's process group and wait until every process of it has exited: a killed
+        process still runs until the kernel schedules its death, children of the server included."""
+        self._kill_group(r, signal.SIGKILL)
+        r.process.wait()
+        deadline = time.monotonic() + timeout_s
+        while group_alive(r.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _kill_group(self, r: _Replica, sig: int) -> None:
         if r.process is None:
