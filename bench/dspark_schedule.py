@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from common import ASSETS, begin, eval_prompts, say, write_results
-from round_timing import Clock, TimedDrafter
 
 THRESHOLDS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 PROFILE_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -53,28 +52,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-@torch.no_grad()
-def measure_profile(model, context: int, tokens: list[int], repeats: int = 3) -> dict[str, list]:
-    """Steps a second of one forward over n new tokens after `context` cached ones (median of repeats)."""
-    from deepspec.models.target import TargetRunner
-
-    vocab = model.config.vocab_size
-    prompt = torch.randint(0, vocab, (context,), generator=torch.Generator().manual_seed(0))
-    runner = TargetRunner(model, [0])
-    runner.extend(prompt, features=False, last_logits_only=True)
-    steps = []
-    for n in tokens:
-        times = []
-        for _ in range(repeats):
-            began = time.perf_counter()
-            runner.extend(torch.randint(0, vocab, (n,)), features=False)
-            times.append(time.perf_counter() - began)
-            runner.rollback(context)
-        steps.append(1.0 / statistics.median(times))
-        say(f"profile: {n} tokens a step, {steps[-1]:.1f} steps/s")
-    return {"tokens": tokens, "steps_per_s": steps}
-
-
 def threshold_sweep(rounds: list[tuple[list[float], int]]) -> list[dict[str, float]]:
     out = []
     for t in THRESHOLDS:
@@ -92,8 +69,13 @@ def main() -> None:
 
     from deepspec.models import calibration
     from deepspec.models.drafts import load_draft
-    from deepspec.models.prefix_scheduler import StepProfile, simulate
-    from deepspec.models.speculative import acceptance_stats, confidence_rounds, speculative_generate
+    from deepspec.models.prefix_scheduler import measure_step_profile, serving_sweep
+    from deepspec.models.speculative import (
+        acceptance_stats,
+        confidence_rounds,
+        recorded_rounds,
+        speculative_generate,
+    )
     from deepspec.models.target import input_embeddings, load_target, output_head
     from deepspec.tasks.evaluate.stage import stop_token_ids
 
@@ -114,10 +96,8 @@ def main() -> None:
         "eos_token_ids": stop_token_ids(cfg, tokenizer),
     }
     layer_ids = list(cfg.target.layer_ids)
-    clock = Clock()
-    timed = TimedDrafter(drafter, clock)
-    results = [speculative_generate(model, layer_ids, timed, ids, **decode) for _, ids in prompts]
-    draft_s = statistics.fmean(seconds for kind, _, seconds in clock.events if kind == "draft")
+    results = [speculative_generate(model, layer_ids, drafter, ids, **decode) for _, ids in prompts]
+    draft_s = sum(r.draft_s for r in results) / sum(len(r.accepted) for r in results)
     rounds = confidence_rounds(results)
     stats = acceptance_stats(results)
     slots = drafter.num_draft_tokens
@@ -130,19 +110,11 @@ def main() -> None:
         "accept_at": stats["accept_at"], "calibration": conf, "sts_temperatures": temperatures,
         "thresholds": threshold_sweep(rounds), "draft_s": draft_s,
     }  # fmt: skip
-    profile = measure_profile(model, args.context, PROFILE_TOKENS)
-    figures["profile"] = profile
-    step_profile = StepProfile(profile["tokens"], profile["steps_per_s"])
-    serving = []
-    for n in CONCURRENCY:
-        row: dict[str, Any] = {"concurrency": n}
-        row["scheduler"] = vars(simulate(rounds, step_profile, n, temperatures=temperatures, draft_s=draft_s))
-        row["fixed"] = {
-            length: vars(simulate(rounds, step_profile, n, fixed_length=length, draft_s=draft_s))
-            for length in range(slots + 1)
-        }
-        serving.append(row)
-    figures["serving"] = serving
+    profile = measure_step_profile(model, layer_ids, args.context, PROFILE_TOKENS)
+    figures["profile"] = asdict(profile)
+    figures["serving"] = serving_sweep(
+        recorded_rounds(results), profile, CONCURRENCY, draft_s=draft_s, temperatures=temperatures
+    )
     print(tables(figures, slots))
     write_results(figures, target=Path(cfg.target.path).name, args=args, out=args.out)
 
@@ -191,7 +163,9 @@ def tables(f: dict[str, Any], slots: int) -> str:
         f"{f['draft_s'] * 1e3:.1f} ms of drafting (one request's, measured: a batched drafter's lower bound)",
         "",
     ]
-    head = ["concurrency", "scheduler", "drafts (sched.)"] + [f"fixed {n}" for n in range(slots + 1)]
+    head = ["concurrency", "scheduler", "drafts (sched.)"] + [
+        f"fixed {n}" for n in range(len(f["serving"][0]["fixed"]))
+    ]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in f["serving"]:
         s = row["scheduler"]
@@ -200,9 +174,7 @@ def tables(f: dict[str, Any], slots: int) -> str:
             f"{s['tokens_per_s']:.1f} ({s['tokens_per_request_step']:.2f})",
             f"{s['mean_length']:.2f}",
         ]
-        cells += [
-            f"{v['tokens_per_s']:.1f} ({v['tokens_per_request_step']:.2f})" for v in row["fixed"].values()
-        ]
+        cells += [f"{v['tokens_per_s']:.1f} ({v['tokens_per_request_step']:.2f})" for v in row["fixed"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

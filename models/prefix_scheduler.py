@@ -12,20 +12,29 @@ engine (SPS flat in B) it verifies long prefixes, under load only the likeliest 
 The schedule only chooses how many drafts each request verifies; verification keeps its lossless rule
 (`speculative.py`), so the output law does not depend on it.
 
-`simulate` replays recorded rounds (each round's c_k and how many drafts verification kept of a full
-block) at a concurrency: each step draws one round per request, the scheduler (or a fixed length) picks
-the lengths, a request gains min(kept, l_r) + 1 tokens, and the step takes 1 / SPS(B) seconds, plus the
-drafting time of a step when given (`draft_s`: the batch's drafts, run before it is scheduled; none
-when no request drafts).
+`simulate` replays recorded rounds (`speculative.recorded_rounds`: the drafts each round put up, how many
+verification kept, and their c_k) at a concurrency: each step draws one round per request, the scheduler
+(or a fixed length, capped at what the round put up) picks the lengths, a request gains
+min(kept, l_r) + 1 tokens, and the step takes 1 / SPS(B) seconds, plus the drafting time of a step when
+given (`draft_s`: the batch's drafts, run before it is scheduled; none when no request drafts). Replaying
+a round's first l drafts is exact because whether draft j is kept never depends on the drafts after it.
+`serving_sweep` runs it over concurrencies for plain decoding, every fixed length and the scheduler;
+`measure_step_profile` measures SPS on the machine at hand.
 """
 
 from __future__ import annotations
 
 import random
+import statistics
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-from deepspec.models.calibration import Round, prefix_survival
+import torch
+
+from deepspec.models.calibration import prefix_survival
+
+Recorded = tuple[int, int, Sequence[float]]  # a round: drafts put up, drafts kept, their c_k (or none)
 
 
 def schedule(survival: Sequence[Sequence[float]], sps: Callable[[int], float]) -> list[int]:
@@ -53,6 +62,7 @@ class StepProfile:
 
     tokens: list[int]  # increasing
     steps_per_s: list[float]
+    context: int = 0  # cached tokens before each measured step
 
     def __call__(self, n: int) -> float:
         points = list(zip(self.tokens, self.steps_per_s, strict=True))
@@ -75,7 +85,7 @@ class Served:
 
 
 def simulate(
-    rounds: Sequence[Round],
+    rounds: Sequence[Recorded],
     profile: StepProfile,
     concurrency: int,
     *,
@@ -86,16 +96,17 @@ def simulate(
     seed: int = 0,
 ) -> Served:
     """Serve `concurrency` requests for `steps` steps from recorded rounds (see the module docstring):
-    with the scheduler on the STS-calibrated survivals, or every request at `fixed_length` drafts."""
+    with the scheduler on the STS-calibrated survivals (rounds with c_k), or every request at
+    `fixed_length` drafts."""
     rng = random.Random(seed)
     tokens = seconds = drafts = 0.0
     for _ in range(steps):
         batch = [rounds[rng.randrange(len(rounds))] for _ in range(concurrency)]
         if fixed_length is None:
-            lengths = schedule([prefix_survival(c, temperatures) for c, _ in batch], profile)
+            lengths = schedule([prefix_survival(c, temperatures) for _, _, c in batch], profile)
         else:
-            lengths = [min(fixed_length, len(c)) for c, _ in batch]
-        tokens += sum(min(kept, n) + 1 for (_, kept), n in zip(batch, lengths, strict=True))
+            lengths = [min(fixed_length, proposed) for proposed, _, _ in batch]
+        tokens += sum(min(kept, n) + 1 for (_, kept, _), n in zip(batch, lengths, strict=True))
         seconds += 1.0 / profile(concurrency + sum(lengths)) + (draft_s if fixed_length != 0 else 0.0)
         drafts += sum(lengths)
     return Served(tokens / seconds, tokens / (steps * concurrency), drafts / (steps * concurrency))
@@ -113,3 +124,57 @@ def scheduled_lengths(
         )
 
     return choose
+
+
+def serving_sweep(
+    rounds: Sequence[Recorded],
+    profile: StepProfile,
+    concurrency: Sequence[int],
+    *,
+    draft_s: float,
+    steps: int = 200,
+    temperatures: Sequence[float] | None = None,
+) -> list[dict]:
+    """At each concurrency: every fixed draft length up to the longest round put up (`fixed[l]`; l = 0 is
+    plain decoding) and the scheduler when every round has c_k (else None); each a `Served` as a dict."""
+    longest = max((proposed for proposed, _, _ in rounds), default=0)
+    scheduled = bool(rounds) and all(len(c) == proposed for proposed, _, c in rounds)
+    rows = []
+    for n in concurrency:
+        common = {"steps": steps, "draft_s": draft_s}
+        fixed = [
+            asdict(simulate(rounds, profile, n, fixed_length=length, **common))
+            for length in range(longest + 1)
+        ]
+        scheduler = simulate(rounds, profile, n, temperatures=temperatures, **common) if scheduled else None
+        rows.append({"concurrency": n, "fixed": fixed, "scheduler": scheduler and asdict(scheduler)})
+    return rows
+
+
+@torch.no_grad()
+def measure_step_profile(
+    model, layer_ids: list[int], context: int, tokens: Sequence[int], repeats: int = 3
+) -> StepProfile:
+    """Steps a second of the target verifying n new tokens after `context` cached ones (a verify step as
+    the engine runs it: every position's logits and the `layer_ids` features; median of `repeats`), for
+    each n in `tokens`. One sequence: a batch's attention over several contexts is not modelled."""
+    from deepspec.models.target import TargetRunner
+
+    device = model.device
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    vocab = model.config.vocab_size
+    draw = torch.Generator().manual_seed(0)
+    runner = TargetRunner(model, layer_ids)
+    runner.extend(torch.randint(0, vocab, (context,), generator=draw), features=False, last_logits_only=True)
+    steps_per_s = []
+    for n in tokens:
+        ids, times = torch.randint(0, vocab, (n,), generator=draw), []
+        for _ in range(repeats):
+            sync()
+            began = time.perf_counter()
+            runner.extend(ids)
+            sync()
+            times.append(time.perf_counter() - began)
+            runner.rollback(context)
+        steps_per_s.append(1.0 / statistics.median(times))
+    return StepProfile(list(tokens), steps_per_s, context)

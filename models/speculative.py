@@ -27,6 +27,7 @@ round's draft cost no longer grows with the context beyond attention itself.
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -98,6 +99,7 @@ class SpecResult:
     committed: list[int] = field(default_factory=list)  # tokens each round added (upstream's accept length)
     confidence: list[list[float]] = field(default_factory=list)  # per round, the head's c_k of each draft
     stopped_early: int = 0  # rounds whose proposal was shorter than the block (the confidence head)
+    draft_s: float = 0.0  # seconds in the drafter's calls, all rounds (each ends with its drafts on the host)
 
 
 def accept_or_resample(
@@ -265,9 +267,11 @@ def speculative_generate(
 
     with session() if session is not None else nullcontext():
         while len(result.tokens) < max_new_tokens and anchor not in eos_token_ids:
+            began = time.perf_counter()  # the device is idle here: the last verify ended on the host
             drafts, q, confidence = draft(
                 context[:n_ctx], context_ids[:n_ctx], anchor, temperature, device_generator
             )
+            result.draft_s += time.perf_counter() - began  # its drafts are host ints: nothing in flight
             start = runner.length
             step = runner.extend(torch.tensor([anchor, *drafts], dtype=torch.long))
             n_accepted, nxt = verify(step.logits, drafts, q, temperature, device_generator)
@@ -370,6 +374,12 @@ def _rounds(result: SpecResult) -> list[tuple[int, int, int, list[float]]]:
     committed = result.committed or [a + 1 for a in result.accepted]
     confidence = result.confidence or [[] for _ in range(n)]
     return list(zip(proposed, result.accepted, committed, confidence, strict=True))
+
+
+def recorded_rounds(results: Sequence[SpecResult]) -> list[tuple[int, int, list[float]]]:
+    """(drafts put up, drafts kept, c_k of those drafts or [] without a head) of every round: what the
+    serving simulation (`prefix_scheduler.simulate`) replays."""
+    return [(p, a, c[:p]) for r in results for p, a, _, c in _rounds(r)]
 
 
 def confidence_rounds(results: Sequence[SpecResult]) -> list[tuple[list[float], int]]:

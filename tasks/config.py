@@ -129,6 +129,14 @@ class TrainConfig:
 
 
 @dataclass
+class ServingConfig:
+    concurrency: list[int]  # []: no serving simulation
+    profile_context: int
+    profile_tokens: list[int]
+    steps: int
+
+
+@dataclass
 class EvalConfig:
     benchmarks: list[str]
     data_dir: str | None
@@ -144,6 +152,7 @@ class EvalConfig:
     target_dtype: str | None  # null: target.dtype
     multi_turn: bool
     calibration_prompts: int
+    serving: ServingConfig
 
 
 @dataclass
@@ -327,6 +336,13 @@ def config_problems(cfg: DictConfig) -> list[str]:
     def one_of(key: str, value: Any, choices) -> tuple[bool, str]:
         return value in choices, f"{key}={value!r}: expected one of {list(choices)}"
 
+    def increasing(key: str, values, empty_ok: bool) -> list[tuple[bool, str]]:
+        values = list(values)
+        fine = (empty_ok or bool(values)) and all(v >= 1 for v in values)
+        fine = fine and all(b > a for a, b in zip(values, values[1:], strict=False))
+        empty = ", or [] (off)" if empty_ok else ""
+        return [(fine, f"{key}={values}: expected counts of at least 1 in increasing order{empty}")]
+
     checks: list[tuple[bool, str]] = [
         # target
         one_of("target.dtype", t.dtype, DTYPES),
@@ -441,6 +457,13 @@ def config_problems(cfg: DictConfig) -> list[str]:
             + ", or null (the draft's own)",
         ),
         (e.max_new_tokens >= 1, f"eval.max_new_tokens={e.max_new_tokens}: expected at least 1"),
+        *increasing("eval.serving.concurrency", e.serving.concurrency, empty_ok=True),
+        *increasing("eval.serving.profile_tokens", e.serving.profile_tokens, empty_ok=False),
+        (
+            e.serving.profile_context >= 1,
+            f"eval.serving.profile_context={e.serving.profile_context}: expected at least 1",
+        ),
+        (e.serving.steps >= 1, f"eval.serving.steps={e.serving.steps}: expected at least 1"),
         (e.temperature >= 0, f"eval.temperature={e.temperature}: expected 0 (greedy) or more"),
         # export
         one_of("export.draft", cfg.export.draft, EXPORT_DRAFTS),

@@ -144,6 +144,23 @@ class MacroFigures:
 
 
 @dataclass
+class ServingFigures:
+    """Throughput against concurrency, simulated from the evaluation's rounds on the target's measured
+    steps a second (`models.prefix_scheduler.serving_sweep`; `eval.serving`)."""
+
+    profile_context: int  # cached tokens before each profiled step
+    profile_tokens: list[int]  # tokens a step verifies
+    profile_steps_per_s: list[float]  # the target's steps a second at each
+    draft_s: float  # mean drafting time a round, charged to every step that drafts
+    steps: int  # simulated steps at each concurrency
+    temperatures: list[float] | None  # STS temperatures the scheduler's survivals use
+    temperatures_from: str | None  # "held-out prompts" or "these rounds (in-sample)"; None: no scheduler
+    # a row per concurrency: {"concurrency": n, "fixed": {length: served}, "scheduler": served or None},
+    # served = {"tokens_per_s", "tokens_per_request_step", "mean_length"}; fixed length 0 is plain decoding
+    rows: list[dict[str, Any]]
+
+
+@dataclass
 class EvalResult:
     builtin_eval: bool
     data_dir: str | None
@@ -163,6 +180,7 @@ class EvalResult:
     domains: dict[str, MacroFigures]  # macro averages over each domain's benchmarks
     macro: MacroFigures  # over every benchmark
     pooled: BenchmarkFigures  # every round of every benchmark pooled (a micro average)
+    serving: ServingFigures | None = None  # eval.serving.concurrency: [] leaves it out
     skipped: bool = False
 
     @classmethod
@@ -176,6 +194,7 @@ class EvalResult:
             domains=domains,
             macro=MacroFigures(**data["macro"]),
             pooled=BenchmarkFigures.from_json(data["pooled"]),
+            serving=ServingFigures(**data["serving"]) if data.get("serving") else None,
             **changes,
         )
 

@@ -14,7 +14,13 @@ from pathlib import Path
 
 from deepspec.models.errors import DeepSpecError
 from deepspec.tasks.files import atomic_write_text
-from deepspec.tasks.results import BenchmarkFigures, ConfidenceFigures, EvalResult, MacroFigures
+from deepspec.tasks.results import (
+    BenchmarkFigures,
+    ConfidenceFigures,
+    EvalResult,
+    MacroFigures,
+    ServingFigures,
+)
 
 RESULTS_FILE = "results.json"
 Table = tuple[list[str], list[list[str]]]  # header, rows of cells
@@ -83,6 +89,52 @@ def reliability_table(c: ConfidenceFigures) -> Table:
     return ["score bin", "count", "mean score", "observed rate"], rows
 
 
+def _drafts(n: int) -> str:
+    return f"{n} draft" if n == 1 else f"{n} drafts"
+
+
+def serving_table(serving: ServingFigures) -> Table:
+    """Tokens a second at each concurrency: plain decoding, each fixed draft length, the scheduler (with
+    its drafts verified a request a step), and the best of them over plain."""
+    lengths = range(1, len(serving.rows[0]["fixed"])) if serving.rows else range(0)
+    header = ["concurrency", "plain tok/s", *(f"{_drafts(n)} tok/s" for n in lengths)]
+    scheduled = any(row["scheduler"] for row in serving.rows)
+    header += ["scheduler tok/s", "scheduler drafts"] if scheduled else []
+    rows = []
+    for row in serving.rows:
+        rates = [served["tokens_per_s"] for served in row["fixed"]]
+        cells = [str(row["concurrency"]), *(num(rate, 1) for rate in rates)]
+        if scheduled:
+            scheduler = row["scheduler"] or {}
+            rates.append(scheduler.get("tokens_per_s", 0.0))
+            cells += [num(scheduler.get("tokens_per_s"), 1), num(scheduler.get("mean_length"))]
+        rows.append([*cells, num(max(rates) / rates[0] if rates[0] else None)])
+    return [*header, "best / plain"], rows
+
+
+def profile_table(serving: ServingFigures) -> Table:
+    header = ["tokens a step", *(str(n) for n in serving.profile_tokens)]
+    return header, [["steps a second", *(num(v, 1) for v in serving.profile_steps_per_s)]]
+
+
+def serving_notes(serving: ServingFigures) -> dict[str, str]:
+    scheduler = (
+        f"; the scheduler (DSpark's Algorithm 1) admits drafts by prefix survival, STS temperatures from "
+        f"{serving.temperatures_from}"
+        if serving.temperatures_from
+        else ""
+    )
+    return {
+        "Serving (simulated)": "Tokens a second of the engine serving that many requests at once, from this "
+        f"evaluation's rounds replayed for {serving.steps} steps on the target's measured step times "
+        f"(below): plain decoding, each fixed draft length{scheduler}. A step that drafts also pays "
+        f"{serving.draft_s * 1e3:.1f} ms, one request's measured drafting time a round (a batched "
+        "drafter's lower bound).",
+        "Target steps a second": f"Measured here: one forward verifying n tokens after "
+        f"{serving.profile_context} cached ones; beyond the last point, time grows in proportion.",
+    }
+
+
 NOTES = {
     "Figures": "tau: tokens per target forward (its own token included); propose: drafts put up a round; "
     "verify rate: share of the verified tokens kept; speedup: speculative over plain tokens per second.",
@@ -108,7 +160,12 @@ def run_sections(result: EvalResult) -> list[Section]:
         tables["Confidence head calibration (pooled)"] = calibration_table(c)
         if c.reliability:
             tables["Reliability bins"] = reliability_table(c)
-    return [(heading, NOTES[heading], table) for heading, table in tables.items()]
+    notes = dict(NOTES)
+    if result.serving is not None:
+        tables["Serving (simulated)"] = serving_table(result.serving)
+        tables["Target steps a second"] = profile_table(result.serving)
+        notes |= serving_notes(result.serving)
+    return [(heading, notes[heading], table) for heading, table in tables.items()]
 
 
 def facts(result: EvalResult) -> list[tuple[str, str]]:
@@ -264,6 +321,54 @@ def reliability_chart(title: str, bins: list[dict[str, float]]) -> str:
     return _svg(title, parts)
 
 
+def _ceiling(value: float) -> float:
+    """The y axis' top for ratios: the first of 1, 1.5, 2, 3, 4, 5, 6, 8, 10, ... at or above `value`."""
+    steps = [1, 1.5, 2, 3, 4, 5, 6, 8]
+    scale = 1.0
+    while True:
+        for step in steps:
+            if step * scale >= value:
+                return step * scale
+        scale *= 10
+
+
+def serving_chart(title: str, serving: ServingFigures) -> str:
+    """Throughput over plain decoding's against concurrency (evenly spaced ticks: the concurrencies are
+    usually powers of two), a line per fixed draft length and a bold one for the scheduler."""
+    concurrency = [row["concurrency"] for row in serving.rows]
+    lengths = len(serving.rows[0]["fixed"])
+    series = [
+        (_drafts(n), [row["fixed"][n]["tokens_per_s"] for row in serving.rows]) for n in range(1, lengths)
+    ]
+    if any(row["scheduler"] for row in serving.rows):
+        series.append(
+            ("scheduler", [(row["scheduler"] or {}).get("tokens_per_s", 0.0) for row in serving.rows])
+        )
+    plain = [row["fixed"][0]["tokens_per_s"] for row in serving.rows]
+    ratios = [
+        (name, [v / p if p else 0.0 for v, p in zip(values, plain, strict=True)]) for name, values in series
+    ]
+    top = _ceiling(max([1.0, *(v for _, values in ratios for v in values)]))
+    hi = max(len(concurrency) - 1, 1)
+    ticks = [(_sx(i, hi), str(n)) for i, n in enumerate(concurrency)]
+    parts = _axes(title, ticks, ("concurrent requests", "tokens/s over plain decoding"), top)
+    dashed = 'stroke-dasharray="5 4"'
+    parts.append(
+        f'<line x1="{X0}" x2="{X1}" y1="{_sy(1, top):.1f}" y2="{_sy(1, top):.1f}" stroke="#999" {dashed}/>'
+    )
+    for i, (name, values) in enumerate(ratios):
+        scheduler = name == "scheduler"
+        color, width = (POOLED_COLOR, 3) if scheduler else (COLORS[i % len(COLORS)], 1.8)
+        points = [(_sx(k, hi), _sy(v, top)) for k, v in enumerate(values)]
+        if len(points) > 1:
+            line = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+            parts.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="{width}"/>')
+        parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{color}"/>' for x, y in points]
+        parts += _legend(i, name, color)
+    parts += _legend(len(ratios), "plain decoding", "#999", dashed)
+    return _svg(title, parts)
+
+
 CSS = """
 body { font-family: system-ui, sans-serif; color: #222; margin: 24px auto; max-width: 1400px; padding: 0 1em }
 h1 { font-size: 1.5em; } h2 { font-size: 1.25em; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
@@ -306,6 +411,8 @@ def _html_run(name: str, result: EvalResult, heading: str) -> str:
     c = result.pooled.confidence
     if c is not None and c.reliability:
         figures.append(reliability_chart(f"Reliability: {name}", c.reliability))
+    if result.serving is not None and result.serving.rows:
+        figures.append(serving_chart(f"Serving: {name}", result.serving))
     parts.append('<div class="figures">\n' + "\n".join(figures) + "\n</div>")
     return "<section>\n" + "\n".join(parts) + "\n</section>"
 

@@ -29,6 +29,10 @@ what verification kept, and `eval.confidence_threshold` > 0 stops each round whe
 `greedy_match` is the fraction of prompts whose speculative output equals the plain one, which
 losslessness makes 1 up to floating-point ties.
 
+Then, unless `eval.serving.concurrency` is empty, `serving_figures`: the target's verify steps a second
+measured against the tokens a step verifies, and the rounds replayed at each concurrency for plain
+decoding, each fixed draft length and (with a confidence head) DSpark's prefix scheduler.
+
 The draft is the one the train stage wrote, DFlash, Eagle3 or DSpark, as its saved `config.json`
 names it (`models.drafts.load_draft`); it must be of `algo.name`. Eagle3 also reads the context's token
 ids and DSpark samples its own chain at temperatures above 0 (`models/speculative.py`).
@@ -57,11 +61,13 @@ from tqdm import tqdm
 from deepspec.models import calibration
 from deepspec.models.chat import end_of_turn_ids, render_prompt
 from deepspec.models.errors import ConfigError, DeepSpecError
+from deepspec.models.prefix_scheduler import measure_step_profile, serving_sweep
 from deepspec.models.speculative import (
     Drafter,
     SpecResult,
     acceptance_stats,
     confidence_rounds,
+    recorded_rounds,
     speculative_generate,
     target_generate,
 )
@@ -77,6 +83,7 @@ from deepspec.tasks.results import (
     ConfidenceFigures,
     EvalResult,
     MacroFigures,
+    ServingFigures,
     to_record,
 )
 from deepspec.tasks.train.stage import trained_draft
@@ -347,6 +354,7 @@ def evaluate(
         rounds = confidence_rounds(pooled["spec"])
         sts["prefix_ece"] = calibration.prefix_ece(rounds, drafter.num_draft_tokens, sts["temperatures"])
         overall.confidence.sts_heldout = sts
+    serving = serving_figures(cfg, model, pooled["spec"], overall.confidence)
     domains = {
         domain: macro_figures(per_bench, [n for n in names if n in per_bench])
         for domain, names in cfg.eval.domains.items()
@@ -375,13 +383,47 @@ def evaluate(
         domains=domains,
         macro=macro,
         pooled=overall,
+        serving=serving,
     )
     atomic_write_text(results_path, json.dumps(to_record(result), indent=2))
     tracking.log_metrics(cfg, eval_metrics(result))
+    for concurrency, metrics in serving_metrics(result.serving).items():  # MLflow plots them by step
+        tracking.log_metrics(cfg, metrics, step=concurrency)
     for path in [results_path, prompts_path, *report.write_reports(result, stage)]:
         tracking.log_artifact(cfg, path, "eval")
     mark_done(stage, done_hash, results=RESULTS_FILE, draft_sha256=draft_sha, benchmarks=benchmarks)
     return result
+
+
+def serving_figures(
+    cfg: DictConfig, model, results: list[SpecResult], confidence: ConfidenceFigures | None
+) -> ServingFigures | None:
+    """Throughput against concurrency (`eval.serving`): the target's steps a second measured here, then
+    the evaluation's rounds replayed at each concurrency (`prefix_scheduler.serving_sweep`). The
+    scheduler's survivals use the held-out STS temperatures when fitted, else those of these rounds."""
+    settings = cfg.eval.serving
+    rounds = recorded_rounds(results)
+    if not settings.concurrency or not rounds:
+        return None
+    profile = measure_step_profile(
+        model, list(cfg.target.layer_ids), settings.profile_context, list(settings.profile_tokens)
+    )
+    temperatures, source = None, None
+    if confidence is not None:
+        heldout = confidence.sts_heldout
+        temperatures = (heldout["temperatures"] if heldout else confidence.sts_temperatures) or None
+        source = "held-out prompts" if heldout else "these rounds (in-sample)"
+    draft_s = sum(r.draft_s for r in results) / len(rounds)
+    rows = serving_sweep(
+        rounds, profile, list(settings.concurrency), draft_s=draft_s, steps=settings.steps,
+        temperatures=temperatures,
+    )  # fmt: skip
+    log.info("evaluate: serving simulated at concurrency %s", list(settings.concurrency))
+    return ServingFigures(
+        profile_context=profile.context, profile_tokens=profile.tokens,
+        profile_steps_per_s=profile.steps_per_s, draft_s=draft_s, steps=int(settings.steps),
+        temperatures=temperatures, temperatures_from=source, rows=rows,
+    )  # fmt: skip
 
 
 def fit_heldout_sts(cfg: DictConfig, model, tokenizer, drafter, draft_dir: Path, decode: dict) -> dict:
@@ -447,6 +489,23 @@ def eval_metrics(result: EvalResult) -> dict[str, float]:
                     if value is not None:
                         metrics[f"eval/{name}/confidence_{key}_{k}"] = value
     return metrics
+
+
+def serving_metrics(serving: ServingFigures | None) -> dict[int, dict[str, float]]:
+    """MLflow metrics of the serving simulation, keyed by concurrency (their step):
+    eval/serving/{plain,best,scheduler}_tokens_per_s and best_over_plain (best: over every policy)."""
+    out: dict[int, dict[str, float]] = {}
+    for row in serving.rows if serving is not None else []:
+        rates = {"plain": row["fixed"][0]["tokens_per_s"]}
+        rates["best"] = max(f["tokens_per_s"] for f in row["fixed"])
+        if row["scheduler"]:
+            rates["scheduler"] = row["scheduler"]["tokens_per_s"]
+            rates["best"] = max(rates["best"], rates["scheduler"])
+        metrics = {f"eval/serving/{name}_tokens_per_s": rate for name, rate in rates.items()}
+        if rates["plain"] > 0:
+            metrics["eval/serving/best_over_plain"] = rates["best"] / rates["plain"]
+        out[int(row["concurrency"])] = metrics
+    return out
 
 
 def _fmt(value: float | None) -> str:

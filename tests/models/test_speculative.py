@@ -9,6 +9,7 @@ history themselves and ignore the target features.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -378,3 +379,28 @@ def test_truncates_at_max_new_tokens(stories):
             eos_token_ids=EOS,
         )
         assert len(result.tokens) == n
+
+
+class SlowDrafter(ChainDrafter):
+    """Takes `pause` seconds longer to draft: its time must show in `draft_s`, and only there."""
+
+    pause = 0.02
+
+    def draft_logits(self, context_features, anchor_token):
+        time.sleep(self.pause)
+        return super().draft_logits(context_features, anchor_token)
+
+
+def test_draft_time_is_the_drafters_own(stories):
+    model, tokenizer = stories
+    prompt = _ids(tokenizer, STORY_PROMPTS[0])
+    run = {"max_new_tokens": 24, "temperature": 0.0, "eos_token_ids": EOS}
+    fast = speculative_generate(model, LAYER_IDS, ChainDrafter(model, prompt, 3), prompt, **run)
+    began = time.perf_counter()
+    slow = speculative_generate(model, LAYER_IDS, SlowDrafter(model, prompt, 3), prompt, **run)
+    total = time.perf_counter() - began
+    rounds = len(slow.accepted)
+    assert slow.tokens == fast.tokens and rounds == len(fast.accepted) > 1
+    assert 0 < fast.draft_s < slow.draft_s < total
+    # every round's pause lands in draft_s, once
+    assert slow.draft_s - fast.draft_s == pytest.approx(rounds * SlowDrafter.pause, abs=rounds * 0.01)

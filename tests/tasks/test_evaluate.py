@@ -17,14 +17,15 @@ from support.stories import stories_overrides
 from deepspec.models.chat import render_prompt
 from deepspec.models.drafts import dflash
 from deepspec.models.errors import DataError, DeepSpecError
+from deepspec.models.prefix_scheduler import StepProfile
 from deepspec.models.speculative import target_generate
 from deepspec.models.target import load_target
 from deepspec.tasks import tracking
 from deepspec.tasks.config import compose
 from deepspec.tasks.evaluate.benchmarks import load_benchmark
-from deepspec.tasks.evaluate.stage import RESULTS_FILE, evaluate
+from deepspec.tasks.evaluate.stage import RESULTS_FILE, evaluate, serving_metrics
 from deepspec.tasks.paths import run_paths
-from deepspec.tasks.results import to_record
+from deepspec.tasks.results import ServingFigures, to_record
 
 
 class AnchorChainDrafter:
@@ -133,9 +134,31 @@ def test_evaluate_end_to_end_and_skip(assets_dir, tracking_uri, tmp_path, caplog
         assert record["rounds"] == len(record["accepted"]) == figures.verify_steps
         assert record["new_tokens"] == figures.new_tokens and record["greedy_match"] is True
 
+    # throughput against concurrency, replayed from these rounds on the target's measured step times
+    serving = results.serving
+    profile = StepProfile(serving.profile_tokens, serving.profile_steps_per_s, serving.profile_context)
+    assert [row["concurrency"] for row in serving.rows] == list(cfg.eval.serving.concurrency)
+    assert (
+        serving.profile_tokens == list(cfg.eval.serving.profile_tokens)
+        and min(serving.profile_steps_per_s) > 0
+    )
+    assert 0 < serving.draft_s and serving.draft_s * results.pooled.verify_steps < results.pooled.spec_time_s
+    assert serving.temperatures_from is None  # no confidence head: fixed lengths only
+    for row in serving.rows:
+        n, plain = row["concurrency"], row["fixed"][0]
+        assert row["scheduler"] is None and len(row["fixed"]) == 4  # plain decoding, then 1 to 3 drafts
+        assert (
+            plain["tokens_per_s"] == pytest.approx(n * profile(n)) and plain["tokens_per_request_step"] == 1
+        )
+        assert all(1 < f["tokens_per_request_step"] <= 1 + k for k, f in enumerate(row["fixed"][1:], 1))
+
     report = (eval_dir / "report.md").read_text()  # tables people read, beside the figures
     assert f"| pooled (micro) | 9 | {results.pooled.tau:.2f} |" in report
-    assert "<svg" in (eval_dir / "report.html").read_text()
+    assert "## Serving (simulated)" in report and "## Target steps a second" in report
+    plain_1 = serving.rows[0]["fixed"][0]["tokens_per_s"]
+    assert f"| 1 | {plain_1:.1f} |" in report
+    page = (eval_dir / "report.html").read_text()
+    assert page.count("<svg") == 2 and "Serving: dflash on stories260k" in page  # accept@k, serving
     artifacts = MlflowClient(tracking_uri).list_artifacts(tracking.run_id(cfg), "eval")
     assert {a.path for a in artifacts} == {f"eval/{n}" for n in ("results.json", "prompts.jsonl", "report.md",
                                                                   "report.html")}  # fmt: skip
@@ -144,6 +167,12 @@ def test_evaluate_end_to_end_and_skip(assets_dir, tracking_uri, tmp_path, caplog
     assert metrics["eval/macro/tau"] == pytest.approx(results.macro.tau)
     assert metrics["eval/domain_code/verify_rate"] == pytest.approx(results.domains["code"].verify_rate)
     assert "eval/mt-bench/accept_at_0" in metrics and "eval/mt-bench/cond_accept_0" in metrics
+    history = MlflowClient(tracking_uri).get_metric_history(
+        tracking.run_id(cfg), "eval/serving/plain_tokens_per_s"
+    )
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
+        (row["concurrency"], pytest.approx(row["fixed"][0]["tokens_per_s"])) for row in serving.rows
+    ]  # a point per concurrency, as MLflow's charts plot steps
 
     again = evaluate(cfg, draft_loader, weights)  # unchanged config and draft: skipped
     assert again.skipped is True and to_record(again) == to_record(results)
@@ -177,9 +206,10 @@ def test_evaluate_defaults_to_the_trained_dflash_draft(assets_dir, tracking_uri,
     assert results.draft_file.endswith("model.safetensors")
     assert results.pooled.greedy_match == 1.0  # an untrained draft changes nothing but speed
 
-    fewer = evaluate(compose([*overrides, "eval.num_draft_tokens=2"]))  # the same draft, 2 drafts a round
+    fewer = evaluate(compose([*overrides, "eval.num_draft_tokens=2", "eval.serving.concurrency=[]"]))
     assert not fewer.skipped and fewer.num_draft_tokens == 2 and fewer.pooled.greedy_match == 1.0
     assert len(fewer.benchmarks["gsm8k"].accept_at) == 2
+    assert fewer.serving is None and "Serving" not in (run_paths(cfg).eval_dir / "report.md").read_text()
 
 
 class PromptLengths(AnchorChainDrafter):
@@ -234,3 +264,17 @@ def test_multi_turn_answers_each_turn_after_the_targets_own_answers(assets_dir, 
     assert drafter.lengths[1:] == [len(first), len(render_prompt(tokenizer, history, **render))]
     records = [json.loads(line) for line in (tmp_path / "both" / "eval" / "dflash" / "prompts.jsonl").open()]
     assert [r["turn"] for r in records] == [0, 1] and records[0]["seed"] != records[1]["seed"]
+
+
+def test_serving_metrics_take_the_best_policy_at_each_concurrency():
+    served = lambda rate: {"tokens_per_s": rate, "tokens_per_request_step": 1.0, "mean_length": 0.0}  # noqa: E731
+    rows = [{"concurrency": 1, "fixed": [served(50.0), served(60.0)], "scheduler": served(62.0)},
+            {"concurrency": 64, "fixed": [served(640.0), served(500.0)], "scheduler": None}]  # fmt: skip
+    serving = ServingFigures(256, [1], [50.0], 0.004, 200, None, None, rows)
+    assert serving_metrics(serving) == {
+        1: {"eval/serving/plain_tokens_per_s": 50.0, "eval/serving/best_tokens_per_s": 62.0,
+            "eval/serving/scheduler_tokens_per_s": 62.0, "eval/serving/best_over_plain": 1.24},
+        64: {"eval/serving/plain_tokens_per_s": 640.0, "eval/serving/best_tokens_per_s": 640.0,
+             "eval/serving/best_over_plain": 1.0},
+    }  # fmt: skip
+    assert serving_metrics(None) == {}

@@ -57,6 +57,12 @@ def test_evaluate_runs_the_trained_draft(assets_dir, tracking_uri, tmp_path, alg
         assert len(overall.confidence.prefix_ece) == draft.num_draft_tokens
         records = [json.loads(line) for line in Path(results.prompts_file).read_text().splitlines()]
         assert all(len(c) == p for r in records for c, p in zip(r["confidence"], r["proposed"], strict=True))
+        # the prefix scheduler serves beside fixed lengths, on the temperatures fitted to these rounds
+        serving = results.serving
+        assert serving.temperatures == overall.confidence.sts_temperatures
+        assert serving.temperatures_from == "these rounds (in-sample)"
+        assert all(0 <= row["scheduler"]["mean_length"] <= draft.num_draft_tokens for row in serving.rows)
+        assert "scheduler tok/s" in (run_paths(cfg).eval_dir / "report.md").read_text()
     else:
         assert overall.confidence is None and overall.stopped_early == 0
 
@@ -97,6 +103,8 @@ def test_dspark_confidence_is_calibrated_on_held_out_prompts(assets_dir, trackin
     assert heldout_figures["temperatures"] == sts["temperatures"]
     assert len(heldout_figures["prefix_ece"]) == draft.num_draft_tokens
     assert "prefix ECE (held-out STS)" in (run_paths(cfg).eval_dir / "report.md").read_text()
+    assert results.serving.temperatures == sts["temperatures"]  # the scheduler's survivals use them
+    assert results.serving.temperatures_from == "held-out prompts"
 
     export(cfg)
     assert json.loads((run_paths(cfg).export_dir / "sts.json").read_text()) == sts

@@ -275,7 +275,48 @@ def test_report_of_a_real_evaluation(evaluated_run, capsys, tmp_path):
         assert f"| {name} | 1 | {num(figures.tau)} | {num(figures.propose)} |" in out
     first = result.pooled.confidence.reliability[0]
     assert f"| {first['lo']:.1f}-{first['hi']:.1f} | {first['count']} | {num(first['score'], 3)} |" in out
-    assert check_page_text(tmp_path / "run.html").count("<svg") == 2
+    assert "| concurrency | plain tok/s | 1 draft tok/s |" in out and "scheduler tok/s" in out
+    assert check_page_text(tmp_path / "run.html").count("<svg") == 3  # accept@k, reliability, serving
+
+
+def _served(tokens_per_s: float, per_step: float, length: float) -> dict:
+    return {"tokens_per_s": tokens_per_s, "tokens_per_request_step": per_step, "mean_length": length}
+
+
+SERVING = {
+    "profile_context": 256, "profile_tokens": [1, 8, 64], "profile_steps_per_s": [50.0, 40.0, 10.0],
+    "draft_s": 0.004, "steps": 200, "temperatures": [1.5, 0.9, 1.0], "temperatures_from": "held-out prompts",
+    "rows": [
+        {"concurrency": 1, "scheduler": _served(62.0, 1.6, 1.4),
+         "fixed": [_served(50.0, 1.0, 0.0), _served(60.0, 1.5, 1.0), _served(55.0, 1.8, 2.0)]},
+        {"concurrency": 64, "scheduler": _served(650.0, 1.02, 0.05),
+         "fixed": [_served(640.0, 1.0, 0.0), _served(500.0, 1.5, 1.0), _served(300.0, 1.8, 2.0)]},
+    ],
+}  # fmt: skip
+
+
+def test_serving_is_a_table_and_a_chart():
+    result = _result(serving=SERVING)
+    report = markdown_report(result)
+    assert "STS temperatures from held-out prompts" in report and "pays 4.0 ms" in report
+    header = (
+        "| concurrency | plain tok/s | 1 draft tok/s | 2 drafts tok/s | scheduler tok/s | scheduler drafts |"
+    )
+    assert f"{header} best / plain |" in report
+    assert "| 1 | 50.0 | 60.0 | 55.0 | 62.0 | 1.40 | 1.24 |" in report  # the scheduler is best: 62 / 50
+    assert "| 64 | 640.0 | 500.0 | 300.0 | 650.0 | 0.05 | 1.02 |" in report
+    assert "| steps a second | 50.0 | 40.0 | 10.0 |" in report
+    checker = check_page(html_report([("run", result)]))
+    assert checker.tags.count("svg") == 3  # accept@k, reliability, serving
+    # without a confidence head: fixed lengths only, the best of them over plain
+    rows = [{**row, "scheduler": None} for row in SERVING["rows"]]
+    plain = markdown_report(
+        _result(confidence=False, serving={**SERVING, "rows": rows, "temperatures_from": None})
+    )
+    assert "scheduler" not in plain and "| 1 | 50.0 | 60.0 | 55.0 | 1.20 |" in plain
+    assert (
+        EvalResult.from_json(_record(serving=SERVING)).serving.rows == SERVING["rows"]
+    )  # results.json round trip
 
 
 def _chromium() -> str:
