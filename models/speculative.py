@@ -267,7 +267,7 @@ def speculative_generate(
 
     with session() if session is not None else nullcontext():
         while len(result.tokens) < max_new_tokens and anchor not in eos_token_ids:
-            began = time.perf_counter()  # the device is idle here: the last verify ended on the host
+            began = time.perf_counter()  # the last verify ended on the host (its small copies may still run)
             drafts, q, confidence = draft(
                 context[:n_ctx], context_ids[:n_ctx], anchor, temperature, device_generator
             )
