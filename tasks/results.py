@@ -143,6 +143,11 @@ class MacroFigures:
     conditional_acceptance: list[float | None]
 
 
+def drafts_label(n: int) -> str:
+    """A fixed draft length as reports name it: "plain" (none), "1 draft", "N drafts"."""
+    return "plain" if n == 0 else f"{n} draft" if n == 1 else f"{n} drafts"
+
+
 @dataclass
 class ServingFigures:
     """Throughput against concurrency, simulated from the evaluation's rounds on the target's measured
@@ -158,6 +163,18 @@ class ServingFigures:
     # a row per concurrency: {"concurrency": n, "fixed": {length: served}, "scheduler": served or None},
     # served = {"tokens_per_s", "tokens_per_request_step", "mean_length"}; fixed length 0 is plain decoding
     rows: list[dict[str, Any]]
+
+    @staticmethod
+    def best(row: dict[str, Any]) -> tuple[str, float]:
+        """A row's best policy (`drafts_label` of a fixed length, or "scheduler") and its tokens/s."""
+        policies = [(drafts_label(n), f["tokens_per_s"]) for n, f in enumerate(row["fixed"])]
+        policies += [("scheduler", row["scheduler"]["tokens_per_s"])] if row["scheduler"] else []
+        return max(policies, key=lambda policy: policy[1])
+
+    @classmethod
+    def best_over_plain(cls, row: dict[str, Any]) -> float | None:
+        plain = row["fixed"][0]["tokens_per_s"]
+        return cls.best(row)[1] / plain if plain > 0 else None
 
 
 @dataclass

@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from deepspec.tasks import tracking
 from deepspec.tasks.files import atomic_write_text
 from deepspec.tasks.paths import run_paths
-from deepspec.tasks.results import PipelineResult
+from deepspec.tasks.results import PipelineResult, ServingFigures
 
 
 def _num(value: float | int | None, digits: int = 2) -> str:
@@ -89,8 +89,21 @@ def summary_rows(r: PipelineResult) -> list[tuple[str, str]]:
                     f"{_num(figures.stopped_early)} rounds stopped early",
                 )
             )
+    if evaluation.serving is not None:
+        rows.append(("  serving (sim.)", _serving_row(evaluation.serving)))
     rows.append(("export", r.export.path))
     return rows
+
+
+def _serving_row(serving: ServingFigures) -> str:
+    """The best policy at each simulated concurrency, and its tokens/s over plain decoding's (the report
+    has every policy)."""
+    cells = []
+    for row in serving.rows:
+        name, _ = serving.best(row)
+        gain = "" if name == "plain" else f" {_num(serving.best_over_plain(row))}x"
+        cells.append(f"{row['concurrency']}: {name}{gain}")
+    return "best policy by concurrent requests: " + ", ".join(cells)
 
 
 def summarize(cfg: DictConfig, results: PipelineResult) -> PipelineResult:

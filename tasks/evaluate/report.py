@@ -20,6 +20,7 @@ from deepspec.tasks.results import (
     EvalResult,
     MacroFigures,
     ServingFigures,
+    drafts_label,
 )
 
 RESULTS_FILE = "results.json"
@@ -89,26 +90,20 @@ def reliability_table(c: ConfidenceFigures) -> Table:
     return ["score bin", "count", "mean score", "observed rate"], rows
 
 
-def _drafts(n: int) -> str:
-    return f"{n} draft" if n == 1 else f"{n} drafts"
-
-
 def serving_table(serving: ServingFigures) -> Table:
     """Tokens a second at each concurrency: plain decoding, each fixed draft length, the scheduler (with
     its drafts verified a request a step), and the best of them over plain."""
     lengths = range(1, len(serving.rows[0]["fixed"])) if serving.rows else range(0)
-    header = ["concurrency", "plain tok/s", *(f"{_drafts(n)} tok/s" for n in lengths)]
+    header = ["concurrency", "plain tok/s", *(f"{drafts_label(n)} tok/s" for n in lengths)]
     scheduled = any(row["scheduler"] for row in serving.rows)
     header += ["scheduler tok/s", "scheduler drafts"] if scheduled else []
     rows = []
     for row in serving.rows:
-        rates = [served["tokens_per_s"] for served in row["fixed"]]
-        cells = [str(row["concurrency"]), *(num(rate, 1) for rate in rates)]
+        cells = [str(row["concurrency"]), *(num(served["tokens_per_s"], 1) for served in row["fixed"])]
         if scheduled:
             scheduler = row["scheduler"] or {}
-            rates.append(scheduler.get("tokens_per_s", 0.0))
             cells += [num(scheduler.get("tokens_per_s"), 1), num(scheduler.get("mean_length"))]
-        rows.append([*cells, num(max(rates) / rates[0] if rates[0] else None)])
+        rows.append([*cells, num(serving.best_over_plain(row))])
     return [*header, "best / plain"], rows
 
 
@@ -338,7 +333,8 @@ def serving_chart(title: str, serving: ServingFigures) -> str:
     concurrency = [row["concurrency"] for row in serving.rows]
     lengths = len(serving.rows[0]["fixed"])
     series = [
-        (_drafts(n), [row["fixed"][n]["tokens_per_s"] for row in serving.rows]) for n in range(1, lengths)
+        (drafts_label(n), [row["fixed"][n]["tokens_per_s"] for row in serving.rows])
+        for n in range(1, lengths)
     ]
     if any(row["scheduler"] for row in serving.rows):
         series.append(

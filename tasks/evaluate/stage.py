@@ -496,14 +496,13 @@ def serving_metrics(serving: ServingFigures | None) -> dict[int, dict[str, float
     eval/serving/{plain,best,scheduler}_tokens_per_s and best_over_plain (best: over every policy)."""
     out: dict[int, dict[str, float]] = {}
     for row in serving.rows if serving is not None else []:
-        rates = {"plain": row["fixed"][0]["tokens_per_s"]}
-        rates["best"] = max(f["tokens_per_s"] for f in row["fixed"])
+        rates = {"plain": row["fixed"][0]["tokens_per_s"], "best": ServingFigures.best(row)[1]}
         if row["scheduler"]:
             rates["scheduler"] = row["scheduler"]["tokens_per_s"]
-            rates["best"] = max(rates["best"], rates["scheduler"])
         metrics = {f"eval/serving/{name}_tokens_per_s": rate for name, rate in rates.items()}
-        if rates["plain"] > 0:
-            metrics["eval/serving/best_over_plain"] = rates["best"] / rates["plain"]
+        ratio = ServingFigures.best_over_plain(row)
+        if ratio is not None:
+            metrics["eval/serving/best_over_plain"] = ratio
         out[int(row["concurrency"])] = metrics
     return out
 

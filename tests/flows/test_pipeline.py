@@ -114,6 +114,7 @@ def test_every_stage_leaves_validated_outputs(run):
     assert paths.export_dir == run["dir"] / "export" / "dflash"
     assert DRAFTS["dflash"].validate_export(paths.export_dir) == []
     assert "tau" in run["summary"].table and "mlflow" in run["summary"].table
+    assert "best policy by concurrent requests: 1: " in run["summary"].table
 
 
 def test_greedy_speculative_output_equals_target_output(run):

@@ -26,6 +26,7 @@ from deepspec.tasks.evaluate.benchmarks import load_benchmark
 from deepspec.tasks.evaluate.stage import RESULTS_FILE, evaluate, serving_metrics
 from deepspec.tasks.paths import run_paths
 from deepspec.tasks.results import ServingFigures, to_record
+from deepspec.tasks.summary import _serving_row
 
 
 class AnchorChainDrafter:
@@ -278,3 +279,5 @@ def test_serving_metrics_take_the_best_policy_at_each_concurrency():
              "eval/serving/best_over_plain": 1.0},
     }  # fmt: skip
     assert serving_metrics(None) == {}
+    assert [ServingFigures.best(row) for row in rows] == [("scheduler", 62.0), ("plain", 640.0)]
+    assert _serving_row(serving) == "best policy by concurrent requests: 1: scheduler 1.24x, 64: plain"
