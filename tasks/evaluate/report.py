@@ -317,14 +317,10 @@ def reliability_chart(title: str, bins: list[dict[str, float]]) -> str:
 
 
 def _ceiling(value: float) -> float:
-    """The y axis' top for ratios: the first of 1, 1.5, 2, 3, 4, 5, 6, 8, 10, ... at or above `value`."""
-    steps = [1, 1.5, 2, 3, 4, 5, 6, 8]
-    scale = 1.0
-    while True:
-        for step in steps:
-            if step * scale >= value:
-                return step * scale
-        scale *= 10
+    """The y axis' top for ratios: the first of 1, 1.5, 2, 3, 4, 5, 6, 8, 10, ... at or above `value`
+    (up to 8e6; `value` itself past that)."""
+    tops = (step * 10.0**e for e in range(7) for step in (1, 1.5, 2, 3, 4, 5, 6, 8))
+    return next((top for top in tops if top >= value), value)
 
 
 def serving_chart(title: str, serving: ServingFigures) -> str:
