@@ -73,6 +73,7 @@ def main() -> None:
     from deepspec.models.speculative import (
         acceptance_stats,
         confidence_rounds,
+        draft_seconds_per_round,
         recorded_rounds,
         speculative_generate,
     )
@@ -97,7 +98,7 @@ def main() -> None:
     }
     layer_ids = list(cfg.target.layer_ids)
     results = [speculative_generate(model, layer_ids, drafter, ids, **decode) for _, ids in prompts]
-    draft_s = sum(r.draft_s for r in results) / sum(len(r.accepted) for r in results)
+    draft_s = draft_seconds_per_round(results)
     rounds = confidence_rounds(results)
     stats = acceptance_stats(results)
     slots = drafter.num_draft_tokens

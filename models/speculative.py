@@ -382,6 +382,12 @@ def recorded_rounds(results: Sequence[SpecResult]) -> list[tuple[int, int, list[
     return [(p, a, c[:p]) for r in results for p, a, _, c in _rounds(r)]
 
 
+def draft_seconds_per_round(results: Sequence[SpecResult]) -> float:
+    """Mean time of a drafter's call over every round of `results` (`SpecResult.draft_s`); 0 without one."""
+    rounds = sum(len(r.accepted) for r in results)
+    return sum(r.draft_s for r in results) / rounds if rounds else 0.0
+
+
 def confidence_rounds(results: Sequence[SpecResult]) -> list[tuple[list[float], int]]:
     """(c_k of the drafts each round put up, drafts it kept) of every round with a confidence head's
     output: what `calibration.py` fits and scores."""

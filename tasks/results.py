@@ -160,8 +160,8 @@ class ServingFigures:
     steps: int  # simulated steps at each concurrency
     temperatures: list[float] | None  # STS temperatures the scheduler's survivals use
     temperatures_from: str | None  # "held-out prompts" or "these rounds (in-sample)"; None: no scheduler
-    # a row per concurrency: {"concurrency": n, "fixed": {length: served}, "scheduler": served or None},
-    # served = {"tokens_per_s", "tokens_per_request_step", "mean_length"}; fixed length 0 is plain decoding
+    # a row per concurrency: {"concurrency": n, "fixed": [served at length 0, 1, ...], "scheduler": served
+    # or None}, served = {"tokens_per_s", "tokens_per_request_step", "mean_length"}; length 0 is plain
     rows: list[dict[str, Any]]
 
     @staticmethod

@@ -67,6 +67,7 @@ from deepspec.models.speculative import (
     SpecResult,
     acceptance_stats,
     confidence_rounds,
+    draft_seconds_per_round,
     recorded_rounds,
     speculative_generate,
     target_generate,
@@ -413,7 +414,7 @@ def serving_figures(
         heldout = confidence.sts_heldout
         temperatures = (heldout["temperatures"] if heldout else confidence.sts_temperatures) or None
         source = "held-out prompts" if heldout else "these rounds (in-sample)"
-    draft_s = sum(r.draft_s for r in results) / len(rounds)
+    draft_s = draft_seconds_per_round(results)
     rows = serving_sweep(
         rounds, profile, list(settings.concurrency), draft_s=draft_s, steps=settings.steps,
         temperatures=temperatures,

@@ -404,3 +404,6 @@ def test_draft_time_is_the_drafters_own(stories):
     assert 0 < fast.draft_s < slow.draft_s < total
     # every round's pause lands in draft_s, once
     assert slow.draft_s - fast.draft_s == pytest.approx(rounds * SlowDrafter.pause, abs=rounds * 0.01)
+    mean = speculative.draft_seconds_per_round([fast, slow])
+    assert mean == pytest.approx((fast.draft_s + slow.draft_s) / (2 * rounds))
+    assert speculative.draft_seconds_per_round([]) == 0.0
