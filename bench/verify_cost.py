@@ -67,7 +67,7 @@ def main() -> None:
     begin("verify_cost")
     from deepspec.models.attention import PACKED_GQA_SDPA
     from deepspec.models.cpu_products import (
-        RowsFirstLinear,
+        cpu_float32_linears,
         multiply_as_f_linear,
         multiply_rows_first,
         rows_first_sizes,
@@ -78,7 +78,7 @@ def main() -> None:
     model, _ = load_target(str(args.target_path), gguf)
     cfg = model.config
     chosen = rows_first_sizes(model)
-    linears = [m for m in model.modules() if type(m) in (nn.Linear, RowsFirstLinear)]
+    linears = cpu_float32_linears(model)
 
     def use(attention: str, rows_first: frozenset[int]) -> None:
         model.set_attn_implementation(attention)

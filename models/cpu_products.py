@@ -111,15 +111,21 @@ def rows_first_pays(linears: list[nn.Linear], repeats: int = 3) -> frozenset[int
     return frozenset(pays)
 
 
-def multiply_rows_first(model: nn.Module, sizes: Iterable[int] | None = None) -> int:
-    """Make every float32 `nn.Linear` of `model` on a CPU a `RowsFirstLinear` for the block sizes where
-    `rows_first_pays` (or for `sizes`); returns how many changed (none when no size pays). Subclasses of
-    `nn.Linear` (quantized or adapted layers) keep their own forward."""
-    linears = [
+def cpu_float32_linears(model: nn.Module) -> list[nn.Linear]:
+    """The layers `multiply_rows_first` may change: plain `nn.Linear` (or already `RowsFirstLinear`) with
+    float32 weights on a CPU."""
+    return [
         m
         for m in model.modules()
         if type(m) in (nn.Linear, RowsFirstLinear) and m.weight.is_cpu and m.weight.dtype == torch.float32
     ]
+
+
+def multiply_rows_first(model: nn.Module, sizes: Iterable[int] | None = None) -> int:
+    """Make every float32 `nn.Linear` of `model` on a CPU a `RowsFirstLinear` for the block sizes where
+    `rows_first_pays` (or for `sizes`); returns how many changed (none when no size pays). Subclasses of
+    `nn.Linear` (quantized or adapted layers) keep their own forward."""
+    linears = cpu_float32_linears(model)
     chosen = frozenset(sizes) if sizes is not None else rows_first_pays(linears) if linears else frozenset()
     if not linears or not chosen:
         return 0
