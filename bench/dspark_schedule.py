@@ -1,7 +1,7 @@
 """DSpark's confidence head at work: its calibration before and after Sequential Temperature Scaling, a
 static-threshold sweep, and the prefix scheduler (Algorithm 1) against fixed draft lengths over concurrency.
 
-    # the reference SmolLM2 DSpark draft (bench/reference.py --target smollm2), ~10 min on one core
+    # the reference SmolLM2 DSpark draft (bench/reference.py --target smollm2), ~2 min on one core
     .venv/bin/python bench/dspark_schedule.py runs/bench/reference/smollm2/runs/dspark-s0/train/dspark \
         --prompts 2 --tokens 64
 
