@@ -1,5 +1,5 @@
-"""The target's linear layers on a CPU for blocks of 1 to 3 rows: plain decoding and a verify of one or
-two drafts, what pays on a CPU.
+"""The target's (and a draft's) linear layers on a CPU for blocks of 1 to 3 rows: plain decoding, a verify
+of one or two drafts and a draft's own one-token steps, what pays on a CPU.
 
 PyTorch computes such a product as `x @ W.T`, and with MKL on some CPUs those shapes take paths that read
 the weights far slower than the machine can: on an AMD EPYC (SmolLM2-135M's float32 linears, every weight
@@ -107,7 +107,6 @@ def rows_first_pays(linears: list[nn.Linear], repeats: int = 3) -> frozenset[int
             linear * 1e3,
             rows_first * 1e3,
         )
-    log.info("the target multiplies blocks of %s rows as W @ x.T", sorted(pays) or "no")
     return frozenset(pays)
 
 
@@ -127,6 +126,8 @@ def multiply_rows_first(model: nn.Module, sizes: Iterable[int] | None = None) ->
     `nn.Linear` (quantized or adapted layers) keep their own forward."""
     linears = cpu_float32_linears(model)
     chosen = frozenset(sizes) if sizes is not None else rows_first_pays(linears) if linears else frozenset()
+    if linears and sizes is None:
+        log.info("%s multiplies blocks of %s rows as W @ x.T", type(model).__name__, sorted(chosen) or "no")
     if not linears or not chosen:
         return 0
     for m in linears:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deepspec.models.cpu_products import multiply_rows_first
 from deepspec.models.drafts import dflash, dspark, eagle3
 from deepspec.models.drafts.files import read_config
 from deepspec.models.drafts.spec import DraftSpec
@@ -52,9 +53,15 @@ def load_draft(draft_dir: str | Path, embed_weight: torch.Tensor, head_weight: t
     Gemma presets), as vLLM and SGLang run drafts. Its own weights, saved in float32 (or what
     `train.precision` left), are cast; the shared embedding and head are used as they are, never copied
     (a float32 copy of a 150k-token embedding and head would cost GBs beside a bf16 target).
+
+    Device: the head's. On a CPU in float32, its products of 1 to 3 rows (a step of Eagle3's chain, a
+    short block) are computed as the target's are, W @ x.T where that pays (`models/cpu_products.py`):
+    a draft's weights stream from memory at every round as the target's do.
     """
     model = DRAFTS[draft_algo(draft_dir)].load(Path(draft_dir), embed_weight, head_weight)
-    return model.to(head_weight.dtype)
+    model = model.to(device=head_weight.device, dtype=head_weight.dtype)
+    multiply_rows_first(model)
+    return model
 
 
 def set_num_draft_tokens(drafter: nn.Module, n: int, key: str = "num_draft_tokens") -> None:

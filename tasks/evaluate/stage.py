@@ -266,7 +266,7 @@ def evaluate(
         from deepspec.models.drafts import load_draft
 
         embed, head = input_embeddings(model).weight, output_head(model).weight
-        drafter = load_draft(Path(draft_file).parent, embed, head).to(model.device)
+        drafter = load_draft(Path(draft_file).parent, embed, head)  # on the head's device
     else:
         drafter = draft_loader()
     if cfg.eval.num_draft_tokens is not None:

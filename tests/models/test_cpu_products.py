@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from support import tiny
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -20,6 +21,8 @@ from deepspec.models.cpu_products import (
     multiply_rows_first,
     rows_first_sizes,
 )
+from deepspec.models.drafts import eagle3, load_draft
+from deepspec.models.drafts.eagle3 import Eagle3Config, Eagle3Draft
 from deepspec.models.target import TargetRunner, load_target
 
 
@@ -160,3 +163,27 @@ def test_a_verify_through_rows_first_products_gives_the_target_logits(stories260
         multiply_as_f_linear(model)
         multiply_rows_first(model, loaded)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pays", [False, True])
+def test_load_draft_multiplies_rows_first_where_it_pays(tmp_path, monkeypatch, pays):
+    """A draft loaded for decoding on a CPU takes the target's decision over its own weights, and its chain
+    stays the one F.linear gives, to rounding."""
+    chosen = frozenset(ROWS_FIRST if pays else ())
+    monkeypatch.setattr(cpu_products, "rows_first_pays", lambda linears: chosen)
+    torch.manual_seed(0)
+    cfg = Eagle3Config.from_target(tiny.qwen3(), layer_ids=[0, 1, 3], ttt_steps=3)
+    embed, head = torch.randn(cfg.vocab_size, cfg.hidden_size), torch.randn(cfg.vocab_size, cfg.hidden_size)
+    eagle3.save(Eagle3Draft(cfg, embed, head), tmp_path)
+    draft = load_draft(tmp_path, embed, head)
+    kinds = {type(m) for m in draft.modules() if isinstance(m, nn.Linear)}
+    assert kinds == ({RowsFirstLinear} if pays else {nn.Linear})
+    ids, features = torch.randint(0, cfg.vocab_size, (6,)), torch.randn(6, 3 * cfg.hidden_size)
+    with WeightLeftProducts(draft.fc.weight) as products:
+        got = draft.draft_logits(features, 7, context_ids=ids)
+    assert products.count == 0  # step 0 projects the 6 context positions at once: F.linear
+    with WeightLeftProducts(draft.lm_head.weight) as products:
+        draft.draft_logits(features[:1], 7, context_ids=ids[:1])
+    assert products.count == (3 if pays else 0)  # one row a step, each through the head
+    multiply_as_f_linear(draft)
+    torch.testing.assert_close(got, draft.draft_logits(features, 7, context_ids=ids), atol=1e-5, rtol=1e-5)
