@@ -9,7 +9,7 @@ close decoding comes to its bound, beside plain decoding and transformers' promp
     # the README's CPU Eagle3 draft at 1 and 2 drafts a round (~6 min)
     .venv/bin/python bench/decode_split.py runs/bench/cpu_draft/e3-t3/train/eagle3 --draft-tokens 1 2 \
         --prompts 2 --tokens 64
-    # the same with the target's products of 1..3 rows as F.linear computes them (no models/cpu_products.py)
+    # the same with the products of 1..3 rows as F.linear computes them (no models/cpu_products.py)
     .venv/bin/python bench/decode_split.py runs/bench/cpu_draft/e3-t3/train/eagle3 --draft-tokens 1 2 \
         --prompts 2 --tokens 64 --no-rows-first
 
@@ -54,7 +54,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--no-rows-first",
         action="store_true",
-        help="the target's products of 1..3 rows as F.linear, not W @ x.T (before models/cpu_products.py)",
+        help="the target's and drafts' products of 1..3 rows as F.linear, not W @ x.T (before "
+        "models/cpu_products.py)",
     )
     p.add_argument(
         "--draft-tokens",
@@ -132,6 +133,8 @@ def main() -> None:
     for folder, count in [(f, n) for f in args.drafts for n in args.draft_tokens or [None]]:
         algo = cfgs[folder].algo.name
         drafter = load_draft(folder / "draft", embed, head).eval()
+        if args.no_rows_first:
+            multiply_as_f_linear(drafter)
         if count is not None:
             set_num_draft_tokens(drafter, count, "--draft-tokens")
         timed = TimedDrafter(drafter, clock, args.no_cache)
@@ -156,6 +159,7 @@ def main() -> None:
         figures["drafts"][f"{folder}" + ("" if count is None else f"@{count}")] = {
             "algo": algo, "name": f"{algo} ({drafter.num_draft_tokens} drafts)", "tau": stats["tau"],
             "drafts_a_round": drafter.num_draft_tokens, "rounds": len(rounds), "greedy_equal": equal,
+            "rows_first": sorted(rows_first_sizes(drafter)),  # the draft's own products as W @ x.T
             "draft_s": td, "verify_s": tv, "overhead_s": to, "bound": bound, "achieved": achieved,
             "efficiency": achieved / bound, "decode_s": decode_s, "total_s": total_s, "tokens": tokens,
             "by_context": binned(rounds, ["draft_s", "verify_s", "overhead_s"]),
