@@ -9,6 +9,9 @@ close decoding comes to its bound, beside plain decoding and transformers' promp
     # the README's CPU Eagle3 draft at 1 and 2 drafts a round (~6 min)
     .venv/bin/python bench/decode_split.py runs/bench/cpu_draft/e3-t3/train/eagle3 --draft-tokens 1 2 \
         --prompts 2 --tokens 64
+    # the README's Eagle3 drafts from all 3,444 answers (2 epochs) and from 600 (8 epochs), 1 draft (~6 min)
+    .venv/bin/python bench/decode_split.py runs/bench/cpu_draft/e3-all/train/eagle3 \
+        runs/bench/cpu_draft/e3-t3/train/eagle3 --draft-tokens 1 --prompts 2 --tokens 64
     # the same with the products of 1..3 rows as F.linear computes them (no models/cpu_products.py)
     .venv/bin/python bench/decode_split.py runs/bench/cpu_draft/e3-t3/train/eagle3 --draft-tokens 1 2 \
         --prompts 2 --tokens 64 --no-rows-first
@@ -156,8 +159,13 @@ def main() -> None:
         td, tv, to = (mean([r[k] for r in rounds]) for k in ("draft_s", "verify_s", "overhead_s"))
         bound = stats["tau"] * t1 / (tv + td)
         achieved = t1 / spec_per_token
+        name = f"{algo} ({drafter.num_draft_tokens} drafts)"
+        if (
+            len(args.drafts) > 1
+        ):  # the run folder (<run_dir>/train/<algo>) tells drafts of one algorithm apart
+            name += f", {folder.resolve().parent.parent.name}"
         figures["drafts"][f"{folder}" + ("" if count is None else f"@{count}")] = {
-            "algo": algo, "name": f"{algo} ({drafter.num_draft_tokens} drafts)", "tau": stats["tau"],
+            "algo": algo, "name": name, "tau": stats["tau"],
             "drafts_a_round": drafter.num_draft_tokens, "rounds": len(rounds), "greedy_equal": equal,
             "rows_first": sorted(rows_first_sizes(drafter)),  # the draft's own products as W @ x.T
             "draft_s": td, "verify_s": tv, "overhead_s": to, "bound": bound, "achieved": achieved,
@@ -165,7 +173,7 @@ def main() -> None:
             "by_context": binned(rounds, ["draft_s", "verify_s", "overhead_s"]),
         }  # fmt: skip
         say(
-            f"{algo} ({drafter.num_draft_tokens} drafts): tau {stats['tau']:.2f}, {achieved:.2f}x plain (bound {bound:.2f}x), {equal}/{len(prompts)} equal"
+            f"{name}: tau {stats['tau']:.2f}, {achieved:.2f}x plain (bound {bound:.2f}x), {equal}/{len(prompts)} equal"
         )
 
     if not args.no_hf:
