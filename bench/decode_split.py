@@ -160,9 +160,7 @@ def main() -> None:
         bound = stats["tau"] * t1 / (tv + td)
         achieved = t1 / spec_per_token
         name = f"{algo} ({drafter.num_draft_tokens} drafts)"
-        if (
-            len(args.drafts) > 1
-        ):  # the run folder (<run_dir>/train/<algo>) tells drafts of one algorithm apart
+        if len(args.drafts) > 1:  # the run folder (<run_dir>/train/<algo>) tells drafts apart
             name += f", {folder.resolve().parent.parent.name}"
         figures["drafts"][f"{folder}" + ("" if count is None else f"@{count}")] = {
             "algo": algo, "name": name, "tau": stats["tau"],

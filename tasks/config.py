@@ -336,12 +336,12 @@ def config_problems(cfg: DictConfig) -> list[str]:
     def one_of(key: str, value: Any, choices) -> tuple[bool, str]:
         return value in choices, f"{key}={value!r}: expected one of {list(choices)}"
 
-    def increasing(key: str, values, empty_ok: bool) -> list[tuple[bool, str]]:
+    def increasing(key: str, values, empty_ok: bool) -> tuple[bool, str]:
         values = list(values)
         fine = (empty_ok or bool(values)) and all(v >= 1 for v in values)
         fine = fine and all(b > a for a, b in zip(values, values[1:], strict=False))
         empty = ", or [] (off)" if empty_ok else ""
-        return [(fine, f"{key}={values}: expected counts of at least 1 in increasing order{empty}")]
+        return fine, f"{key}={values}: expected counts of at least 1 in increasing order{empty}"
 
     checks: list[tuple[bool, str]] = [
         # target
@@ -457,8 +457,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
             + ", or null (the draft's own)",
         ),
         (e.max_new_tokens >= 1, f"eval.max_new_tokens={e.max_new_tokens}: expected at least 1"),
-        *increasing("eval.serving.concurrency", e.serving.concurrency, empty_ok=True),
-        *increasing("eval.serving.profile_tokens", e.serving.profile_tokens, empty_ok=False),
+        increasing("eval.serving.concurrency", e.serving.concurrency, empty_ok=True),
+        increasing("eval.serving.profile_tokens", e.serving.profile_tokens, empty_ok=False),
         (
             e.serving.profile_context >= 1,
             f"eval.serving.profile_context={e.serving.profile_context}: expected at least 1",
