@@ -93,11 +93,13 @@ def test_every_problem_is_reported_at_compose_time():
     """Checks that need neither data nor weights fail while composing, all listed at once."""
     bad = ["regen.api=grpc", "regen.batch_size=0", "storage.mode=lazy", "storage.task_runner=ray",
            "train.precision=fp16", "train.micro_batch=2", "train.global_batch=5", "prompts.max_samples=0",
-           "target.layer_ids=[4,2]", "train.betas=[0.9]"]  # fmt: skip
+           "target.layer_ids=[4,2]", "train.betas=[0.9]", "eval.serving.concurrency=[4,2]",
+           "eval.serving.profile_tokens=[]", "eval.serving.profile_context=0",
+           "eval.serving.steps=0"]  # fmt: skip
     with pytest.raises(ConfigError) as err:
         compose(bad)
     message = str(err.value)
-    assert message.startswith("bad configuration, 9 problems:\n"), message
+    assert message.startswith("bad configuration, 13 problems:\n"), message
     for problem in [
         "regen.api='grpc': expected one of ['completions', 'chat']",
         "regen.batch_size=0: expected a positive count",
@@ -108,8 +110,13 @@ def test_every_problem_is_reported_at_compose_time():
         "prompts.max_samples=0: expected a positive count or null",
         "target.layer_ids=[4, 2]: expected layer indices in increasing order, from 0",
         "train.betas=[0.9]: expected AdamW's two betas, each in [0, 1)",
+        "eval.serving.concurrency=[4, 2]: expected counts of at least 1 in increasing order, or [] (off)",
+        "eval.serving.profile_tokens=[]: expected counts of at least 1 in increasing order",
+        "eval.serving.profile_context=0: expected at least 1",
+        "eval.serving.steps=0: expected at least 1",
     ]:
         assert problem in message, problem
+    assert list(compose(["eval.serving.concurrency=[]"]).eval.serving.concurrency) == []  # off, not a problem
     with pytest.raises(
         ConfigError, match=r"target\.layer_ids=\[0, 2\]: Eagle3 fuses exactly 3 target layers"
     ):
