@@ -461,7 +461,9 @@ def committed_shards(fs, root: str) -> dict[str, dict[str, Any]]:
     """Marker info of every committed shard: a marker whose shard exists with the recorded size."""
     files = list_files(fs, root)
     out = {}
-    for marker in sorted(n for n in files if n.endswith(MARKER_SUFFIX)):
+    # a marker still under its temporary name is being written, or its rename was cut short: no shard's
+    markers = (n for n in files if n.endswith(MARKER_SUFFIX) and not n.startswith(TMP_PREFIX))
+    for marker in sorted(markers):
         name = marker[: -len(MARKER_SUFFIX)]
         info = _read_json(fs, _join(root, marker))
         if info is None:

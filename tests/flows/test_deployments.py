@@ -256,9 +256,11 @@ def test_a_failed_cache_build_retried_from_the_ui_builds_only_what_is_missing(
     after = committed()
     assert len(after) == shards
     assert {name: after[name] for name in before} == before  # shards committed before were kept as they were
-    # each shard built once over both attempts: the retry built only the missing ones
+    # the retry built only the missing ones. (A first-attempt task may fail after its shard was committed:
+    # on S3 a rename is a copy then a delete, and the server can stop between the marker's two.)
     builds = subflow_runs_task_states(flow_run_id, "deepspec-cache-build", "build_shard")
-    assert sum(state == "COMPLETED" for run in builds for state in run.values()) == shards, builds
+    assert len(builds) == 2, builds
+    assert sum(state == "COMPLETED" for state in builds[-1].values()) == shards - len(before), builds
     url = run_paths(cfg).cache_url
     options = s3_server.storage_options
     assert len(read_manifest(url, options).shards) == shards
