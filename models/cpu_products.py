@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 ROWS_FIRST = (1, 2, 3)  # block sizes (rows of the flattened input) that may be computed as W @ x.T
 MEASURED_BYTES = 256 * 2**20  # weights timed when deciding
 # W @ x.T must take under this share of F.linear's time to be used: near-ties keep F.linear. (At 0.9,
-# SmolLM2's one-row products, which time at 0.88 to 0.90 of F.linear's, were taken by one load and not
+# SmolLM2's one-row products, which time at 0.88 to 0.91 of F.linear's, were taken by one load and not
 # by the next, and a plain step went from 36 to 39 ms between runs of one bench.)
 PAYS_BELOW = 0.95
 
