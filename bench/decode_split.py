@@ -31,6 +31,10 @@ forward over the anchor and the drafts) and the overhead (the rest of the round:
 T1 is plain decoding's time a token (one target forward). The bound on speedup is
 tau * T1 / (T_verify + T_draft): what decoding would reach with no overhead; efficiency = achieved / bound,
 where achieved = (plain decode s/token) / (speculative decode s/token), prefills left out of both.
+
+Each round is also held against prompt lookup: would transformers' lookup of 1 token (`lookup_guess`, its
+rule) have guessed the position of the round's first draft from the same context? Shares of rounds where
+the draft, the lookup, both, or neither were right, overall and by benchmark.
 """
 
 from __future__ import annotations
@@ -172,6 +176,7 @@ def main() -> None:
             "draft_s": td, "verify_s": tv, "overhead_s": to, "bound": bound, "achieved": achieved,
             "efficiency": achieved / bound, "decode_s": decode_s, "total_s": total_s, "tokens": tokens,
             "by_context": binned(rounds, ["draft_s", "verify_s", "overhead_s"]),
+            "first_draft_vs_lookup": first_draft_vs_lookup(prompts, results),
         }  # fmt: skip
         say(
             f"{name}: tau {stats['tau']:.2f}, {achieved:.2f}x plain (bound {bound:.2f}x), {equal}/{len(prompts)} equal"
@@ -201,6 +206,45 @@ def hf_baselines(model, tokenizer, prompts, max_new_tokens: int, eos: list[int])
     return out
 
 
+def lookup_guess(ids: list[int], max_ngram: int = 2) -> int | None:
+    """The token transformers' prompt lookup (`PromptLookupCandidateGenerator`, its default n-gram of 2)
+    guesses after `ids`: what followed the leftmost earlier occurrence of the last 2 tokens, else of the
+    last one; None when neither occurred before."""
+    for n in range(min(max_ngram, len(ids) - 1), 0, -1):
+        tail = ids[-n:]
+        for i in range(len(ids) - n):
+            if ids[i : i + n] == tail:
+                return ids[i + n]
+    return None
+
+
+def first_draft_vs_lookup(prompts: list[tuple[str, list[int]]], results: list) -> dict[str, Any]:
+    """In each round, was the draft's first token kept, and would prompt lookup of 1 token have guessed
+    the same position right (from the same context)? Shares of rounds, overall and by benchmark."""
+    tally: dict[str, list[int]] = {}  # benchmark: rounds, draft right, lookup right, both, lookup silent
+    for (bench, ids), result in zip(prompts, results, strict=True):
+        t = tally.setdefault(bench, [0] * 5)
+        at = 0  # the round's anchor: result.tokens[at]; its first draft guesses result.tokens[at + 1]
+        for kept, added in zip(result.accepted, result.committed, strict=True):
+            if at + 1 >= len(result.tokens):
+                break
+            guess = lookup_guess([*ids, *result.tokens[: at + 1]])
+            draft_ok, lookup_ok = kept > 0, guess == result.tokens[at + 1]
+            for k, hit in enumerate((True, draft_ok, lookup_ok, draft_ok and lookup_ok, guess is None)):
+                t[k] += hit
+            at += added
+    share = lambda t: {k: v / max(t[0], 1) for k, v in zip(LOOKUP_KEYS, t[1:], strict=True)}  # noqa: E731
+    total = [sum(col) for col in zip(*tally.values(), strict=True)] if tally else [0] * 5
+    return {
+        "rounds": total[0],
+        **share(total),
+        "by_benchmark": {b: {"rounds": t[0], **share(t)} for b, t in tally.items()},
+    }
+
+
+LOOKUP_KEYS = ("draft", "lookup", "both", "lookup_silent")
+
+
 def tables(figures: dict[str, Any]) -> str:
     ms = lambda s: f"{s * 1e3:.1f}" if s is not None else "-"  # noqa: E731
     plain = figures["plain"]
@@ -228,6 +272,20 @@ def tables(figures: dict[str, Any]) -> str:
             lines.append(
                 f"| {d['name']} | {b['context'][0]}-{b['context'][1] if b['context'][1] < 1 << 29 else ''} "
                 f"| {b['count']} | {ms(b['draft_s'])} | {ms(b['verify_s'])} | {ms(b['overhead_s'])} |"
+            )
+    lines += [
+        "",
+        "first drafts kept, against prompt lookup of 1 token's guess at the same positions (share of rounds):",
+        "",
+        "| draft | benchmark | rounds | draft right | lookup right | both | lookup has no guess |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for d in figures["drafts"].values():
+        vs = d["first_draft_vs_lookup"]
+        for bench, v in [("all", vs), *vs["by_benchmark"].items()]:
+            lines.append(
+                f"| {d['name']} | {bench} | {v['rounds']} | {v['draft']:.2f} | {v['lookup']:.2f} | {v['both']:.2f} "
+                f"| {v['lookup_silent']:.2f} |"
             )
     if "hf" in figures:
         lines += [
