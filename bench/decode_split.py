@@ -15,7 +15,10 @@ close decoding comes to its bound, beside plain decoding and transformers' promp
     # the README's Eagle3 draft of one test step (algo.ttt_steps=1) beside the 3-step one, same answers
     .venv/bin/python bench/decode_split.py runs/bench/cpu_draft/e3-s1/train/eagle3 \
         runs/bench/cpu_draft/e3-all/train/eagle3 --draft-tokens 1 --prompts 2 --tokens 64
-    # the same with the products of 1..3 rows as F.linear computes them (no models/cpu_products.py)
+    # the README's Eagle3 draft of one step trained on 512 greedy answers, beside the one on all 3,444
+    .venv/bin/python bench/decode_split.py runs/bench/cpu_draft/greedy/e3-g1/train/eagle3 \
+        runs/bench/cpu_draft/e3-s1/train/eagle3 --draft-tokens 1 --prompts 2 --tokens 64
+    # the CPU Eagle3 draft at 1 and 2 drafts, its 1..3-row products as F.linear (no models/cpu_products.py)
     .venv/bin/python bench/decode_split.py runs/bench/cpu_draft/e3-t3/train/eagle3 --draft-tokens 1 2 \
         --prompts 2 --tokens 64 --no-rows-first
 
