@@ -37,7 +37,7 @@ where achieved = (plain decode s/token) / (speculative decode s/token), prefills
 
 Each round is also held against prompt lookup: would transformers' lookup of 1 token (`lookup_guess`, its
 rule) have guessed the position of the round's first draft from the same context? Shares of rounds where
-the draft, the lookup, both, or neither were right, overall and by benchmark.
+the draft, the lookup, or both were right, and where the lookup had no guess, overall and by benchmark.
 """
 
 from __future__ import annotations
@@ -221,10 +221,15 @@ def lookup_guess(ids: list[int], max_ngram: int = 2) -> int | None:
     return None
 
 
+# the shares `first_draft_vs_lookup` gives: rounds whose first draft was kept, whose lookup guess was
+# right, both, and where the lookup had no guess
+LOOKUP_KEYS = ("draft", "lookup", "both", "lookup_silent")
+
+
 def first_draft_vs_lookup(prompts: list[tuple[str, list[int]]], results: list) -> dict[str, Any]:
     """In each round, was the draft's first token kept, and would prompt lookup of 1 token have guessed
     the same position right (from the same context)? Shares of rounds, overall and by benchmark."""
-    tally: dict[str, list[int]] = {}  # benchmark: rounds, draft right, lookup right, both, lookup silent
+    tally: dict[str, list[int]] = {}  # benchmark: [rounds, *counts of LOOKUP_KEYS]
     for (bench, ids), result in zip(prompts, results, strict=True):
         t = tally.setdefault(bench, [0] * 5)
         at = 0  # the round's anchor: result.tokens[at]; its first draft guesses result.tokens[at + 1]
@@ -243,9 +248,6 @@ def first_draft_vs_lookup(prompts: list[tuple[str, list[int]]], results: list) -
         **share(total),
         "by_benchmark": {b: {"rounds": t[0], **share(t)} for b, t in tally.items()},
     }
-
-
-LOOKUP_KEYS = ("draft", "lookup", "both", "lookup_silent")
 
 
 def tables(figures: dict[str, Any]) -> str:
